@@ -1,0 +1,3 @@
+"""The signed, hash-chained, Merkle-checkpointed decision log."""
+
+__all__: list[str] = []

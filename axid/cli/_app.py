@@ -1,0 +1,22 @@
+"""Root of the `axid` command: each concept's sub-commands live in their own module."""
+
+from __future__ import annotations
+
+import typer
+
+from axid.cli import _audit, _certs
+
+app = typer.Typer(
+    name="axid",
+    help="AXID: verifiable identity and a tamper-evident record for AI agent actions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(_certs.app, name="certs")
+app.add_typer(_audit.app, name="audit")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
