@@ -1,0 +1,297 @@
+"""Decision-log entries: canonical (RFC 8785) form, field checks, strict parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from axid.audit.entry import (
+    ENTRY_FIELDS,
+    MAX_CHAIN,
+    MAX_STR_LEN,
+    ZERO_HASH_HEX,
+    EntryError,
+    canonical_entry,
+    format_ts,
+    parse_entry,
+    parse_ts,
+)
+
+PREV = "ab" * 32
+TS_MS = 1700000000123
+TS = "2023-11-14T22:13:20.123Z"
+
+FULL: dict[str, object] = {
+    "decision": "deny",
+    "reason": "scope_insufficient",
+    "method": "POST",
+    "path": "/payments/42/refund",
+    "service": "payments",
+    "peer": "spiffe://example.org/agent/worker",
+    "peer_cert": "x5t-hash",
+    "kid": "kid-1",
+    "jti": "jti-1",
+    "iss": "https://issuer.example",
+    "tenant": "acme",
+    "agent": "worker",
+    "run": "run-2",
+    "spawn_parent": "run-1",
+    "chain": ["run-1"],
+    "scope_required": "payments:refund",
+    "rule": "POST /payments/*/refund",
+    "note": 'caf\u00e9 \U0001f600 "quoted" \\ \n',
+}
+
+
+def _entry(fields: dict[str, object] | None = None, **kw: object) -> bytes:
+    args: dict[str, object] = {"seq": 1, "prev": PREV, "log": "payments", "ts": TS_MS}
+    args.update(kw)
+    return canonical_entry(
+        {"decision": "allow", "reason": "ok"} if fields is None else fields,
+        **args,  # type: ignore[arg-type]
+    )
+
+
+# --------------------------------------------------------------------------- canonical form
+
+
+def test_minimal_entry_exact_bytes() -> None:
+    data = canonical_entry(
+        {"decision": "allow", "reason": "ok"}, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0
+    )
+    assert data == (
+        b'{"agent":null,"chain":[],"decision":"allow","iss":null,"jti":null,"kid":null,'
+        b'"log":"l","method":null,"note":null,"path":null,"peer":null,"peer_cert":null,'
+        b'"prev":"' + ZERO_HASH_HEX.encode() + b'","reason":"ok","rule":null,"run":null,'
+        b'"scope_required":null,"seq":0,"service":null,"spawn_parent":null,"tenant":null,'
+        b'"ts":"1970-01-01T00:00:00.000Z","v":1}'
+    )
+    assert parse_entry(data)["v"] == 1
+
+
+def test_full_entry_round_trip() -> None:
+    data = _entry(FULL)
+    obj = parse_entry(data)
+    assert tuple(sorted(obj)) == tuple(sorted(ENTRY_FIELDS))
+    assert {k: obj[k] for k in FULL} == FULL
+    assert obj["seq"] == 1 and obj["prev"] == PREV and obj["ts"] == TS and obj["log"] == "payments"
+    assert rfc8785.dumps(obj) == data
+    # Non-ASCII is raw UTF-8 in JCS, control characters are escaped: one line.
+    assert "caf\u00e9".encode() in data and b"\n" not in data
+
+
+def test_ts_int_and_str_agree() -> None:
+    assert _entry(ts=TS_MS) == _entry(ts=TS)
+    assert format_ts(TS_MS) == TS
+    assert parse_ts(TS) == TS_MS
+    for ms in (0, 1, 999, 1000, 951782400000, 253402300799999):
+        assert parse_ts(format_ts(ms)) == ms
+
+
+def test_chain_tuple_accepted() -> None:
+    assert _entry({**FULL, "chain": ("run-1",)}) == _entry(FULL)
+
+
+# --------------------------------------------------------------------------- field checks
+
+BAD_FIELDS: list[tuple[str, dict[str, object]]] = [
+    ("unknown field", {"decision": "allow", "reason": "ok", "extra": 1}),
+    ("log field from caller", {"decision": "allow", "reason": "ok", "seq": 3}),
+    ("prev from caller", {"decision": "allow", "reason": "ok", "prev": PREV}),
+    ("missing decision", {"reason": "ok"}),
+    ("missing reason", {"decision": "allow"}),
+    ("bad decision", {"decision": "maybe", "reason": "ok"}),
+    ("decision case", {"decision": "Allow", "reason": "ok"}),
+    ("decision bool", {"decision": True, "reason": "ok"}),
+    ("empty reason", {"decision": "allow", "reason": ""}),
+    ("reason with space", {"decision": "deny", "reason": "not ok"}),
+    ("reason uppercase", {"decision": "deny", "reason": "OK"}),
+    ("reason int", {"decision": "deny", "reason": 1}),
+    ("str field int", {"decision": "deny", "reason": "ok", "tenant": 5}),
+    ("str field list", {"decision": "deny", "reason": "ok", "scope_required": ["a"]}),
+    ("chain str", {"decision": "deny", "reason": "ok", "chain": "run-1"}),
+    ("chain None", {"decision": "deny", "reason": "ok", "chain": None}),
+    ("chain item int", {"decision": "deny", "reason": "ok", "chain": [1]}),
+    ("chain item None", {"decision": "deny", "reason": "ok", "chain": [None]}),
+    ("chain too long", {"decision": "deny", "reason": "ok", "chain": ["r"] * (MAX_CHAIN + 1)}),
+    ("string too long", {"decision": "deny", "reason": "ok", "path": "/" * (MAX_STR_LEN + 1)}),
+    ("lone surrogate", {"decision": "deny", "reason": "ok", "note": "\ud800"}),
+    ("non-str key", {"decision": "deny", "reason": "ok", 1: "x"}),
+]
+
+
+@pytest.mark.parametrize(("desc", "fields"), BAD_FIELDS, ids=[b[0] for b in BAD_FIELDS])
+def test_bad_fields(desc: str, fields: dict[str, object]) -> None:
+    with pytest.raises(EntryError):
+        _entry(fields)
+
+
+BAD_LOG_ARGS: list[tuple[str, dict[str, object]]] = [
+    ("seq negative", {"seq": -1}),
+    ("seq bool", {"seq": True}),
+    ("seq float", {"seq": 1.0}),
+    ("seq over JCS range", {"seq": 2**53}),
+    ("seq 0 with non-zero prev", {"seq": 0, "prev": PREV}),
+    ("seq 1 with zero prev", {"seq": 1, "prev": ZERO_HASH_HEX}),
+    ("prev uppercase", {"prev": PREV.upper()}),
+    ("prev short", {"prev": PREV[:-2]}),
+    ("prev bytes", {"prev": bytes(32)}),
+    ("log empty", {"log": ""}),
+    ("log None", {"log": None}),
+    ("ts negative", {"ts": -1}),
+    ("ts bool", {"ts": True}),
+    ("ts float", {"ts": 1.5}),
+    ("ts no millis", {"ts": "2023-11-14T22:13:20Z"}),
+    ("ts micros", {"ts": "2023-11-14T22:13:20.123456Z"}),
+    ("ts offset", {"ts": "2023-11-14T22:13:20.123+00:00"}),
+    ("ts lowercase", {"ts": "2023-11-14t22:13:20.123z"}),
+    ("ts space", {"ts": "2023-11-14 22:13:20.123Z"}),
+    ("ts impossible date", {"ts": "2023-02-30T00:00:00.000Z"}),
+    ("ts leap second", {"ts": "2016-12-31T23:59:60.000Z"}),
+    ("ts before epoch", {"ts": "1969-12-31T23:59:59.999Z"}),
+    ("ts unicode digits", {"ts": "\u0662023-11-14T22:13:20.123Z"}),
+]
+
+
+@pytest.mark.parametrize(("desc", "kw"), BAD_LOG_ARGS, ids=[b[0] for b in BAD_LOG_ARGS])
+def test_bad_log_args(desc: str, kw: dict[str, object]) -> None:
+    with pytest.raises(EntryError):
+        _entry(**kw)
+
+
+# --------------------------------------------------------------------------- parse strictness
+
+GOOD = _entry(FULL)
+GOOD_OBJ = json.loads(GOOD)
+
+
+def _dumps(obj: object, **kw: object) -> bytes:
+    return json.dumps(obj, **kw).encode()  # type: ignore[arg-type]
+
+
+BAD_BYTES: list[tuple[str, bytes]] = [
+    ("pretty printed", _dumps(GOOD_OBJ, indent=1, sort_keys=True, ensure_ascii=False)),
+    ("spaces after separators", _dumps(GOOD_OBJ, sort_keys=True, ensure_ascii=False)),
+    ("unsorted keys", _dumps(dict(reversed(GOOD_OBJ.items())), separators=(",", ":"))),
+    ("ascii escapes", _dumps(GOOD_OBJ, sort_keys=True, separators=(",", ":"))),
+    ("trailing newline", GOOD + b"\n"),
+    ("leading space", b" " + GOOD),
+    ("BOM", b"\xef\xbb\xbf" + GOOD),
+    ("duplicate key", GOOD[:-1] + b',"v":1}'),
+    (
+        "duplicate key canonical-looking",
+        b'{"agent":null,"agent":null' + GOOD[len(b'{"agent":null') :],
+    ),
+    ("missing field", rfc8785.dumps({k: v for k, v in GOOD_OBJ.items() if k != "note"})),
+    ("extra field", rfc8785.dumps({**GOOD_OBJ, "zzz": None})),
+    ("version 2", rfc8785.dumps({**GOOD_OBJ, "v": 2})),
+    ("version float", GOOD.replace(b'"v":1}', b'"v":1.0}')),
+    ("version true", rfc8785.dumps({**GOOD_OBJ, "v": True})),
+    ("seq float", GOOD.replace(b'"seq":1,', b'"seq":1.0,')),
+    ("seq exponent", GOOD.replace(b'"seq":1,', b'"seq":1e0,')),
+    ("NaN", GOOD.replace(b'"seq":1,', b'"seq":NaN,')),
+    ("bad decision", rfc8785.dumps({**GOOD_OBJ, "decision": "maybe"})),
+    ("bad prev", rfc8785.dumps({**GOOD_OBJ, "prev": ZERO_HASH_HEX})),
+    ("bad ts", rfc8785.dumps({**GOOD_OBJ, "ts": "2023-11-14T22:13:20Z"})),
+    ("chain null", rfc8785.dumps({**GOOD_OBJ, "chain": None})),
+    ("unicode escape of plain char", GOOD.replace(b'"deny"', b'"\\u0064eny"')),
+    ("array", b"[]"),
+    ("string", b'"x"'),
+    ("empty", b""),
+    ("invalid UTF-8", GOOD.replace(b"caf\xc3\xa9", b"caf\xe9")),
+    ("deep nesting", b"[" * 100_000 + b"]" * 100_000),
+    ("too large", b'{"a":"' + b"x" * 300_000 + b'"}'),
+]
+
+
+@pytest.mark.parametrize(("desc", "data"), BAD_BYTES, ids=[b[0] for b in BAD_BYTES])
+def test_parse_rejects(desc: str, data: bytes) -> None:
+    assert data != GOOD
+    with pytest.raises(EntryError):
+        parse_entry(data)
+
+
+def test_parse_type_error_for_str() -> None:
+    with pytest.raises(TypeError):
+        parse_entry(GOOD.decode())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- hypothesis
+
+_opt_str = st.one_of(st.none(), st.text(max_size=40))
+_fields = st.fixed_dictionaries(
+    {
+        "decision": st.sampled_from(["allow", "deny"]),
+        "reason": st.from_regex(r"[a-z0-9][a-z0-9_]{0,19}", fullmatch=True),
+    },
+    optional={
+        **{
+            k: _opt_str
+            for k in ENTRY_FIELDS
+            if k not in {"v", "seq", "ts", "log", "prev", "decision", "reason", "chain"}
+        },
+        "chain": st.lists(st.text(max_size=20), max_size=8),
+    },
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    _fields,
+    st.integers(0, 2**53 - 1),
+    st.integers(0, 253402300799999),
+    st.text(min_size=1, max_size=30),
+    st.binary(min_size=32, max_size=32),
+)
+def test_canonical_entry_round_trips(
+    fields: dict[str, object], seq: int, ts: int, log: str, prev_raw: bytes
+) -> None:
+    prev = ZERO_HASH_HEX if seq == 0 else (prev_raw.hex() if any(prev_raw) else PREV)
+    data = canonical_entry(fields, seq=seq, prev=prev, log=log, ts=ts)
+    obj = parse_entry(data)
+    assert obj["seq"] == seq and obj["prev"] == prev and obj["ts"] == format_ts(ts)
+    for k, v in fields.items():
+        assert obj[k] == v
+    assert b"\n" not in data  # one entry per line in entries.jsonl
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_parse_entry_arbitrary_bytes(data: bytes) -> None:
+    with contextlib.suppress(EntryError):
+        parse_entry(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, len(GOOD) - 1), st.integers(1, 255))
+def test_parse_entry_single_byte_change(pos: int, delta: int) -> None:
+    # Any change either breaks the entry or yields a different, still-canonical
+    # entry (e.g. a changed letter in a string): never the same parse.
+    data = bytearray(GOOD)
+    data[pos] = (data[pos] + delta) % 256
+    try:
+        obj = parse_entry(bytes(data))
+    except EntryError:
+        return
+    assert obj != GOOD_OBJ
+
+
+_json_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from([*ENTRY_FIELDS, "x"]), _json_value, max_size=25))
+def test_canonical_entry_arbitrary_fields(fields: dict[str, object]) -> None:
+    with contextlib.suppress(EntryError):
+        parse_entry(_entry(fields))
