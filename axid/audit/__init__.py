@@ -1,3 +1,97 @@
-"""The signed, hash-chained, Merkle-checkpointed decision log."""
+"""The signed, hash-chained, Merkle-checkpointed decision log.
 
-__all__: list[str] = []
+The math is pure and kept apart from storage, as in transparency-dev/merkle:
+
+- :mod:`axid.audit.merkle`  RFC 6962/9162 hashing, inclusion and consistency proofs
+- :mod:`axid.audit.note`    C2SP signed notes, tlog checkpoints and vkeys (Ed25519)
+- :mod:`axid.audit.entry`   the RFC 8785 canonical decision entry
+- :mod:`axid.audit.store`   SQLModel storage: entries, Merkle nodes, signed checkpoints
+- :mod:`axid.audit.log`     :class:`DecisionLog`, the group-commit appender services use
+- :mod:`axid.audit.verify`  the auditor's offline verification (database or export bundle)
+- :mod:`axid.audit.export`  the export bundle writer
+
+This package imports neither ``verifier`` nor FastAPI.
+"""
+
+from axid.audit.entry import ENTRY_FIELDS, EntryError, canonical_entry, parse_entry
+from axid.audit.export import ExportError, ExportResult, export_bundle
+from axid.audit.log import AuditUnavailable, DecisionLog, Receipt
+from axid.audit.merkle import (
+    CompactRange,
+    ProofError,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    node_hash,
+    root_from_leaf_hashes,
+    verify_consistency,
+    verify_inclusion,
+)
+from axid.audit.note import (
+    Checkpoint,
+    NoteError,
+    NoteSigner,
+    NoteVerifier,
+    open_checkpoint,
+    open_note,
+    sign_checkpoint,
+    sign_note,
+)
+from axid.audit.store import (
+    LogStore,
+    StoreError,
+    generate_log_key,
+    load_log_key,
+    make_engine,
+    proof_text,
+)
+from axid.audit.verify import (
+    DatabaseSource,
+    ExportDirSource,
+    Finding,
+    VerifyReport,
+    VerifyUsageError,
+    verify_log,
+)
+
+__all__ = [
+    "ENTRY_FIELDS",
+    "AuditUnavailable",
+    "Checkpoint",
+    "CompactRange",
+    "DatabaseSource",
+    "DecisionLog",
+    "EntryError",
+    "ExportDirSource",
+    "ExportError",
+    "ExportResult",
+    "Finding",
+    "LogStore",
+    "NoteError",
+    "NoteSigner",
+    "NoteVerifier",
+    "ProofError",
+    "Receipt",
+    "StoreError",
+    "VerifyReport",
+    "VerifyUsageError",
+    "canonical_entry",
+    "consistency_proof",
+    "export_bundle",
+    "generate_log_key",
+    "inclusion_proof",
+    "leaf_hash",
+    "load_log_key",
+    "make_engine",
+    "node_hash",
+    "open_checkpoint",
+    "open_note",
+    "parse_entry",
+    "proof_text",
+    "root_from_leaf_hashes",
+    "sign_checkpoint",
+    "sign_note",
+    "verify_consistency",
+    "verify_inclusion",
+    "verify_log",
+]

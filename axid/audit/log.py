@@ -1,0 +1,324 @@
+"""The decision log's asyncio group-commit appender.
+
+Many concurrent callers ``await log.append(fields)``; one batcher task per
+:class:`DecisionLog` collects their entries and closes a batch when
+``max_batch`` entries are waiting or ``max_delay`` seconds have passed since
+the first of them arrived. The batch is committed by
+:meth:`LogStore.append_batch <axid.audit.store.LogStore.append_batch>` (one
+transaction: entries, Merkle nodes, signed checkpoint) on a dedicated worker
+thread, so the event loop keeps accepting decisions meanwhile. Each caller
+gets its :class:`Receipt` only after that transaction committed; if it
+failed, every caller in the batch gets :class:`AuditUnavailable` and must
+deny. The appender itself keeps running, so later batches succeed once the
+database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from axid.audit.entry import EntryError, canonical_entry
+from axid.audit.note import NoteSigner
+from axid.audit.store import (
+    LogKeyError,
+    LogStore,
+    create_schema,
+    generate_log_key,
+    load_log_key,
+    make_engine,
+    origin_for,
+    validate_log_name,
+)
+
+__all__ = ["AuditUnavailable", "DecisionLog", "Receipt"]
+
+_log = logging.getLogger(__name__)
+
+# Stand-ins for the log-assigned fields when validating a caller's fields up
+# front (seq 1 needs a non-zero prev; ts 0 is a valid timestamp).
+_CHECK_PREV = "11" * 32
+
+
+class AuditUnavailable(Exception):
+    """The decision log could not commit: callers must deny (503 ``audit_unavailable``)."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof of commit: the entry's position, its leaf hash and the checkpoint covering it."""
+
+    seq: int
+    leaf_hash: bytes
+    checkpoint_size: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    fields: dict[str, object]
+    future: asyncio.Future[Receipt]
+    queued_at: float
+
+
+class DecisionLog:
+    """A group-committing, signed decision log. Create it with :meth:`open`."""
+
+    def __init__(
+        self,
+        *,
+        store: LogStore,
+        engine: Engine,
+        executor: ThreadPoolExecutor,
+        max_batch: int,
+        max_delay: float,
+        vkey: str,
+    ) -> None:
+        self._store = store
+        self._engine = engine
+        self._executor = executor
+        self._max_batch = max_batch
+        self._max_delay = max_delay
+        self._vkey = vkey
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[_Pending] = []
+        self._wakeup = asyncio.Event()  # something is pending (or we are closing)
+        self._full = asyncio.Event()  # max_batch entries are pending
+        self._closing = False
+        self._closed = False
+        self._task = self._loop.create_task(self._run(), name=f"axid-audit-batcher:{store.log}")
+
+    # ------------------------------------------------------------------ open / close
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        log: str,
+        key: str | os.PathLike[str] | Ed25519PrivateKey,
+        create_key: bool = False,
+        max_batch: int = 512,
+        max_delay: float = 0.002,
+        lock_timeout: float = 30.0,
+    ) -> DecisionLog:
+        """Open (creating tables and the log row if needed) a decision log.
+
+        ``key`` is the log's Ed25519 signing key or the path of its PEM file;
+        with ``create_key`` a missing key file is generated (0600). Opening a
+        log that exists under another key fails
+        (:class:`~axid.audit.store.LogKeyMismatch`). ``lock_timeout`` bounds
+        the wait for the database lock per batch before it fails.
+        """
+        validate_log_name(log)
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise ValueError("max_batch must be an int >= 1")
+        if (
+            not isinstance(max_delay, int | float)
+            or isinstance(max_delay, bool)
+            or not 0 <= max_delay <= 60
+        ):
+            raise ValueError("max_delay must be between 0 and 60 seconds")
+        origin = origin_for(log)
+        loop = asyncio.get_running_loop()
+        # One thread: batches are serial anyway, and SQLite connections stay put.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"axid-audit-{log}")
+        engine: Engine | None = None
+        try:
+            if isinstance(key, Ed25519PrivateKey):
+                private_key = key
+            else:
+                private_key = await loop.run_in_executor(executor, _load_key, key, create_key)
+            signer = NoteSigner(origin, private_key)
+            vkey = signer.vkey()
+            try:
+                engine = await loop.run_in_executor(
+                    executor, lambda: make_engine(url, lock_timeout=lock_timeout)
+                )
+                store = LogStore(engine, log, signer=signer)
+                await loop.run_in_executor(executor, _setup, engine, store, origin, vkey)
+            except (SQLAlchemyError, OSError) as e:
+                raise AuditUnavailable(f"decision log {log!r}: database unavailable") from e
+            return cls(
+                store=store,
+                engine=engine,
+                executor=executor,
+                max_batch=max_batch,
+                max_delay=float(max_delay),
+                vkey=vkey,
+            )
+        except BaseException:
+            if engine is not None:
+                engine.dispose()
+            executor.shutdown(wait=False)
+            raise
+
+    async def close(self) -> None:
+        """Commit what is pending, stop the batcher and release the database."""
+        self._closing = True
+        self._wakeup.set()
+        self._full.set()
+        if not self._task.done():
+            # asyncio.wait: cancelling close() must not cancel an in-flight commit.
+            await asyncio.wait({self._task})
+        if self._closed:
+            return
+        self._closed = True
+        if not self._task.cancelled() and self._task.exception() is not None:
+            _log.error(
+                "decision log %s: batcher failed", self._store.log, exc_info=self._task.exception()
+            )
+        try:
+            await self._loop.run_in_executor(self._executor, self._engine.dispose)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> DecisionLog:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def vkey(self) -> str:
+        """The log's verifier key, ``axid/<log>+<keyid>+<base64>``."""
+        return self._vkey
+
+    @property
+    def origin(self) -> str:
+        return self._store.origin
+
+    @property
+    def store(self) -> LogStore:
+        return self._store
+
+    # ------------------------------------------------------------------ append
+
+    async def append(self, fields: Mapping[str, object]) -> Receipt:
+        """Record one decision; return once its batch is committed and checkpointed.
+
+        Raises :class:`~axid.audit.entry.EntryError` (this caller only) for
+        malformed fields, and :class:`AuditUnavailable` when the batch could
+        not be committed or the log is closed.
+        """
+        if self._closing:
+            raise AuditUnavailable("decision log is closed")
+        if not isinstance(fields, Mapping):
+            raise EntryError("fields must be a mapping")
+        # Own copy: what we validated is what gets written, whatever the caller
+        # does to its mapping meanwhile (chain is the one mutable value).
+        own = dict(fields)
+        chain = own.get("chain")
+        if isinstance(chain, list | tuple):
+            own["chain"] = list(chain)
+        canonical_entry(own, seq=1, prev=_CHECK_PREV, log=self._store.log, ts=0)
+
+        fut: asyncio.Future[Receipt] = self._loop.create_future()
+        self._pending.append(_Pending(own, fut, self._loop.time()))
+        self._wakeup.set()
+        if len(self._pending) >= self._max_batch:
+            self._full.set()
+        return await fut
+
+    # ------------------------------------------------------------------ batcher
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    # No await between the check and the wait: no lost wakeup.
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if len(self._pending) < self._max_batch and not self._closing:
+                    delay = self._pending[0].queued_at + self._max_delay - self._loop.time()
+                    if delay > 0:
+                        self._full.clear()
+                        try:
+                            async with asyncio.timeout(delay):
+                                await self._full.wait()
+                        except TimeoutError:
+                            pass
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                self._full.clear()
+                if len(self._pending) >= self._max_batch:
+                    self._full.set()
+                # A caller that was cancelled before its batch formed made no decision.
+                batch = [p for p in batch if not p.future.done()]
+                if batch:
+                    await self._commit(batch)
+        finally:
+            # Never leave a caller waiting forever, whatever stopped the batcher.
+            self._closing = True
+            for p in self._pending:
+                _fail(p.future, AuditUnavailable("decision log stopped"))
+            self._pending.clear()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        items = [p.fields for p in batch]
+        try:
+            results = await self._loop.run_in_executor(
+                self._executor, self._store.append_batch, items
+            )
+        except Exception as e:
+            # Whole batch failed; nothing of it is reported as committed.
+            # Type only: driver messages can quote the entries' values.
+            _log.warning(
+                "decision log %s: batch of %d entries failed: %s",
+                self._store.log,
+                len(batch),
+                type(e).__name__,
+            )
+            for p in batch:
+                err = AuditUnavailable("decision log could not commit the entry")
+                err.__cause__ = e
+                _fail(p.future, err)
+            return
+        except BaseException:
+            for p in batch:
+                _fail(p.future, AuditUnavailable("decision log stopped"))
+            raise
+        size = results[-1][0] + 1
+        for p, (seq, lh) in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(Receipt(seq, lh, size))
+
+
+def _fail(fut: asyncio.Future[Any], err: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(err)
+
+
+def _load_key(path: str | os.PathLike[str], create: bool) -> Ed25519PrivateKey:
+    if create and not os.path.lexists(path):
+        try:
+            return generate_log_key(path)
+        except LogKeyError:
+            if not os.path.lexists(path):
+                raise
+            # Another process published the key first (atomically): use that one.
+    return load_log_key(path)
+
+
+def _setup(engine: Engine, store: LogStore, origin: str, vkey: str) -> None:
+    create_schema(engine)
+    store.ensure_log(origin, vkey)

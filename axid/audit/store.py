@@ -1,0 +1,846 @@
+"""Decision-log storage: SQLModel tables, append-only batches, proofs, log keys.
+
+Synchronous (SQLAlchemy Core); the asyncio group-commit appender in
+:mod:`axid.audit.log` runs it in a worker thread.
+
+Invariants the code keeps:
+
+- Rows are only ever inserted. No statement in this module changes or
+  removes a row, so a committed entry, node or checkpoint is final.
+- Every :meth:`LogStore.append_batch` is ONE transaction that inserts the
+  batch's entries, the perfect Merkle nodes they complete and the signed
+  checkpoint of the new size. A crash at any point leaves either all of it or
+  none of it.
+- Appends are sequenced under a database lock taken before the head is read
+  (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a row lock, ``with_for_update()``,
+  on the log's row), so several processes or hosts appending to one log
+  produce one linear chain. The primary key (log, seq) makes any fork an integrity error.
+- Level-0 Merkle nodes are the entries' ``leaf_hash`` column; the node table
+  holds levels >= 1 only (one row fewer per entry, same O(log n) proofs).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import os
+import re
+import secrets
+import stat
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    Index,
+    LargeBinary,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlmodel import Field, SQLModel
+
+from axid.audit.entry import ZERO_HASH_HEX, canonical_entry
+from axid.audit.merkle import (
+    HASH_SIZE,
+    CompactRange,
+    NodeGetter,
+    leaf_hash,
+)
+from axid.audit.merkle import (
+    consistency_proof as _merkle_consistency_proof,
+)
+from axid.audit.merkle import (
+    inclusion_proof as _merkle_inclusion_proof,
+)
+from axid.audit.note import Checkpoint, NoteSigner, sign_checkpoint
+
+__all__ = [
+    "KEY_PASSPHRASE_ENV",
+    "LOG_NAME_RE",
+    "PROOF_HEADER",
+    "AuditCheckpoint",
+    "AuditEntry",
+    "AuditLog",
+    "AuditNode",
+    "DatabaseURLError",
+    "LogKeyError",
+    "LogKeyMismatch",
+    "LogNameError",
+    "LogNotFound",
+    "LogStore",
+    "NotFound",
+    "StoreError",
+    "create_schema",
+    "generate_log_key",
+    "list_logs",
+    "load_log_key",
+    "make_engine",
+    "origin_for",
+    "proof_text",
+    "validate_log_name",
+]
+
+LOG_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+KEY_PASSPHRASE_ENV = "AXID_KEY_PASSPHRASE"  # noqa: S105 - an env var name, not a secret
+PROOF_HEADER = "c2sp.org/tlog-proof@v1"
+_ORIGIN_PREFIX = "axid/"
+_IMMEDIATE = "axid_sqlite_immediate"  # execution option: BEGIN IMMEDIATE on SQLite
+_MAX_KEY_FILE = 64 * 1024
+# Serialises concurrent create_schema() calls on one PostgreSQL database
+# (CREATE TABLE IF NOT EXISTS races on the catalog otherwise).
+_PG_SCHEMA_LOCK = 0x41584944_41554454  # "AXIDAUDT"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """The decision-log storage cannot do what was asked (bad state, bad input)."""
+
+
+class DatabaseURLError(StoreError, ValueError):
+    """The database URL is not one this store accepts."""
+
+
+class LogNameError(StoreError, ValueError):
+    """A log name is not ``[a-z0-9][a-z0-9._-]{0,63}``."""
+
+
+class NotFound(StoreError, LookupError):
+    """A log, entry or checkpoint that was asked for does not exist."""
+
+
+class LogNotFound(NotFound):
+    """No ``axid_audit_log`` row for this log name."""
+
+
+class LogKeyMismatch(StoreError):
+    """The log exists with a different verifier key (one log, one key)."""
+
+
+class LogKeyError(ValueError):
+    """A log signing key file is missing, unsafe, unreadable or not Ed25519."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class AuditLog(SQLModel, table=True):
+    """One row per log sharing the database."""
+
+    __tablename__ = "axid_audit_log"
+
+    name: str = Field(primary_key=True, max_length=64)
+    origin: str
+    vkey: str
+    created_at: int = Field(sa_type=BigInteger)  # unix ms
+
+
+class AuditEntry(SQLModel, table=True):
+    """One decision; ``data`` holds exactly the bytes that were hashed."""
+
+    __tablename__ = "axid_audit_entry"
+    __table_args__ = (
+        Index("ix_axid_audit_entry_log_ts", "log", "ts"),
+        Index("ix_axid_audit_entry_log_decision", "log", "decision"),
+        Index("ix_axid_audit_entry_log_tenant", "log", "tenant"),
+        Index("ix_axid_audit_entry_log_agent", "log", "agent"),
+        Index("ix_axid_audit_entry_log_run", "log", "run"),
+    )
+
+    log: str = Field(primary_key=True, max_length=64, foreign_key="axid_audit_log.name")
+    seq: int = Field(
+        primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False}
+    )
+    leaf_hash: bytes = Field(sa_type=LargeBinary)
+    data: bytes = Field(sa_type=LargeBinary)
+    # Filter copies of fields inside ``data`` (for ``axid audit show``); never trusted
+    # by verification, which re-parses ``data``.
+    ts: int = Field(sa_type=BigInteger)  # unix ms
+    decision: str
+    reason: str
+    tenant: str | None = None
+    agent: str | None = None
+    run: str | None = None
+
+
+class AuditNode(SQLModel, table=True):
+    """A perfect Merkle subtree hash, level >= 1 (level 0 is ``AuditEntry.leaf_hash``)."""
+
+    __tablename__ = "axid_audit_node"
+
+    log: str = Field(primary_key=True, max_length=64, foreign_key="axid_audit_log.name")
+    level: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    idx: int = Field(
+        primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False}
+    )
+    hash: bytes = Field(sa_type=LargeBinary)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """The signed checkpoint note written at the end of each commit batch."""
+
+    __tablename__ = "axid_audit_checkpoint"
+
+    log: str = Field(primary_key=True, max_length=64, foreign_key="axid_audit_log.name")
+    size: int = Field(
+        primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False}
+    )
+    note: bytes = Field(sa_type=LargeBinary)
+    created_at: int = Field(sa_type=BigInteger)  # unix ms
+
+
+_LOG_T: Any = AuditLog.__table__
+_ENTRY_T: Any = AuditEntry.__table__
+_NODE_T: Any = AuditNode.__table__
+_CP_T: Any = AuditCheckpoint.__table__
+_TABLES = [_LOG_T, _ENTRY_T, _NODE_T, _CP_T]
+
+
+# --------------------------------------------------------------------------- names
+
+
+def validate_log_name(log: object) -> str:
+    """Return ``log`` if it is a valid log name (``[a-z0-9][a-z0-9._-]{0,63}``)."""
+    if not isinstance(log, str) or not LOG_NAME_RE.fullmatch(log):
+        raise LogNameError(f"invalid log name {log!r}: want [a-z0-9][a-z0-9._-]{{0,63}}")
+    return log
+
+
+def origin_for(log: str) -> str:
+    """The checkpoint origin (and note key name) of log ``log``: ``axid/<log>``."""
+    return _ORIGIN_PREFIX + validate_log_name(log)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def make_engine(url: str, *, lock_timeout: float = 30.0) -> Engine:
+    """An engine for ``sqlite:///FILE`` or ``postgresql://...`` (psycopg 3).
+
+    ``lock_timeout`` (seconds) bounds how long a writer waits for the log lock
+    (SQLite ``busy_timeout``, PostgreSQL ``lock_timeout``) before failing.
+    """
+    if not isinstance(url, str) or not url:
+        raise DatabaseURLError("database URL must be a non-empty string")
+    if not (isinstance(lock_timeout, int | float) and 0 < lock_timeout < 86400):
+        raise ValueError("lock_timeout must be a number of seconds in (0, 86400)")
+    try:
+        u = make_url(url)
+    except ArgumentError as e:
+        raise DatabaseURLError("malformed database URL") from e
+    backend, _, driver = u.drivername.partition("+")
+    timeout_ms = max(1, int(lock_timeout * 1000))
+    if backend == "sqlite":
+        return _make_sqlite_engine(u, driver, timeout_ms)
+    if backend in ("postgresql", "postgres"):
+        if driver not in ("", "psycopg"):
+            raise DatabaseURLError(
+                f"unsupported PostgreSQL driver {driver!r}: only psycopg 3 (postgresql://)"
+            )
+        return create_engine(
+            u.set(drivername="postgresql+psycopg"),
+            pool_pre_ping=True,
+            connect_args={"options": f"-c lock_timeout={timeout_ms}"},
+        )
+    raise DatabaseURLError(f"unsupported database {backend!r}: use sqlite:/// or postgresql://")
+
+
+def _make_sqlite_engine(u: Any, driver: str, timeout_ms: int) -> Engine:
+    if driver not in ("", "pysqlite"):
+        raise DatabaseURLError(f"unsupported SQLite driver {driver!r}")
+    db = u.database
+    # Several processes share the log: it must be a real file, named plainly.
+    if not db or db == ":memory:" or db.startswith("file:") or "mode=memory" in db:
+        raise DatabaseURLError("SQLite needs a file: sqlite:///path/to/file.db (not :memory:)")
+    if u.query or u.host or u.username or u.password or u.port:
+        raise DatabaseURLError("SQLite URL takes only a file path: sqlite:///path/to/file.db")
+    Path(db).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = create_engine(
+        u.set(drivername="sqlite+pysqlite"),
+        connect_args={"timeout": timeout_ms / 1000, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module; we emit BEGIN.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
+            mode = cur.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"SQLite refused WAL journal mode (got {mode!r})")
+            cur.execute("PRAGMA synchronous = FULL")
+            cur.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Writers lock the database before they read the head; readers do not lock.
+        if conn.get_execution_options().get(_IMMEDIATE):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def _is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def _write_conn(engine: Engine) -> Connection:
+    conn = engine.connect()
+    if _is_sqlite(engine):
+        conn.execution_options(**{_IMMEDIATE: True})
+    return conn
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the four audit tables if absent (safe to call from many processes)."""
+    with _write_conn(engine) as conn, conn.begin():
+        if engine.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(_PG_SCHEMA_LOCK)))
+        SQLModel.metadata.create_all(conn, tables=_TABLES, checkfirst=True)
+
+
+def list_logs(engine: Engine) -> list[str]:
+    """Names of the logs in this database, sorted."""
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(select(_LOG_T.c.name).order_by(_LOG_T.c.name))]
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _b(value: Any) -> bytes:
+    # Drivers may hand back memoryview/bytearray for binary columns.
+    return bytes(value)
+
+
+class LogStore:
+    """One log in a database: append batches, read entries, checkpoints and proofs."""
+
+    def __init__(self, engine: Engine, log: str, *, signer: NoteSigner | None = None) -> None:
+        self._engine = engine
+        self.log = validate_log_name(log)
+        self.origin = origin_for(log)
+        if signer is not None:
+            if not isinstance(signer, NoteSigner):
+                raise TypeError("signer must be a NoteSigner")
+            if signer.name != self.origin:
+                raise StoreError(f"signer key name {signer.name!r} is not {self.origin!r}")
+        self._signer = signer
+        self._signer_vkey = signer.vkey() if signer is not None else None
+        # Head after our last commit: (size, last leaf hash, compact range hashes).
+        # Reused only when the locked database head still has that size.
+        self._head_cache: tuple[int, bytes, tuple[bytes, ...]] | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # ------------------------------------------------------------------ log row
+
+    def ensure_log(self, origin: str, vkey: str) -> None:
+        """Create this log's row if absent; refuse an existing log with another key."""
+        if origin != self.origin:
+            raise StoreError(f"origin {origin!r} is not {self.origin!r} for log {self.log!r}")
+        if not isinstance(vkey, str) or not vkey:
+            raise StoreError("vkey must be a non-empty string")
+        row = {"name": self.log, "origin": origin, "vkey": vkey, "created_at": _now_ms()}
+        dialect = self._engine.dialect.name
+        if dialect == "sqlite":
+            stmt: Any = sqlite_insert(_LOG_T).values(row).on_conflict_do_nothing()
+        elif dialect == "postgresql":
+            stmt = pg_insert(_LOG_T).values(row).on_conflict_do_nothing()
+        else:  # pragma: no cover - make_engine only builds the two above
+            raise StoreError(f"unsupported dialect {dialect}")
+        with _write_conn(self._engine) as conn, conn.begin():
+            conn.execute(stmt)
+            got = conn.execute(
+                select(_LOG_T.c.origin, _LOG_T.c.vkey).where(_LOG_T.c.name == self.log)
+            ).one()
+        if got.origin != origin:
+            raise LogKeyMismatch(f"log {self.log!r} exists with origin {got.origin!r}")
+        if got.vkey != vkey:
+            raise LogKeyMismatch(
+                f"log {self.log!r} exists with another key ({got.vkey}); one log, one key"
+            )
+
+    def vkey(self) -> str:
+        """The log's verifier key (``name+keyid+base64``)."""
+        with self._engine.connect() as conn:
+            v = conn.execute(select(_LOG_T.c.vkey).where(_LOG_T.c.name == self.log)).scalar()
+        if v is None:
+            raise LogNotFound(f"no log {self.log!r} in this database")
+        return str(v)
+
+    def list_logs(self) -> list[str]:
+        return list_logs(self._engine)
+
+    # ------------------------------------------------------------------ append
+
+    def append_batch(self, items: Sequence[Mapping[str, object]]) -> list[tuple[int, bytes]]:
+        """Append entries in one transaction; return ``(seq, leaf_hash)`` per item.
+
+        The transaction takes the log lock, reads the head, inserts the entries,
+        the perfect nodes they complete and the signed checkpoint of the new
+        size, and commits. Raises (and commits nothing) on any error; an
+        :class:`~axid.audit.entry.EntryError` means an item was malformed.
+        """
+        if self._signer is None or self._signer_vkey is None:
+            raise StoreError("this LogStore has no signing key: cannot append")
+        if not items:
+            return []
+        signer = self._signer
+        out: list[tuple[int, bytes]] = []
+        try:
+            with _write_conn(self._engine) as conn, conn.begin():
+                self._lock_and_check_key(conn)
+                size, prev, cr = self._read_head(conn)
+                ts = _now_ms()
+                entry_rows: list[dict[str, object]] = []
+                node_rows: list[dict[str, object]] = []
+                log = self.log
+                for fields in items:
+                    data = canonical_entry(fields, seq=size, prev=prev.hex(), log=log, ts=ts)
+                    lh = leaf_hash(data)
+                    for level, idx, h in cr.append(lh):
+                        if level:
+                            node_rows.append({"log": log, "level": level, "idx": idx, "hash": h})
+                    entry_rows.append(
+                        {
+                            "log": log,
+                            "seq": size,
+                            "leaf_hash": lh,
+                            "data": data,
+                            "ts": ts,
+                            "decision": fields["decision"],
+                            "reason": fields["reason"],
+                            "tenant": fields.get("tenant"),
+                            "agent": fields.get("agent"),
+                            "run": fields.get("run"),
+                        }
+                    )
+                    out.append((size, lh))
+                    prev = lh
+                    size += 1
+                note = sign_checkpoint(Checkpoint(self.origin, size, cr.root()), signer)
+                conn.execute(insert(_ENTRY_T), entry_rows)
+                if node_rows:
+                    conn.execute(insert(_NODE_T), node_rows)
+                conn.execute(
+                    insert(_CP_T),
+                    [{"log": log, "size": size, "note": note, "created_at": _now_ms()}],
+                )
+        except BaseException:
+            self._head_cache = None  # the commit may or may not have happened
+            raise
+        self._head_cache = (size, prev, cr.hashes)
+        return out
+
+    def _lock_and_check_key(self, conn: Connection) -> None:
+        q = select(_LOG_T.c.origin, _LOG_T.c.vkey).where(_LOG_T.c.name == self.log)
+        if conn.dialect.name == "postgresql":
+            # Row lock on the log: appenders of this log queue here, other logs don't.
+            q = q.with_for_update()
+        # (SQLite: BEGIN IMMEDIATE already holds the database write lock.)
+        row = conn.execute(q).first()
+        if row is None:
+            raise LogNotFound(f"no log {self.log!r} in this database (ensure_log first)")
+        if row.origin != self.origin or row.vkey != self._signer_vkey:
+            # Checkpoints signed with another key would not verify: refuse to write.
+            raise LogKeyMismatch(f"log {self.log!r} is registered with another key")
+
+    def _read_head(self, conn: Connection) -> tuple[int, bytes, CompactRange]:
+        """Size, last leaf hash and compact range of the committed tree (lock held)."""
+        last = conn.execute(
+            select(_ENTRY_T.c.seq, _ENTRY_T.c.leaf_hash)
+            .where(_ENTRY_T.c.log == self.log)
+            .order_by(_ENTRY_T.c.seq.desc())
+            .limit(1)
+        ).first()
+        if last is None:
+            return 0, bytes.fromhex(ZERO_HASH_HEX), CompactRange()
+        size, prev = int(last.seq) + 1, _b(last.leaf_hash)
+        cached = self._head_cache
+        if cached is not None and cached[0] == size and hmac.compare_digest(cached[1], prev):
+            return size, prev, CompactRange(size, cached[2])
+        # Right edge: one perfect node per set bit of size, largest first.
+        want: list[tuple[int, int]] = []
+        pos = 0
+        for level in range(size.bit_length() - 1, -1, -1):
+            if size >> level & 1:
+                want.append((level, pos >> level))
+                pos += 1 << level
+        got: dict[tuple[int, int], bytes] = {}
+        if size & 1:
+            got[(0, size - 1)] = prev  # the lowest edge node is the last leaf itself
+        upper = [(lv, i) for lv, i in want if lv > 0]
+        if upper:
+            rows = conn.execute(
+                select(_NODE_T.c.level, _NODE_T.c.idx, _NODE_T.c.hash).where(
+                    _NODE_T.c.log == self.log,
+                    or_(*(and_(_NODE_T.c.level == lv, _NODE_T.c.idx == i) for lv, i in upper)),
+                )
+            )
+            for r in rows:
+                got[(int(r.level), int(r.idx))] = _b(r.hash)
+        missing = [c for c in want if c not in got]
+        if missing:
+            raise StoreError(f"log {self.log!r} storage is inconsistent: nodes {missing} missing")
+        return size, prev, CompactRange(size, [got[c] for c in want])
+
+    # ------------------------------------------------------------------ reads
+
+    def size(self) -> int:
+        """Number of committed entries."""
+        with self._engine.connect() as conn:
+            return self._size(conn)
+
+    def _size(self, conn: Connection) -> int:
+        last = conn.execute(
+            select(func.max(_ENTRY_T.c.seq)).where(_ENTRY_T.c.log == self.log)
+        ).scalar()
+        return 0 if last is None else int(last) + 1
+
+    def latest_checkpoint(self) -> bytes | None:
+        """The signed checkpoint note of the largest size, or None for an empty log."""
+        with self._engine.connect() as conn:
+            row = self._latest_cp(conn)
+        return None if row is None else row[1]
+
+    def _latest_cp(self, conn: Connection) -> tuple[int, bytes] | None:
+        row = conn.execute(
+            select(_CP_T.c.size, _CP_T.c.note)
+            .where(_CP_T.c.log == self.log)
+            .order_by(_CP_T.c.size.desc())
+            .limit(1)
+        ).first()
+        return None if row is None else (int(row.size), _b(row.note))
+
+    def checkpoint(self, size: int) -> bytes | None:
+        """The signed checkpoint note at exactly ``size``, or None if there is none."""
+        with self._engine.connect() as conn:
+            note = conn.execute(
+                select(_CP_T.c.note).where(_CP_T.c.log == self.log, _CP_T.c.size == size)
+            ).scalar()
+        return None if note is None else _b(note)
+
+    def checkpoints(self, batch: int = 1000) -> Iterator[tuple[int, bytes]]:
+        """Every ``(size, signed note)`` in increasing size, as stored."""
+        after = -1
+        while True:
+            with self._engine.connect() as conn:
+                rows = conn.execute(
+                    select(_CP_T.c.size, _CP_T.c.note)
+                    .where(_CP_T.c.log == self.log, _CP_T.c.size > after)
+                    .order_by(_CP_T.c.size)
+                    .limit(batch)
+                ).all()
+            for r in rows:
+                yield int(r.size), _b(r.note)
+            if len(rows) < batch:
+                return
+            after = int(rows[-1].size)
+
+    def entries(
+        self, start: int = 0, end: int | None = None, batch: int = 10000
+    ) -> Iterator[tuple[int, bytes, bytes]]:
+        """``(seq, data, leaf_hash)`` for seq in ``[start, end)``, in order.
+
+        Reads page by page, each in its own short transaction, so a long
+        export does not pin a database snapshot.
+        """
+        if start < 0 or (end is not None and end < start) or batch < 1:
+            raise ValueError("invalid entries range")
+        nxt = start
+        while end is None or nxt < end:
+            q = select(_ENTRY_T.c.seq, _ENTRY_T.c.data, _ENTRY_T.c.leaf_hash).where(
+                _ENTRY_T.c.log == self.log, _ENTRY_T.c.seq >= nxt
+            )
+            if end is not None:
+                q = q.where(_ENTRY_T.c.seq < end)
+            with self._engine.connect() as conn:
+                rows = conn.execute(q.order_by(_ENTRY_T.c.seq).limit(batch)).all()
+            for r in rows:
+                yield int(r.seq), _b(r.data), _b(r.leaf_hash)
+            if len(rows) < batch:
+                return
+            nxt = int(rows[-1].seq) + 1
+
+    def query(
+        self,
+        *,
+        decision: str | None = None,
+        tenant: str | None = None,
+        agent: str | None = None,
+        run: str | None = None,
+        since_ms: int | None = None,
+        limit: int | None = None,
+        batch: int = 1000,
+    ) -> Iterator[bytes]:
+        """Entry bytes matching every given filter, in seq order (``axid audit show``)."""
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        conds = [_ENTRY_T.c.log == self.log]
+        for col, val in (
+            ("decision", decision),
+            ("tenant", tenant),
+            ("agent", agent),
+            ("run", run),
+        ):
+            if val is not None:
+                conds.append(_ENTRY_T.c[col] == val)
+        if since_ms is not None:
+            conds.append(_ENTRY_T.c.ts >= since_ms)
+        left = limit
+        after = -1
+        while left is None or left > 0:
+            n = batch if left is None else min(batch, left)
+            with self._engine.connect() as conn:
+                rows = conn.execute(
+                    select(_ENTRY_T.c.seq, _ENTRY_T.c.data)
+                    .where(*conds, _ENTRY_T.c.seq > after)
+                    .order_by(_ENTRY_T.c.seq)
+                    .limit(n)
+                ).all()
+            for r in rows:
+                yield _b(r.data)
+            if len(rows) < n:
+                return
+            after = int(rows[-1].seq)
+            if left is not None:
+                left -= len(rows)
+
+    # ------------------------------------------------------------------ nodes and proofs
+
+    def node(self, level: int, idx: int) -> bytes:
+        """The perfect subtree hash at ``(level, idx)`` (a :data:`NodeGetter`)."""
+        with self._engine.connect() as conn:
+            return self._getter(conn)(level, idx)
+
+    def _getter(self, conn: Connection) -> NodeGetter:
+        log = self.log
+
+        def get(level: int, idx: int) -> bytes:
+            if level == 0:
+                h = conn.execute(
+                    select(_ENTRY_T.c.leaf_hash).where(_ENTRY_T.c.log == log, _ENTRY_T.c.seq == idx)
+                ).scalar()
+            else:
+                h = conn.execute(
+                    select(_NODE_T.c.hash).where(
+                        _NODE_T.c.log == log, _NODE_T.c.level == level, _NODE_T.c.idx == idx
+                    )
+                ).scalar()
+            if h is None:
+                raise KeyError((level, idx))
+            h = _b(h)
+            if len(h) != HASH_SIZE:
+                raise StoreError(f"stored node ({level}, {idx}) is not {HASH_SIZE} bytes")
+            return h
+
+        return get
+
+    def inclusion_proof(self, seq: int, size: int | None = None) -> tuple[list[bytes], bytes]:
+        """Inclusion proof of entry ``seq`` in the checkpoint of ``size`` (default: latest).
+
+        Returns ``(proof hashes, signed checkpoint note)``; ``size`` must be a
+        checkpointed size, so the proof always comes with its signature.
+        """
+        with self._engine.connect() as conn:
+            if size is None:
+                cp = self._latest_cp(conn)
+                if cp is None:
+                    raise NotFound(f"log {self.log!r} has no checkpoint yet")
+                size, note = cp
+            else:
+                raw = conn.execute(
+                    select(_CP_T.c.note).where(_CP_T.c.log == self.log, _CP_T.c.size == size)
+                ).scalar()
+                if raw is None:
+                    raise NotFound(f"log {self.log!r} has no checkpoint at size {size}")
+                note = _b(raw)
+            if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < size:
+                raise NotFound(f"entry {seq!r} is not in the tree of size {size}")
+            return _merkle_inclusion_proof(seq, size, self._getter(conn)), note
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        """RFC 9162 consistency proof between tree sizes ``size1 <= size2``."""
+        with self._engine.connect() as conn:
+            have = self._size(conn)
+            if not 0 <= size1 <= size2 <= have:
+                raise NotFound(f"no consistency proof for sizes {size1}, {size2} (log size {have})")
+            if size1 == 0 or size1 == size2:
+                return []
+            return _merkle_consistency_proof(size1, size2, self._getter(conn))
+
+
+# --------------------------------------------------------------------------- proof text
+
+
+def proof_text(seq: int, proof: Sequence[bytes], note: bytes) -> str:
+    """A C2SP ``tlog-proof`` (c2sp.org/tlog-proof@v1) for entry ``seq``.
+
+    Header line, ``index N``, the inclusion proof (leaf's sibling first, one
+    base64 hash a line), an empty line, then the signed checkpoint verbatim.
+    """
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ValueError(f"invalid entry index {seq!r}")
+    lines = [PROOF_HEADER, f"index {seq}"]
+    for i, h in enumerate(proof):
+        if not isinstance(h, bytes) or len(h) != HASH_SIZE:
+            raise ValueError(f"proof[{i}] is not a {HASH_SIZE}-byte hash")
+        lines.append(base64.b64encode(h).decode("ascii"))
+    try:
+        cp = note.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError("checkpoint note is not UTF-8") from e
+    if not cp.endswith("\n"):
+        raise ValueError("checkpoint note must end with a newline")
+    return "\n".join(lines) + "\n\n" + cp
+
+
+# --------------------------------------------------------------------------- log keys
+
+
+def _passphrase() -> bytes | None:
+    pw = os.environ.get(KEY_PASSPHRASE_ENV)
+    return pw.encode("utf-8") if pw else None
+
+
+def load_log_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """Load the log's Ed25519 key (PEM PKCS#8, passphrase from ``AXID_KEY_PASSPHRASE``).
+
+    Refuses a key file that group or others can access, or that is not a
+    regular file.
+    """
+    p = os.fspath(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LogKeyError(f"log key file not found: {p}") from None
+    except OSError as e:
+        raise LogKeyError(f"cannot open log key file {p}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)  # of the opened file: no check-then-open race
+        if not stat.S_ISREG(st.st_mode):
+            raise LogKeyError(f"log key file {p} is not a regular file")
+        if st.st_mode & 0o077:
+            raise LogKeyError(
+                f"log key file {p} is accessible by group/others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
+            )
+        chunks: list[bytes] = []
+        total = 0
+        while total <= _MAX_KEY_FILE:
+            chunk = os.read(fd, _MAX_KEY_FILE + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_KEY_FILE:
+        raise LogKeyError(f"log key file {p} is too large")
+    pw = _passphrase()
+    try:
+        key = load_pem_private_key(data, password=pw)
+    except TypeError:
+        # cryptography: encrypted key without a password, or a password for a plain key.
+        if pw is None:
+            raise LogKeyError(f"log key file {p} is encrypted: set {KEY_PASSPHRASE_ENV}") from None
+        raise LogKeyError(
+            f"log key file {p} is not encrypted but {KEY_PASSPHRASE_ENV} is set"
+        ) from None
+    except ValueError:
+        # Wrong passphrase or not a PEM private key; never echo either.
+        raise LogKeyError(
+            f"cannot load log key file {p}: not a PEM PKCS#8 key, or wrong passphrase"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise LogKeyError(f"log key file {p} does not hold an Ed25519 private key")
+    return key
+
+
+def generate_log_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """Create a new Ed25519 log key at ``path`` (mode 0600, never overwriting).
+
+    Encrypted with ``AXID_KEY_PASSPHRASE`` when that is set. The key is written
+    to a private temporary file and hard-linked into place, so a concurrent
+    reader never sees a partial file and an existing key is never replaced.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.path.lexists(p):
+        raise LogKeyError(f"refusing to overwrite existing key file {p}")
+    key = Ed25519PrivateKey.generate()
+    pw = _passphrase()
+    enc = BestAvailableEncryption(pw) if pw else NoEncryption()
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, enc)
+    tmp = p.with_name(f".{p.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except OSError as e:
+        raise LogKeyError(f"cannot create log key file {p}: {e.strerror}") from None
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact
+            view = memoryview(pem)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, p)  # atomic, and fails if p exists
+        except FileExistsError:
+            raise LogKeyError(f"refusing to overwrite existing key file {p}") from None
+        except OSError as e:
+            raise LogKeyError(f"cannot create log key file {p}: {e.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(p.parent)
+    return key
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # best effort: not every platform can open a directory
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
