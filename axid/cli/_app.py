@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from axid.cli import _audit, _certs
+from axid.cli import _audit, _certs, _keys, _serve, _token
 
 app = typer.Typer(
     name="axid",
@@ -15,6 +15,9 @@ app = typer.Typer(
 )
 app.add_typer(_certs.app, name="certs")
 app.add_typer(_audit.app, name="audit")
+app.add_typer(_keys.app, name="keys")
+app.add_typer(_token.app, name="token")
+app.command("serve")(_serve.serve)
 
 
 def main() -> None:

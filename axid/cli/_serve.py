@@ -1,0 +1,112 @@
+"""`axid serve`: run the issuer service (FastAPI under uvicorn, mTLS).
+
+Settings come from ``--config FILE`` (see :mod:`axid.issuer.config`) and/or flags;
+a flag wins over the file, ``--db`` over ``AXID_DATABASE_URL``, which wins over the
+file. Once the server accepts connections it prints ``issuer: https://HOST:PORT``
+and ``ready`` on stdout (the bound port, also with ``--port 0``).
+
+Exit codes: 0 stopped by SIGINT/SIGTERM, 1 failed to start, 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML config file (see the README).")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Listen address.")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", min=0, max=65535, help="Listen port (0: any).")
+    ] = None,
+    issuer: Annotated[
+        str | None, typer.Option("--issuer", help="The tokens' iss (default https://HOST:PORT).")
+    ] = None,
+    cert: Annotated[Path | None, typer.Option("--cert", help="Issuer SVID (PEM).")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Issuer SVID key (PEM).")] = None,
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="Trust bundle (PEM).")] = None,
+    workload_api: Annotated[
+        str | None, typer.Option("--workload-api", help="SPIFFE Workload API socket.")
+    ] = None,
+    registrations: Annotated[
+        Path | None, typer.Option("--registrations", help="Registration file (YAML).")
+    ] = None,
+    db: Annotated[
+        str | None, typer.Option("--db", help="Database URL (sqlite:///... or postgresql://...).")
+    ] = None,
+    keys_dir: Annotated[
+        Path | None, typer.Option("--keys-dir", help="Token signing keyring directory.")
+    ] = None,
+    admin: Annotated[
+        list[str] | None,
+        typer.Option("--admin", help="Admin SPIFFE ID or pattern (repeatable)."),
+    ] = None,
+    http: Annotated[
+        str | None, typer.Option("--http", help="uvicorn HTTP implementation: h11 | httptools.")
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the issuer service over mTLS."""
+    from axid.issuer.config import ConfigError, IssuerConfig
+    from axid.issuer.registry import RegistryError
+    from axid.issuer.server import IssuerStartupError
+    from axid.issuer.server import serve as run
+    from mtls.spiffeid import SpiffeIdError, SpiffeIdPattern
+
+    overrides: dict[str, Any] = {}
+    for name, value in (
+        ("host", host),
+        ("port", port),
+        ("issuer", issuer),
+        ("registrations", registrations),
+        ("keys_dir", keys_dir),
+        ("http", http),
+    ):
+        if value is not None:
+            overrides[name] = value
+    if cert is not None or key is not None or bundle is not None:
+        if workload_api is not None:
+            _fail("give --cert/--key/--bundle or --workload-api, not both", 2)
+        overrides.update(cert=cert, key=key, bundle=bundle, workload_api=None)
+    elif workload_api is not None:
+        overrides.update(cert=None, key=None, bundle=None, workload_api=workload_api)
+    if admin:
+        try:
+            overrides["admins"] = tuple(SpiffeIdPattern.parse(a) for a in admin)
+        except SpiffeIdError as exc:
+            _fail(f"--admin: {exc}", 2)
+    try:
+        if config is not None:
+            settings = replace(IssuerConfig.from_file(config), **overrides)
+        else:
+            if "registrations" not in overrides:
+                _fail("give --config FILE or at least --registrations and the SVID flags", 2)
+            settings = IssuerConfig(**overrides).with_env()
+        if db is not None:
+            settings = replace(settings, database_url=db)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+
+    def ready(url: str) -> None:
+        typer.echo(f"issuer: {url}")
+        typer.echo("ready")
+
+    try:
+        run(settings, ready=ready, log_level=log_level)
+    except (RegistryError, ConfigError) as exc:
+        _fail(str(exc), 2)
+    except IssuerStartupError as exc:
+        _fail(str(exc), 1)
+    except Exception as exc:  # the source, keyring or database could not be opened
+        _fail(f"{type(exc).__name__}: {exc}", 1)

@@ -1,0 +1,299 @@
+"""Agent-side client of the issuer service, over SPIFFE mTLS (httpx).
+
+The client presents its workload's X.509-SVID (from any :class:`~mtls.sources.X509Source`)
+and accepts only an issuer whose SVID verifies against the same bundles and whose
+SPIFFE ID matches ``issuer_id`` (default ``spiffe://<own trust domain>/axid/issuer``).
+
+Refusals become :class:`IssuerError` with the problem's ``status``, ``reason`` and
+``detail``; a connection or TLS failure has ``status=None`` and reason
+``issuer_unreachable``, an answer that is not what the API promises reason
+``bad_response``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final
+
+import httpx
+
+from axid.keys import KeySet
+from mtls.sources import X509Source
+from mtls.spiffeid import SpiffeId, SpiffeIdError, SpiffeIdPattern
+from mtls.tlsconfig import client_context
+
+__all__ = [
+    "DEFAULT_ISSUER_PATH",
+    "AsyncIssuerClient",
+    "IssuerClient",
+    "IssuerError",
+    "MintResult",
+    "issuer_id_matcher",
+]
+
+DEFAULT_ISSUER_PATH: Final = "/axid/issuer"
+_MAX_DETAIL: Final = 500
+
+
+class IssuerError(Exception):
+    """The issuer refused, or could not be reached. ``reason`` is a stable code."""
+
+    status: int | None
+    reason: str
+    detail: str
+
+    def __init__(self, status: int | None, reason: str, detail: str) -> None:
+        prefix = "" if status is None else f"{status} "
+        super().__init__(f"{prefix}{reason}: {detail}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class MintResult:
+    """A minted token (``repr`` leaves the token out)."""
+
+    token: str = field(repr=False)
+    jti: str
+    kid: str
+    expires_at: int
+
+
+def issuer_id_matcher(
+    issuer_id: SpiffeId | SpiffeIdPattern | str | None, source: X509Source
+) -> SpiffeId | SpiffeIdPattern:
+    """The expected issuer identity: given (an ID or pattern) or the default
+    ``spiffe://<the source's trust domain>/axid/issuer``."""
+    if isinstance(issuer_id, SpiffeId | SpiffeIdPattern):
+        return issuer_id
+    if issuer_id is None:
+        td = source.svid().spiffe_id.trust_domain
+        return SpiffeId(td, DEFAULT_ISSUER_PATH)
+    if not isinstance(issuer_id, str):
+        raise TypeError("issuer_id must be a SpiffeId, SpiffeIdPattern, str or None")
+    try:
+        return SpiffeIdPattern.parse(issuer_id)
+    except SpiffeIdError as exc:
+        raise ValueError(f"invalid issuer SPIFFE ID: {exc}") from None
+
+
+def _mint_body(
+    agent: str,
+    run: str,
+    audience: str | list[str],
+    scope: str,
+    parent_token: str | None,
+    ttl_seconds: int | None,
+    tenant: str | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"agent": agent, "run": run, "audience": audience, "scope": scope}
+    if parent_token is not None:
+        body["parent_token"] = parent_token
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
+    if tenant is not None:
+        body["tenant"] = tenant
+    return body
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return json.loads(response.content)
+    except ValueError:
+        raise IssuerError(response.status_code, "bad_response", "answer is not JSON") from None
+
+
+def _check(response: httpx.Response, *expected: int) -> httpx.Response:
+    if response.status_code in expected:
+        return response
+    reason, detail = "bad_response", f"unexpected HTTP status {response.status_code}"
+    try:
+        problem = json.loads(response.content)
+    except ValueError:
+        problem = None
+    if isinstance(problem, dict) and isinstance(problem.get("reason"), str):
+        reason = problem["reason"]
+        if isinstance(problem.get("detail"), str):
+            detail = problem["detail"][:_MAX_DETAIL]
+    raise IssuerError(response.status_code, reason, detail)
+
+
+def _minted(response: httpx.Response) -> MintResult:
+    doc = _json(_check(response, 201))
+    try:
+        token, jti, kid, exp = doc["token"], doc["jti"], doc["kid"], doc["expires_at"]
+    except (KeyError, TypeError):
+        raise IssuerError(
+            201, "bad_response", "mint answer lacks token/jti/kid/expires_at"
+        ) from None
+    if not (isinstance(token, str) and isinstance(jti, str) and isinstance(kid, str)):
+        raise IssuerError(201, "bad_response", "mint answer has members of the wrong type")
+    if isinstance(exp, bool) or not isinstance(exp, int):
+        raise IssuerError(201, "bad_response", "expires_at is not an integer")
+    return MintResult(token, jti, kid, exp)
+
+
+def _unreachable(exc: httpx.HTTPError) -> IssuerError:
+    return IssuerError(None, "issuer_unreachable", f"{type(exc).__name__}: {exc}"[:_MAX_DETAIL])
+
+
+def _revocations_params(since: int, limit: int | None) -> dict[str, int]:
+    params = {"since": since}
+    if limit is not None:
+        params["limit"] = limit
+    return params
+
+
+class IssuerClient:
+    """Blocking client. Use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        url: str,
+        source: X509Source,
+        *,
+        issuer_id: SpiffeId | SpiffeIdPattern | str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        ctx = client_context(source, server_id=issuer_id_matcher(issuer_id, source))
+        # trust_env off: no proxy or netrc from the environment on an mTLS channel.
+        self._http = httpx.Client(base_url=url, verify=ctx, timeout=timeout, trust_env=False)
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc) from None
+
+    def mint(
+        self,
+        *,
+        agent: str,
+        run: str,
+        audience: str | list[str],
+        scope: str,
+        parent_token: str | None = None,
+        ttl_seconds: int | None = None,
+        tenant: str | None = None,
+    ) -> MintResult:
+        body = _mint_body(agent, run, audience, scope, parent_token, ttl_seconds, tenant)
+        return _minted(self._send("POST", "/v1/tokens", json=body))
+
+    def jwks(self) -> dict[str, Any]:
+        doc = _json(_check(self._send("GET", "/.well-known/jwks.json"), 200))
+        if not isinstance(doc, dict):
+            raise IssuerError(200, "bad_response", "JWKS is not a JSON object")
+        return doc
+
+    def key_set(self) -> KeySet:
+        """The issuer's JWKS as a KeySet (strictly parsed)."""
+        return KeySet.from_jwks(self.jwks())
+
+    def revocations(self, since: int = 0, limit: int | None = None) -> dict[str, Any]:
+        params = _revocations_params(since, limit)
+        doc = _json(_check(self._send("GET", "/v1/revocations", params=params), 200))
+        if not isinstance(doc, dict):
+            raise IssuerError(200, "bad_response", "revocations answer is not an object")
+        return doc
+
+    def revoke(self, kind: str, value: str, reason: str) -> dict[str, Any]:
+        body = {"kind": kind, "value": value, "reason": reason}
+        doc = _json(_check(self._send("POST", "/v1/revocations", json=body), 201))
+        if not isinstance(doc, dict):
+            raise IssuerError(201, "bad_response", "revocation answer is not an object")
+        return doc
+
+    def checkpoint(self) -> str:
+        return _check(self._send("GET", "/v1/audit/checkpoint"), 200).text
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> IssuerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncIssuerClient:
+    """The asyncio twin of :class:`IssuerClient`."""
+
+    def __init__(
+        self,
+        url: str,
+        source: X509Source,
+        *,
+        issuer_id: SpiffeId | SpiffeIdPattern | str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        ctx = client_context(source, server_id=issuer_id_matcher(issuer_id, source))
+        self._http = httpx.AsyncClient(base_url=url, verify=ctx, timeout=timeout, trust_env=False)
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc) from None
+
+    async def mint(
+        self,
+        *,
+        agent: str,
+        run: str,
+        audience: str | list[str],
+        scope: str,
+        parent_token: str | None = None,
+        ttl_seconds: int | None = None,
+        tenant: str | None = None,
+    ) -> MintResult:
+        body = _mint_body(agent, run, audience, scope, parent_token, ttl_seconds, tenant)
+        return _minted(await self._send("POST", "/v1/tokens", json=body))
+
+    async def jwks(self) -> dict[str, Any]:
+        doc = _json(_check(await self._send("GET", "/.well-known/jwks.json"), 200))
+        if not isinstance(doc, dict):
+            raise IssuerError(200, "bad_response", "JWKS is not a JSON object")
+        return doc
+
+    async def key_set(self) -> KeySet:
+        return KeySet.from_jwks(await self.jwks())
+
+    async def revocations(self, since: int = 0, limit: int | None = None) -> dict[str, Any]:
+        params = _revocations_params(since, limit)
+        doc = _json(_check(await self._send("GET", "/v1/revocations", params=params), 200))
+        if not isinstance(doc, dict):
+            raise IssuerError(200, "bad_response", "revocations answer is not an object")
+        return doc
+
+    async def revoke(self, kind: str, value: str, reason: str) -> dict[str, Any]:
+        body = {"kind": kind, "value": value, "reason": reason}
+        doc = _json(_check(await self._send("POST", "/v1/revocations", json=body), 201))
+        if not isinstance(doc, dict):
+            raise IssuerError(201, "bad_response", "revocation answer is not an object")
+        return doc
+
+    async def checkpoint(self) -> str:
+        return _check(await self._send("GET", "/v1/audit/checkpoint"), 200).text
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncIssuerClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,362 @@
+"""The issuer's rules, free of HTTP: who may mint what, spawning, revocation.
+
+:meth:`IssuerService.mint` applies DESIGN.md's minting rules in this order; the
+first failure wins (status, reason):
+
+ 1. the peer is registered (first matching registration)      403 agent_not_allowed
+ 2. the agent slug is one the registration allows               403 agent_not_allowed
+ 3. every audience is allowed by the registration              403 audience_not_allowed
+ 4. the scope is a subset of the registration's widest scope   403 scope_insufficient
+ 5. an asserted ``tenant`` is the registration's tenant         403 tenant_not_allowed
+ 6. ``ttl_seconds`` is at most the configured maximum           400 bad_request
+ 7. with ``parent_token``:
+    a. it verifies against the issuer's own published keys
+       (every check but the audience; leeway 0)                 401 token_*
+    b. same tenant as the caller's registration                 403 tenant_not_allowed
+    c. the child run is neither the parent's run nor in its
+       chain                                                    409 run_conflict
+    d. ``len(parent.chain) + 1 <= 8``                           403 spawn_too_deep
+    e. scope a subset of the parent's                           403 scope_insufficient
+    f. audiences a subset of the parent's                       403 audience_not_allowed
+    g. ``exp`` capped at the parent's ``exp``
+ 8. nothing revoked: the parent's jti, the child run and every
+    run of its chain, the agent (and the parent's), the tenant  403 revoked
+ 9. the run binding: a run id is bound by its first mint to
+    (tenant, agent, SPIFFE ID, parent) for good                 409 run_conflict
+10. sign: ``sub`` = the peer's SPIFFE ID, ``cnf`` = its leaf's
+    ``x5t#S256``; ``spawn_parent`` = parent.run, ``chain`` =
+    parent.chain + [parent.run] (``null`` / ``[]`` for a root)
+
+Every outcome is appended to the issuer's decision log by the caller (the app)
+before it answers; the service fills a :class:`DecisionRecord` as it learns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import anyio.to_thread
+from sqlalchemy.exc import SQLAlchemyError
+
+from axid.audit.log import AuditUnavailable, DecisionLog
+from axid.issuer.problems import Refusal
+from axid.issuer.registry import Registry
+from axid.issuer.schemas import MintRequest, RevocationRequest
+from axid.issuer.store import IssuerStore, Revocation, RunConflict, RunRecord
+from axid.keys import Keyring, KeyringError, KeySet, b64url_encode
+from axid.tokens import MAX_CHAIN_DEPTH, TokenError, mint, verify_parent_token
+from mtls.spiffeid import SpiffeId, SpiffeIdPattern
+
+__all__ = [
+    "SERVICE_NAME",
+    "DecisionRecord",
+    "IssuerService",
+    "Minted",
+    "Peer",
+]
+
+SERVICE_NAME: Final = "axid-issuer"
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The verified mTLS peer of a request."""
+
+    spiffe_id: SpiffeId
+    x5t_s256: str
+
+
+@dataclass
+class DecisionRecord:
+    """The decision-log fields of one request, filled in as they become known."""
+
+    method: str
+    path: str
+    peer: str | None = None
+    peer_cert: str | None = None
+    kid: str | None = None
+    jti: str | None = None
+    tenant: str | None = None
+    agent: str | None = None
+    run: str | None = None
+    spawn_parent: str | None = None
+    chain: list[str] = field(default_factory=list)
+    scope_required: str | None = None
+    rule: str | None = None
+    note: str | None = None
+
+    def set_peer(self, peer: Peer) -> None:
+        self.peer = str(peer.spiffe_id)
+        self.peer_cert = peer.x5t_s256
+
+    def fields(self, decision: str, reason: str, *, iss: str) -> dict[str, Any]:
+        return {
+            "decision": decision,
+            "reason": reason,
+            "method": self.method,
+            "path": self.path,
+            "service": SERVICE_NAME,
+            "peer": self.peer,
+            "peer_cert": self.peer_cert,
+            "kid": self.kid,
+            "jti": self.jti,
+            "iss": iss,
+            "tenant": self.tenant,
+            "agent": self.agent,
+            "run": self.run,
+            "spawn_parent": self.spawn_parent,
+            "chain": list(self.chain),
+            "scope_required": self.scope_required,
+            "rule": self.rule,
+            "note": self.note[:2000] if self.note else self.note,
+        }
+
+
+@dataclass(frozen=True)
+class Minted:
+    """A minted token; ``repr`` leaves the token out."""
+
+    token: str = field(repr=False)
+    jti: str
+    kid: str
+    expires_at: int
+    tenant: str
+    run: str
+    spawn_parent: str | None
+    chain: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``POST /v1/tokens`` answer."""
+        return {
+            "token": self.token,
+            "jti": self.jti,
+            "kid": self.kid,
+            "expires_at": self.expires_at,
+        }
+
+
+def _store_down() -> Refusal:
+    return Refusal(503, "store_unavailable", "the issuer's database is unavailable")
+
+
+class IssuerService:
+    """Minting, revocation and the decision log, for one issuer (``iss``)."""
+
+    def __init__(
+        self,
+        *,
+        iss: str,
+        keyring: Keyring,
+        store: IssuerStore,
+        registry: Registry,
+        admins: Sequence[SpiffeIdPattern] = (),
+        default_ttl: int = 120,
+        max_ttl: int = 300,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 1 <= default_ttl <= max_ttl <= 300:
+            raise ValueError("need 1 <= default_ttl <= max_ttl <= 300")
+        self.iss = iss
+        self.keyring = keyring
+        self.store = store
+        self.registry = registry
+        self.admins = tuple(admins)
+        self.default_ttl = default_ttl
+        self.max_ttl = max_ttl
+        self.clock = clock
+        self.log: DecisionLog | None = None
+
+    # ------------------------------------------------------------------ keys
+
+    def reload_keys(self) -> None:
+        """Pick up a rotation done by another process (``axid keys rotate``)."""
+        try:
+            if self.keyring.reload_if_changed():
+                _log.info("keyring reloaded from %s", self.keyring.directory)
+        except (KeyringError, OSError) as exc:
+            # Keep signing with the keys we have; a half-written rotation retries later.
+            _log.warning("keyring changed on disk but cannot be loaded: %s", exc)
+
+    def jwks(self, now: float | None = None) -> dict[str, Any]:
+        self.reload_keys()
+        return self.keyring.jwks(self.clock() if now is None else now, max_token_ttl=self.max_ttl)
+
+    def key_set(self, now: float) -> KeySet:
+        return self.keyring.key_set(now, max_token_ttl=self.max_ttl)
+
+    # ------------------------------------------------------------------ decision log
+
+    async def record(self, rec: DecisionRecord, decision: str, reason: str) -> None:
+        """Append one decision; raises AuditUnavailable if it did not commit."""
+        if self.log is None:
+            raise AuditUnavailable("the issuer's decision log is not open")
+        await self.log.append(rec.fields(decision, reason, iss=self.iss))
+
+    # ------------------------------------------------------------------ admin
+
+    def is_admin(self, peer: Peer) -> bool:
+        return any(p.matches(peer.spiffe_id) for p in self.admins)
+
+    # ------------------------------------------------------------------ mint
+
+    async def mint(self, rec: DecisionRecord, peer: Peer, req: MintRequest) -> Minted:
+        """Apply the minting rules (module docstring) and sign; raises Refusal."""
+        now_f = self.clock()
+        now = int(now_f)  # token times are whole seconds; key choice uses the exact time
+        rec.agent, rec.run, rec.scope_required = req.agent, req.run, req.scope
+        registration = self.registry.match(peer.spiffe_id)
+        if registration is None:
+            raise Refusal(403, "agent_not_allowed", "the peer's SPIFFE ID is not registered")
+        rec.rule = registration.rule
+        rec.tenant = tenant = registration.tenant
+        if req.agent not in registration.agents:
+            raise Refusal(403, "agent_not_allowed", "the registration does not allow this agent")
+        audiences = req.audiences
+        if not set(audiences) <= registration.audiences:
+            raise Refusal(
+                403, "audience_not_allowed", "the registration does not allow this audience"
+            )
+        scope = req.scope_set
+        if not scope <= registration.scope:
+            raise Refusal(403, "scope_insufficient", "scope is wider than the registration allows")
+        if req.tenant is not None and req.tenant != tenant:
+            raise Refusal(403, "tenant_not_allowed", "the peer is not registered for this tenant")
+        ttl = self.default_ttl if req.ttl_seconds is None else req.ttl_seconds
+        if ttl > self.max_ttl:
+            raise Refusal(400, "bad_request", f"ttl_seconds: at most {self.max_ttl}")
+
+        self.reload_keys()
+        chain: tuple[str, ...] = ()
+        spawn_parent: str | None = None
+        parent_jti: str | None = None
+        parent_agent: str | None = None
+        if req.parent_token is not None:
+            try:
+                parent = verify_parent_token(
+                    req.parent_token, self.key_set(now_f), issuer=self.iss, now=now
+                )
+            except TokenError as exc:
+                raise Refusal(401, exc.reason, f"parent_token: {exc.message}") from None
+            parent_jti, parent_agent = parent.jti, parent.agent
+            rec.note = f"parent jti {parent.jti} run {parent.run}"
+            if parent.tenant != tenant:
+                raise Refusal(
+                    403, "tenant_not_allowed", "the parent token belongs to another tenant"
+                )
+            if req.run == parent.run or req.run in parent.chain:
+                raise Refusal(
+                    409, "run_conflict", "a child run must differ from its parent's run and chain"
+                )
+            chain = (*parent.chain, parent.run)
+            spawn_parent = parent.run
+            rec.chain, rec.spawn_parent = list(chain), spawn_parent
+            if len(chain) > MAX_CHAIN_DEPTH:
+                raise Refusal(
+                    403, "spawn_too_deep", f"spawn chains are at most {MAX_CHAIN_DEPTH} deep"
+                )
+            if not scope <= parent.scope:
+                raise Refusal(
+                    403, "scope_insufficient", "a child's scope must be within its parent's"
+                )
+            if not set(audiences) <= set(parent.aud):
+                raise Refusal(
+                    403, "audience_not_allowed", "a child's audiences must be within its parent's"
+                )
+            # A child never outlives its parent (verify_parent_token: now < parent.exp).
+            ttl = min(ttl, parent.exp - now)
+
+        try:
+            revoked = await anyio.to_thread.run_sync(
+                lambda: self.store.find_revocation(
+                    jtis=[parent_jti] if parent_jti else [],
+                    runs=[req.run, *chain],
+                    agents=[a for a in (req.agent, parent_agent) if a],
+                    tenants=[tenant],
+                )
+            )
+        except SQLAlchemyError:
+            raise _store_down() from None
+        if revoked is not None:
+            raise Refusal(
+                403, "revoked", f"{revoked.kind} {revoked.value} is revoked (seq {revoked.seq})"
+            )
+
+        binding = RunRecord(
+            run=req.run,
+            tenant=tenant,
+            agent=req.agent,
+            spiffe_id=str(peer.spiffe_id),
+            parent=spawn_parent,
+            root=chain[0] if chain else req.run,
+            depth=len(chain),
+            created_at=int(self.clock() * 1000),
+        )
+        try:
+            await anyio.to_thread.run_sync(self.store.bind_run, binding)
+        except RunConflict as exc:
+            raise Refusal(
+                409, "run_conflict", f"the run is already bound with another {exc.what}"
+            ) from None
+        except SQLAlchemyError:
+            raise _store_down() from None
+
+        key = self.keyring.signing_key(now_f)
+        jti = b64url_encode(os.urandom(16))  # 128-bit random (DESIGN.md)
+        token = mint(
+            key=key,
+            iss=self.iss,
+            sub=str(peer.spiffe_id),
+            aud=req.audience if isinstance(req.audience, str) else list(req.audience),
+            tenant=tenant,
+            agent=req.agent,
+            run=req.run,
+            spawn_parent=spawn_parent,
+            chain=chain,
+            scope=scope,
+            cnf_x5t_s256=peer.x5t_s256,
+            now=now,
+            ttl=ttl,
+            jti=jti,
+        )
+        rec.kid, rec.jti = key.kid, jti
+        return Minted(token, jti, key.kid, now + ttl, tenant, req.run, spawn_parent, chain)
+
+    # ------------------------------------------------------------------ revocation
+
+    async def revoke(
+        self, rec: DecisionRecord, peer: Peer, req: RevocationRequest
+    ) -> tuple[Revocation, list[Revocation]]:
+        """Store a revocation by an admin peer; raises Refusal."""
+        rec.note = f"revoke {req.kind} {req.value}: {req.reason}"
+        if req.kind == "jti":
+            rec.jti = req.value
+        elif req.kind == "run":
+            rec.run = req.value
+        elif req.kind == "agent":
+            rec.agent = req.value
+        else:
+            rec.tenant = req.value
+        if not self.is_admin(peer):
+            raise Refusal(403, "forbidden", "only admin SPIFFE IDs may revoke")
+        req.check_value()
+        now_ms = int(self.clock() * 1000)
+        try:
+            return await anyio.to_thread.run_sync(
+                lambda: self.store.revoke(
+                    req.kind, req.value, req.reason, created_by=str(peer.spiffe_id), now_ms=now_ms
+                )
+            )
+        except SQLAlchemyError:
+            raise _store_down() from None
+
+    async def revocations(self, since: int, limit: int) -> list[Revocation]:
+        try:
+            return await anyio.to_thread.run_sync(self.store.revocations, since, limit)
+        except SQLAlchemyError:
+            raise _store_down() from None
