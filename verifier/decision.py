@@ -1,0 +1,179 @@
+"""What the pipeline decides: reason codes, their HTTP status, the decision, the action.
+
+Reason codes are DESIGN.md's (stable strings) plus two the verifier adds, both
+503 and both fail-closed:
+
+* ``revocation_unavailable``: the revocation list is older than its ``max_stale``
+  (or was never loaded), so "not revoked" cannot be established;
+* ``jwks_unavailable``: the issuer's key set is older than its ``max_stale`` (or
+  was never loaded), so no token can be checked against current keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Final
+
+from axid.tokens import REASONS as TOKEN_REASONS
+from axid.tokens import ActionClaims
+
+__all__ = [
+    "IDENTITY_REASONS",
+    "REASONS",
+    "STATUS",
+    "Decision",
+    "VerifiedAction",
+    "status_of",
+]
+
+IDENTITY_REASONS: Final = frozenset({"no_peer_cert", "peer_untrusted", "peer_not_svid"})
+
+# 401: who is calling, or with what token, could not be established.
+_UNAUTHENTICATED: Final = (
+    IDENTITY_REASONS | TOKEN_REASONS | {"subject_mismatch", "cert_binding_mismatch"}
+)
+# 403: the caller is known and refused.
+_FORBIDDEN: Final = frozenset(
+    {
+        "tenant_not_allowed",
+        "agent_not_allowed",
+        "scope_insufficient",
+        "revoked",
+        "replayed",
+        "custom_check_denied",
+    }
+)
+# 503: the verifier cannot decide safely right now.
+_UNAVAILABLE: Final = frozenset({"audit_unavailable", "revocation_unavailable", "jwks_unavailable"})
+
+STATUS: Final[dict[str, int]] = {
+    "ok": 200,
+    **dict.fromkeys(_UNAUTHENTICATED, 401),
+    **dict.fromkeys(_FORBIDDEN, 403),
+    **dict.fromkeys(_UNAVAILABLE, 503),
+}
+REASONS: Final = frozenset(STATUS)
+
+_MAX_NOTE: Final = 2000
+
+
+def status_of(reason: str) -> int:
+    """The HTTP status of a reason code (KeyError for an unknown one)."""
+    return STATUS[reason]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedAction:
+    """An allowed request's verified action: ``request.state.axid``.
+
+    ``spiffe_id`` is the peer's (equal to the token's ``sub``); the rest is from
+    the verified token. ``log_seq`` is the position of the allow entry in the
+    decision log (set once it is committed).
+    """
+
+    spiffe_id: str
+    tenant: str
+    agent: str
+    run: str
+    spawn_parent: str | None
+    chain: tuple[str, ...]
+    scope: frozenset[str]
+    jti: str
+    claims: ActionClaims = field(repr=False, compare=False)
+    log_seq: int | None = None
+
+    @property
+    def root_run(self) -> str:
+        """The root of the run tree this action belongs to."""
+        return self.chain[0] if self.chain else self.run
+
+    @property
+    def exp(self) -> int:
+        return self.claims.exp
+
+    @classmethod
+    def from_claims(cls, claims: ActionClaims) -> VerifiedAction:
+        return cls(
+            spiffe_id=claims.sub,
+            tenant=claims.tenant,
+            agent=claims.agent,
+            run=claims.run,
+            spawn_parent=claims.spawn_parent,
+            chain=claims.chain,
+            scope=claims.scope,
+            jti=claims.jti,
+            claims=claims,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One decision of the pipeline, with every decision-log field it knows.
+
+    ``detail`` is for the problem+json answer; it never holds a token.
+    """
+
+    allow: bool
+    reason: str
+    detail: str = ""
+    peer: str | None = None
+    peer_cert: str | None = None
+    kid: str | None = None
+    jti: str | None = None
+    iss: str | None = None
+    tenant: str | None = None
+    agent: str | None = None
+    run: str | None = None
+    spawn_parent: str | None = None
+    chain: tuple[str, ...] = ()
+    scope_required: str | None = None
+    rule: str | None = None
+    note: str | None = None
+    action: VerifiedAction | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.reason not in STATUS:
+            raise ValueError(f"unknown reason code {self.reason!r}")
+        if self.allow != (self.reason == "ok"):
+            raise ValueError("a decision allows exactly when its reason is 'ok'")
+        if self.allow and self.action is None:
+            raise ValueError("an allow decision carries its verified action")
+
+    @property
+    def decision(self) -> str:
+        return "allow" if self.allow else "deny"
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.reason]
+
+    @property
+    def title(self) -> str:
+        return HTTPStatus(self.status).phrase
+
+    def log_fields(self, *, method: str, path: str, service: str) -> dict[str, Any]:
+        """The decision-log fields (see :mod:`axid.audit.entry`)."""
+        note = self.note
+        if note is not None and len(note) > _MAX_NOTE:
+            note = note[: _MAX_NOTE - 3] + "..."
+        return {
+            "decision": self.decision,
+            "reason": self.reason,
+            "method": method,
+            "path": path,
+            "service": service,
+            "peer": self.peer,
+            "peer_cert": self.peer_cert,
+            "kid": self.kid,
+            "jti": self.jti,
+            "iss": self.iss,
+            "tenant": self.tenant,
+            "agent": self.agent,
+            "run": self.run,
+            "spawn_parent": self.spawn_parent,
+            "chain": list(self.chain),
+            "scope_required": self.scope_required,
+            "rule": self.rule,
+            "note": note,
+        }

@@ -1,0 +1,409 @@
+"""The decision pipeline, steps 1-7 of DESIGN.md, free of ASGI.
+
+:meth:`Pipeline.decide` takes what a request presented and its route rule and
+returns a :class:`~verifier.decision.Decision`, stopping at the first failure:
+
+1. peer identity (TLS chain, or XFCC from a trusted proxy)    -> SPIFFE ID  (identity.py)
+2. the token header, verified (EdDSA, typ, kid in the key set, claims, times,
+   ``iss``, ``aud``)                                          -> claims     (axid.tokens)
+3. ``sub`` equals the peer's SPIFFE ID, ``cnf.x5t#S256`` the peer leaf's hash
+   (constant-time)                                  subject_mismatch / cert_binding_mismatch
+4. ``aud`` holds this service (checked in 2), ``tenant`` is served here
+5. the route rule: allowed agents, tenants, required scope, single use (rules.py,
+   replay.py); no rule at all -> ``scope_insufficient``
+6. not revoked (jti, run, any run of the chain, agent, tenant)     (revocation.py)
+7. custom checks                                                   (checks.py)
+
+Step 8, committing the decision to the log before the app runs, is the
+middleware's (middleware.py).
+
+Verified tokens are cached by their exact text (bounded LRU) so a repeated token
+costs no signature check; each hit is re-checked for time (nbf/exp/iat with
+leeway) and its ``kid`` still being in the current key set, and steps 3-7 always
+run. A single-use token is consumed by the first request that passes step 5,
+even if step 6 or 7 then denies it: it is never usable twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from axid.keys import KeySet, b64url_decode
+from axid.tokens import ActionClaims, TokenError, verify
+from verifier.checks import CheckResult, RequestInfo, check_name
+from verifier.config import VerifierConfig
+from verifier.decision import Decision, VerifiedAction
+from verifier.identity import PeerError, PeerIdentity, PeerResolver
+from verifier.jwks import JwksSource
+from verifier.replay import ReplayGuard
+from verifier.revocation import RevocationSource
+from verifier.rules import RouteRule
+
+__all__ = ["Pipeline", "Presented", "TokenCache"]
+
+# Failures axid.tokens.verify reports only after the signature verified: the
+# claims of such a token are the issuer's, and worth recording.
+_SIGNED_FAILURES: Final = frozenset(
+    {"token_expired", "token_not_yet_valid", "token_wrong_issuer", "token_wrong_audience"}
+)
+_MAX_NOTE_PART: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """What one request presents, as the middleware read it from the ASGI scope.
+
+    ``tls_chain`` is ``None`` for a plain-TCP connection; ``token_headers`` counts
+    the token header lines (more than one is refused as ambiguous).
+    """
+
+    method: str
+    path: str
+    tls_chain: Sequence[str | bytes] | None
+    client_ip: str | None
+    token: str | None
+    token_headers: int
+    xfcc: str | None
+    info: RequestInfo
+
+
+class TokenCache:
+    """Verified claims by exact token text: a bounded LRU. Only successes go in."""
+
+    __slots__ = ("_entries", "_max", "hits", "misses")
+
+    def __init__(self, maxsize: int = 4096) -> None:
+        self._entries: OrderedDict[str, ActionClaims] = OrderedDict()
+        self._max = maxsize
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, token: str, keys: KeySet) -> ActionClaims | None:
+        claims = self._entries.get(token)
+        if claims is None:
+            self.misses += 1
+            return None
+        if claims.kid not in keys:  # its key left the key set: verify afresh (and fail)
+            del self._entries[token]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(token)
+        self.hits += 1
+        return claims
+
+    def put(self, token: str, claims: ActionClaims) -> None:
+        if self._max <= 0:
+            return
+        self._entries[token] = claims
+        if len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def discard(self, token: str) -> None:
+        self._entries.pop(token, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class _Deny(Exception):
+    def __init__(self, reason: str, detail: str, note: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+        self.note = note
+
+
+def _time_problem(claims: ActionClaims, now: float, leeway: int) -> str | None:
+    """The time checks of axid.tokens.verify (steps 15-17), for a cached token."""
+    if now < claims.nbf - leeway:
+        return "token_not_yet_valid"
+    if now >= claims.exp + leeway:
+        return "token_expired"
+    if claims.iat > now + leeway:
+        return "token_not_yet_valid"
+    return None
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_NOTE_PART else text[: _MAX_NOTE_PART - 3] + "..."
+
+
+class _Facts:
+    """The decision-log fields of one request, filled in as the steps learn them."""
+
+    __slots__ = (
+        "agent",
+        "chain",
+        "iss",
+        "jti",
+        "kid",
+        "notes",
+        "peer",
+        "peer_cert",
+        "rule",
+        "run",
+        "scope_required",
+        "spawn_parent",
+        "tenant",
+    )
+
+    def __init__(self, rule: RouteRule | None) -> None:
+        self.rule = rule.label if rule is not None else None
+        self.scope_required = rule.scope_required if rule is not None else None
+        self.peer: str | None = None
+        self.peer_cert: str | None = None
+        self.kid: str | None = None
+        self.jti: str | None = None
+        self.iss: str | None = None
+        self.tenant: str | None = None
+        self.agent: str | None = None
+        self.run: str | None = None
+        self.spawn_parent: str | None = None
+        self.chain: tuple[str, ...] = ()
+        self.notes: list[str] = []
+
+    def note(self, text: str | None) -> None:
+        if text:
+            self.notes.append(_short(text))
+
+    def set_peer(self, peer: PeerIdentity) -> None:
+        self.peer, self.peer_cert = peer.spiffe_id, peer.x5t_s256
+        self.note(peer.note)
+
+    def set_claims(self, claims: ActionClaims) -> None:
+        self.kid, self.jti, self.iss = claims.kid, claims.jti, claims.iss
+        self.tenant, self.agent, self.run = claims.tenant, claims.agent, claims.run
+        self.spawn_parent, self.chain = claims.spawn_parent, claims.chain
+
+    def set_signed_payload(self, token: str) -> None:
+        """Fields of a token whose signature verified but which failed a later check."""
+        try:
+            header, payload, _ = token.split(".")
+            head: Any = json.loads(b64url_decode(header))
+            doc: Any = json.loads(b64url_decode(payload))
+        except ValueError:
+            return
+        if not isinstance(head, dict) or not isinstance(doc, dict):
+            return
+
+        def text(obj: dict[str, Any], name: str) -> str | None:
+            value = obj.get(name)
+            return _short(value) if isinstance(value, str) else None
+
+        self.kid = text(head, "kid")
+        self.jti, self.iss = text(doc, "jti"), text(doc, "iss")
+        self.tenant, self.agent, self.run = (
+            text(doc, "tenant"),
+            text(doc, "agent"),
+            text(doc, "run"),
+        )
+        self.spawn_parent = text(doc, "spawn_parent")
+        chain = doc.get("chain")
+        if isinstance(chain, list) and len(chain) <= 8 and all(isinstance(c, str) for c in chain):
+            self.chain = tuple(_short(c) for c in chain)
+
+    def decision(
+        self, reason: str, detail: str = "", action: VerifiedAction | None = None
+    ) -> Decision:
+        return Decision(
+            allow=reason == "ok",
+            reason=reason,
+            detail=detail,
+            peer=self.peer,
+            peer_cert=self.peer_cert,
+            kid=self.kid,
+            jti=self.jti,
+            iss=self.iss,
+            tenant=self.tenant,
+            agent=self.agent,
+            run=self.run,
+            spawn_parent=self.spawn_parent,
+            chain=self.chain,
+            scope_required=self.scope_required,
+            rule=self.rule,
+            note="; ".join(self.notes) or None,
+            action=action,
+        )
+
+
+class Pipeline:
+    """Steps 1-7 for one verifier; built by the middleware from its config."""
+
+    def __init__(
+        self,
+        *,
+        config: VerifierConfig,
+        peers: PeerResolver,
+        jwks: JwksSource,
+        revocations: RevocationSource,
+        replay: ReplayGuard | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._issuer = config.issuer
+        self._audience: str = config.audience  # type: ignore[assignment]  # set by the config
+        self._leeway = config.leeway
+        self._tenants = None if config.any_tenant else frozenset(config.tenants)
+        self._checks = tuple((check_name(c), c) for c in config.checks)
+        self._check_timeout = config.check_timeout
+        self._clock = clock or config.clock
+        self._peers = peers
+        self._jwks = jwks
+        self._revocations = revocations
+        self._replay = replay
+        self.token_cache = TokenCache(config.token_cache_size)
+
+    async def decide(self, request: Presented, rule: RouteRule | None) -> Decision:
+        """Steps 1-7 for a governed request (see the module docstring)."""
+        facts = _Facts(rule)
+        try:
+            action = await self._steps(request, rule, facts)
+        except _Deny as deny:
+            facts.note(deny.note)
+            return facts.decision(deny.reason, deny.detail)
+        return facts.decision("ok", "", action)
+
+    async def _steps(self, req: Presented, rule: RouteRule | None, facts: _Facts) -> VerifiedAction:
+        # 1. Peer identity.
+        try:
+            peer = self._peers.resolve(req.tls_chain, req.client_ip, req.xfcc)
+        except PeerError as exc:
+            facts.peer_cert = exc.peer_cert
+            facts.note(exc.note)
+            raise _Deny(exc.reason, exc.detail, note=exc.detail) from None
+        facts.set_peer(peer)
+
+        # 2. The token.
+        if req.token_headers > 1:
+            raise _Deny("token_malformed", "more than one token header")
+        if req.token is None:
+            raise _Deny("token_missing", "no action token was presented")
+        claims = await self._verify_token(req.token, facts)
+        facts.set_claims(claims)
+
+        # 3. Bound to this peer: minted for its SPIFFE ID and its very certificate.
+        if not hmac.compare_digest(claims.sub.encode(), peer.spiffe_id.encode()):
+            raise _Deny("subject_mismatch", "the token was minted for another workload")
+        if not hmac.compare_digest(claims.cnf_x5t_s256.encode(), peer.x5t_s256.encode()):
+            raise _Deny(
+                "cert_binding_mismatch",
+                "the token is bound to another certificate of this workload",
+            )
+
+        # 4. Audience (checked by verify) and tenant.
+        if self._tenants is not None and claims.tenant not in self._tenants:
+            raise _Deny("tenant_not_allowed", "this service does not serve the token's tenant")
+
+        # 5. The route rule.
+        if rule is None:
+            raise _Deny("scope_insufficient", "no route rule covers this request")
+        if rule.agents is not None and claims.agent not in rule.agents:
+            raise _Deny("agent_not_allowed", "this route does not allow the token's agent")
+        if rule.tenants is not None and claims.tenant not in rule.tenants:
+            raise _Deny("tenant_not_allowed", "this route does not allow the token's tenant")
+        if not rule.scope <= claims.scope:  # type: ignore[operator]  # frozenset after init
+            missing = " ".join(sorted(rule.scope - claims.scope))  # type: ignore[operator]
+            raise _Deny(
+                "scope_insufficient",
+                "the token's scope lacks what this route requires",
+                note=f"missing {missing}",
+            )
+        if rule.single_use:
+            await self._claim_once(claims)
+
+        # 6. Not revoked.
+        revocations = self._revocations.current()
+        if revocations is None:
+            raise _Deny("revocation_unavailable", "the revocation list is not fresh")
+        hit = revocations.match(claims)
+        if hit is not None:
+            raise _Deny("revoked", "the action is revoked", note=hit.describe())
+
+        # 7. Custom checks.
+        action = VerifiedAction.from_claims(claims)
+        for name, check in self._checks:
+            try:
+                async with asyncio.timeout(self._check_timeout):
+                    result = await check(action, req.info)
+            except Exception as exc:  # a failing check denies: fail closed
+                raise _Deny(
+                    "custom_check_denied",
+                    "a custom check failed",
+                    note=f"{name}: failed ({type(exc).__name__})",
+                ) from None
+            if not isinstance(result, CheckResult):
+                raise _Deny(
+                    "custom_check_denied",
+                    "a custom check failed",
+                    note=f"{name}: returned no CheckResult",
+                )
+            note = f"{name}: {result.note}" if result.note else None
+            if not result.allow:
+                raise _Deny("custom_check_denied", "denied by a custom check", note=note or name)
+            facts.note(note)
+        return action
+
+    async def _verify_token(self, token: str, facts: _Facts) -> ActionClaims:
+        keys = self._jwks.key_set()
+        if keys is None:
+            raise _Deny("jwks_unavailable", "the issuer's keys are not available")
+        now = self._clock()
+        claims = self.token_cache.get(token, keys)
+        if claims is not None:
+            problem = _time_problem(claims, now, self._leeway)
+            if problem is not None:
+                facts.set_claims(claims)
+                if problem == "token_expired":
+                    self.token_cache.discard(token)
+                raise _Deny(problem, "the token is outside its validity window")
+            return claims
+        try:
+            claims = self._verify(token, keys, now)
+        except TokenError as exc:
+            if exc.reason != "token_unknown_kid":
+                raise self._token_denial(exc, token, facts) from None
+            # A rotated key may have started signing: refetch (rate limited) and retry.
+            await self._jwks.refresh_for_unknown_kid()
+            fresh = self._jwks.key_set()
+            if fresh is None or fresh is keys:
+                raise self._token_denial(exc, token, facts) from None
+            try:
+                claims = self._verify(token, fresh, now)
+            except TokenError as again:
+                raise self._token_denial(again, token, facts) from None
+        self.token_cache.put(token, claims)
+        return claims
+
+    def _verify(self, token: str, keys: KeySet, now: float) -> ActionClaims:
+        return verify(
+            token, keys, issuer=self._issuer, audience=self._audience, now=now, leeway=self._leeway
+        )
+
+    @staticmethod
+    def _token_denial(exc: TokenError, token: str, facts: _Facts) -> _Deny:
+        if exc.reason in _SIGNED_FAILURES:
+            facts.set_signed_payload(token)
+        return _Deny(exc.reason, exc.message)
+
+    async def _claim_once(self, claims: ActionClaims) -> None:
+        if self._replay is None:  # a single_use rule without a store: refuse, never allow twice
+            raise _Deny("audit_unavailable", "no single-use store is configured")
+        try:
+            first = await asyncio.to_thread(
+                self._replay.claim, claims.jti, claims.exp, int(self._clock())
+            )
+        except (SQLAlchemyError, OSError) as exc:
+            raise _Deny(
+                "audit_unavailable",
+                "the single-use store is unavailable",
+                note=f"replay store: {type(exc).__name__}",
+            ) from None
+        if not first:
+            raise _Deny("replayed", "this single-use token was already used")
