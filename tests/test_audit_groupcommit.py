@@ -103,6 +103,26 @@ async def test_batch_bounds(tmp_path: Path, key_path: Path) -> None:
         assert [s for s, _ in dl.store.checkpoints()] == [10]
 
 
+async def test_batch_closes_once_the_previous_batch_size_is_back(
+    tmp_path: Path, key_path: Path
+) -> None:
+    # Adaptive group commit: once as many entries wait as went into the previous
+    # batch, the batch closes without waiting out max_delay (60 s here).
+    url = db_url("sqlite", tmp_path)
+    dl = await DecisionLog.open(url, log=fresh_log(), key=key_path, max_batch=5, max_delay=60)
+    try:
+        first = await asyncio.gather(*(dl.append(fields(i)) for i in range(5)))  # full batch
+        again = await asyncio.gather(*(dl.append(fields(5 + i)) for i in range(5)))  # target 5
+        assert {r.checkpoint_size for r in first} == {5}
+        assert {r.checkpoint_size for r in again} == {10}
+        fewer = [asyncio.ensure_future(dl.append(fields(10 + i))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in fewer)  # 3 < 5: waits for more (or max_delay)
+    finally:
+        await dl.close()  # commits the 3 at once
+    assert {f.result().checkpoint_size for f in fewer} == {13}
+
+
 async def test_bad_fields_fail_only_their_caller(url: str, key_path: Path) -> None:
     async with await DecisionLog.open(url, log=fresh_log(), key=key_path) as dl:
         bad: list[dict[str, object]] = [

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 import axid.audit.store as store_mod
-from axid.audit.entry import EntryError, parse_entry
+from axid.audit.entry import EntryError, parse_entry, validate_fields
 from axid.audit.merkle import (
     CompactRange,
     ProofError,
@@ -283,6 +283,22 @@ def test_append_needs_log_row_and_signer(engine: Engine) -> None:
         with pytest.raises(StoreError):
             LogStore(engine, bad)
     assert LogStore(engine, log, signer=signer).append_batch([]) == []
+
+
+def test_validated_batches(engine: Engine) -> None:
+    # validated=True: the items are validate_fields() results, written as they are.
+    s, vkey = _new_store(engine)
+    plain = s.append_batch([fields(0), fields(1)])
+    got = s.append_batch([validate_fields(fields(i)) for i in (2, 3)], validated=True)
+    assert [seq for seq, _ in plain + got] == [0, 1, 2, 3]
+    chk = check_log(s, vkey)
+    for i in range(4):
+        for k, v in fields(i).items():
+            assert chk.entries[i][k] == v
+    # Raw caller fields are not what validated=True takes: nothing is committed.
+    with pytest.raises(EntryError):
+        s.append_batch([validate_fields(fields(4)), fields(5)], validated=True)
+    assert s.size() == 4 and [size for size, _ in s.checkpoints()] == [2, 4]
 
 
 def test_failed_batch_commits_nothing(engine: Engine) -> None:

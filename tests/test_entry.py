@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from axid.audit import entry as entry_mod
 from axid.audit.entry import (
     ENTRY_FIELDS,
     MAX_CHAIN,
@@ -17,9 +19,11 @@ from axid.audit.entry import (
     ZERO_HASH_HEX,
     EntryError,
     canonical_entry,
+    encode_entry,
     format_ts,
     parse_entry,
     parse_ts,
+    validate_fields,
 )
 
 PREV = "ab" * 32
@@ -295,3 +299,175 @@ _json_value = st.recursive(
 def test_canonical_entry_arbitrary_fields(fields: dict[str, object]) -> None:
     with contextlib.suppress(EntryError):
         parse_entry(_entry(fields))
+
+
+# --------------------------------------------------------------------------- fast path
+# validate_fields / encode_entry are the appender's hot path; the fast
+# serialiser must give exactly rfc8785's bytes for everything validation accepts.
+
+_OPTIONAL_STR_FIELDS = [
+    k
+    for k in ENTRY_FIELDS
+    if k not in {"v", "seq", "ts", "log", "prev", "decision", "reason", "chain"}
+]
+# Every code point, lone surrogates included: validation must refuse those.
+_any_text = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()))
+_edge_text = st.sampled_from(
+    [
+        "".join(map(chr, range(0x80))),  # all controls, DEL, quote, backslash, slash
+        "\u2028\u2029",  # JSON.stringify leaves them raw (ES2019)
+        "\x7f\x80\x9f\xa0\xad",
+        "\ufeff\ufffe\uffff",
+        "\U0001f600\U00010000\U0010ffff",  # astral: one char, two UTF-16 units
+        "\ud800",
+        "a\udfffb",
+        "",
+    ]
+)
+_str = st.one_of(_any_text, _edge_text)
+
+
+def _has_surrogate(s: str) -> bool:
+    return any(0xD800 <= ord(c) <= 0xDFFF for c in s)
+
+
+_fast_fields = st.fixed_dictionaries(
+    {
+        "decision": st.sampled_from(["allow", "deny"]),
+        "reason": st.from_regex(r"[a-z0-9][a-z0-9_.:-]{0,63}", fullmatch=True),
+    },
+    optional={
+        **{k: st.one_of(st.none(), _str) for k in _OPTIONAL_STR_FIELDS},
+        "chain": st.lists(_str, max_size=MAX_CHAIN),
+    },
+)
+
+
+def _strings(fields: dict[str, object]) -> list[str]:
+    out = [v for v in fields.values() if isinstance(v, str)]
+    return out + list(fields.get("chain", []))  # type: ignore[call-overload]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    _fast_fields,
+    st.integers(0, 2**53 - 1),
+    st.integers(0, 253402300799999),
+    st.one_of(st.text(min_size=1, max_size=64), _edge_text.filter(bool)),
+)
+def test_fast_serialiser_matches_rfc8785(
+    fields: dict[str, object], seq: int, ts: int, log: str
+) -> None:
+    prev = ZERO_HASH_HEX if seq == 0 else PREV
+    if any(_has_surrogate(s) for s in [*_strings(fields), log]):
+        with pytest.raises(EntryError):
+            canonical_entry(fields, seq=seq, prev=prev, log=log, ts=ts)
+        return
+    data = canonical_entry(fields, seq=seq, prev=prev, log=log, ts=ts)
+    full: dict[str, object] = {k: None for k in ENTRY_FIELDS}
+    full["chain"] = []
+    full.update(fields)
+    full.update(v=1, seq=seq, prev=prev, log=log, ts=format_ts(ts))
+    assert data == rfc8785.dumps(full)
+    assert parse_entry(data) == full
+    assert b"\n" not in data
+
+
+def test_fast_serialiser_edge_strings() -> None:
+    # The ECMAScript JSON.stringify rules RFC 8785 adopts, spelled out.
+    cases = {
+        "\x00": b'"\\u0000"',
+        "\x1f": b'"\\u001f"',
+        "\x0b": b'"\\u000b"',  # vertical tab: no short escape in JSON
+        "\b\f\n\r\t": b'"\\b\\f\\n\\r\\t"',
+        '"\\/': b'"\\"\\\\/"',  # solidus is not escaped
+        "\x7f": b'"\x7f"',  # DEL is not escaped
+        "\u2028\u2029": '"\u2028\u2029"'.encode(),
+        "\u00e9\U0001f600": '"\u00e9\U0001f600"'.encode(),
+        "\x1a": b'"\\u001a"',  # lowercase hex
+    }
+    for s, want in cases.items():
+        data = _entry({"decision": "allow", "reason": "ok", "note": s})
+        assert b'"note":' + want + b"," in data, s
+        assert data == rfc8785.dumps(json.loads(data))
+
+
+def test_fast_path_self_check_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert entry_mod._FAST  # CPython's json escaper agrees with rfc8785 here
+    fast = _entry(FULL)
+    monkeypatch.setattr(entry_mod, "_FAST", False)
+    assert _entry(FULL) == fast
+    assert parse_entry(fast)["note"] == FULL["note"]
+
+
+def test_validate_fields_returns_complete_private_copy() -> None:
+    chain = ["run-1"]
+    f: dict[str, object] = {"decision": "deny", "reason": "ok", "chain": chain, "tenant": "t"}
+    v = validate_fields(f)
+    assert set(v) == set(ENTRY_FIELDS) - {"v", "seq", "ts", "log", "prev"}
+    assert v["chain"] == ["run-1"] and v["chain"] is not chain
+    assert v["path"] is None and v["tenant"] == "t"
+    chain.append("x")
+    f["decision"] = "allow"
+    assert v["decision"] == "deny" and v["chain"] == ["run-1"]
+    as_tuple = validate_fields({"decision": "allow", "reason": "ok", "chain": ("a", "b")})
+    assert as_tuple["chain"] == ["a", "b"]
+
+
+def test_validate_fields_normalises_str_subclasses() -> None:
+    class Decision(enum.StrEnum):
+        ALLOW = "allow"
+
+    class Sneaky(str):
+        def __str__(self) -> str:
+            return "something else"
+
+    v = validate_fields({"decision": Decision.ALLOW, "reason": "ok", "note": Sneaky("n")})
+    assert type(v["decision"]) is str and v["decision"] == "allow"
+    assert type(v["note"]) is str and v["note"] == "n"
+    data = encode_entry(v, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0)
+    assert b'"decision":"allow"' in data and b'"note":"n"' in data
+
+
+@pytest.mark.parametrize(("desc", "fields"), BAD_FIELDS, ids=[b[0] for b in BAD_FIELDS])
+def test_validate_fields_rejects(desc: str, fields: dict[str, object]) -> None:
+    with pytest.raises(EntryError):
+        validate_fields(fields)
+
+
+def test_validate_fields_size_limit() -> None:
+    big = "\x01" * MAX_STR_LEN  # 6 bytes each once escaped
+    ok = {"decision": "allow", "reason": "ok", "note": big, "path": big}
+    data = canonical_entry(ok, seq=1, prev=PREV, log="x" * 64, ts=TS_MS)
+    assert len(data) <= entry_mod.MAX_ENTRY_SIZE
+    too_big = {**ok, **{k: big for k in _OPTIONAL_STR_FIELDS}}
+    with pytest.raises(EntryError, match="larger than"):
+        validate_fields(too_big)
+
+
+def test_encode_entry_takes_only_validated_dicts() -> None:
+    v = validate_fields({"decision": "allow", "reason": "ok"})
+    assert encode_entry(v, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0) == canonical_entry(
+        {"decision": "allow", "reason": "ok"}, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0
+    )
+    for bad in (
+        {"decision": "allow", "reason": "ok"},  # raw caller fields
+        {**v, "seq": 1},
+        {k: x for k, x in v.items() if k != "note"},
+    ):
+        with pytest.raises(EntryError):
+            encode_entry(bad, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0)
+    with pytest.raises(EntryError):
+        encode_entry(dict(v, note=1.5), seq=0, prev=ZERO_HASH_HEX, log="l", ts=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 253402300799999))
+def test_parse_ts_round_trips(ms: int) -> None:
+    ts = format_ts(ms)
+    assert parse_ts(ts) == ms
+    # The strptime reading it replaces agrees.
+    from datetime import UTC, datetime
+
+    dt = datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    assert int(dt.timestamp()) * 1000 + int(ts[20:23]) == ms

@@ -27,14 +27,33 @@ every other field     str or ``None`` (default ``None``): ``method``, ``path``,
 Strings must be valid Unicode (no lone surrogates) and at most
 :data:`MAX_STR_LEN` characters; ``chain`` holds at most :data:`MAX_CHAIN`
 items; a whole entry is at most :data:`MAX_ENTRY_SIZE` bytes.
+
+Hot path: :class:`~axid.audit.log.DecisionLog` checks a caller's fields once,
+with :func:`validate_fields`, before queueing them; the commit batch then only
+adds the log's fields and serialises (:func:`encode_entry`). Serialising
+fills a fixed template (the keys in canonical order) with values escaped by
+the standard library's JSON string encoder (C-accelerated, the one
+``json.dumps`` uses), which for this schema (ASCII keys; values str, None,
+int within the JCS range, list of str) gives exactly the RFC 8785 bytes:
+ASCII keys sort the same by UTF-16 code units as by code points, integers
+print the same, and the string escaping is ECMAScript ``JSON.stringify``'s:
+quote, backslash, backspace, form feed, newline, carriage return and tab as
+two-character escapes, the other controls U+0000-U+001F as six-character
+escapes with lowercase hex, everything else (U+007F and U+2028/U+2029
+included) as raw UTF-8; lone surrogates never get that far (validation
+refuses them). ``rfc8785`` stays the reference: the equivalence is checked
+once at import (falling back to ``rfc8785`` if it ever fails) and
+property-tested.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring as _json_str  # C version when available
 
 import rfc8785
 
@@ -47,9 +66,11 @@ __all__ = [
     "ZERO_HASH_HEX",
     "EntryError",
     "canonical_entry",
+    "encode_entry",
     "format_ts",
     "parse_entry",
     "parse_ts",
+    "validate_fields",
 ]
 
 ENTRY_FIELDS: tuple[str, ...] = (
@@ -93,8 +114,20 @@ _OPTIONAL_STR = tuple(
 _DECISIONS = frozenset({"allow", "deny"})
 _REASON_RE = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
-_TS_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+_TS_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z"
+)
 _MAX_TS_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+# The caller's part of an entry (validate_fields' result has exactly these keys).
+_DECISION_FIELDS: tuple[str, ...] = tuple(f for f in ENTRY_FIELDS if f not in _LOG_FIELDS)
+_DECISION_KEYS = frozenset(_DECISION_FIELDS)
+_ENTRY_KEYS = frozenset(ENTRY_FIELDS)
+# Longest log name validate_fields reserves room for (the store's LOG_NAME_RE
+# allows 64 ASCII characters); encode_entry checks the exact size regardless.
+_RESERVED_LOG_LEN = 64
 
 
 class EntryError(ValueError):
@@ -114,75 +147,294 @@ def format_ts(ms: int) -> str:
 
 def parse_ts(ts: str) -> int:
     """``YYYY-MM-DDTHH:MM:SS.mmmZ`` (exactly that form) -> Unix milliseconds."""
-    if not isinstance(ts, str) or not _TS_RE.fullmatch(ts):
+    m = _TS_RE.fullmatch(ts) if isinstance(ts, str) else None
+    if m is None:
         raise EntryError(f"timestamp must be YYYY-MM-DDTHH:MM:SS.mmmZ, got {ts!r}")
+    # ASCII digits only (the regex), so int() sees plain decimals.
+    y, mo, d, h, mi, sec, frac = (int(g) for g in m.groups())
     try:
-        dt = datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+        # datetime refuses impossible dates, hour 24, minute/second 60 (leap seconds).
+        dt = datetime(y, mo, d, h, mi, sec, tzinfo=UTC)
     except ValueError as e:
         raise EntryError(f"invalid timestamp {ts!r}") from e
-    ms = int(dt.timestamp()) * 1000 + int(ts[20:23])
+    ms = (dt - _EPOCH) // _ONE_MS + frac
     if ms < 0:
         raise EntryError(f"timestamp before 1970: {ts!r}")
     return ms
 
 
+# --------------------------------------------------------------------------- serialising
+
+# Entries have one fixed set of ASCII keys, so their canonical order is fixed
+# (for ASCII, UTF-16 code-unit order is Python's str order) and the skeleton
+# can be a template; each value is encoded by the standard library's JSON
+# string escaper (the one json.dumps uses; C-accelerated), "null" or the
+# decimal int. This is the hot path of every append and every verification.
+_SORTED_FIELDS: tuple[str, ...] = tuple(sorted(ENTRY_FIELDS))
+_TEMPLATE = "{" + ",".join(f'"{k}":%s' for k in _SORTED_FIELDS) + "}"
+
+
+def _fast_jcs(entry: dict[str, object]) -> bytes:
+    """JCS bytes of a dict holding exactly ENTRY_FIELDS with validated values."""
+    if len(entry) != len(_SORTED_FIELDS):
+        raise TypeError("not an entry")
+    values = []
+    for k in _SORTED_FIELDS:
+        v = entry[k]
+        if v is None:
+            values.append("null")
+        elif type(v) is str:
+            values.append(_json_str(v))
+        elif type(v) is int:
+            values.append(int.__repr__(v))
+        elif type(v) is list:
+            values.append("[" + ",".join(map(_json_str, v)) + "]")  # items: validated str
+        else:
+            raise TypeError(f"unexpected {type(v).__name__} in entry field {k!r}")
+    return (_TEMPLATE % tuple(values)).encode("utf-8")
+
+
+def _fast_matches_reference() -> bool:
+    """Whether the fast path yields the ``rfc8785`` bytes here (checked once, at import)."""
+    tricky = {
+        "note": "".join(map(chr, range(0x80))),  # every control char, DEL, quote, backslash
+        "path": "\u0080\u00e9\u00ff\u0100\u07ff\u0800\u2028\u2029\ufeff\ufffd\uffff",
+        "rule": "\U00010000\U0001f600\U0010ffff",
+        "chain": ["", "a\u0000b\u001f", "\U0001f600", '"\\/'],
+        "seq": _MAX_SEQ,
+        "v": 1,
+        "tenant": "",
+    }
+    sample: dict[str, object] = {**dict.fromkeys(ENTRY_FIELDS), **tricky}
+    try:
+        return _fast_jcs(sample) == rfc8785.dumps(sample)
+    except (ValueError, TypeError):  # pragma: no cover - defensive
+        return False
+
+
+_FAST = _fast_matches_reference()
+
+
+def _jcs(entry: dict[str, object]) -> bytes:
+    """RFC 8785 bytes of a validated entry (values str, None, int in range, list of str).
+
+    Only validated dicts may come here: the fast encoder is byte-identical to
+    ``rfc8785`` for exactly these types and this key set (floats, for one,
+    would differ), which validation guarantees.
+    """
+    if _FAST:
+        try:
+            return _fast_jcs(entry)
+        except (UnicodeEncodeError, ValueError, TypeError, KeyError) as e:  # ruled out
+            raise EntryError("entry cannot be canonicalized") from e
+    try:  # pragma: no cover - only where the self-check above failed
+        return rfc8785.dumps(entry)
+    except rfc8785.CanonicalizationError as e:  # pragma: no cover
+        raise EntryError("entry cannot be canonicalized") from e
+
+
+# A commit batch stamps all its entries with one ts: check each distinct string
+# once. Thread-safe; failures raise and are not cached.
+_parse_ts_cached = functools.lru_cache(maxsize=64)(parse_ts)
+
+
 # --------------------------------------------------------------------------- validation
 
 
-def _check_str(name: str, value: object, *, optional: bool) -> None:
-    if value is None and optional:
-        return
+def _exact_str(value: str) -> str:
+    # A str subclass (e.g. a StrEnum member) becomes the plain str of its
+    # characters: what is checked is what gets encoded, whatever its methods do.
+    return value if type(value) is str else str.__str__(value)
+
+
+def _check_str(name: str, value: object) -> str:
     if not isinstance(value, str):
-        want = "str or None" if optional else "str"
-        raise EntryError(f"field {name!r} must be {want}, got {type(value).__name__}")
+        raise EntryError(f"field {name!r} must be str, got {type(value).__name__}")
+    value = _exact_str(value)
     if len(value) > MAX_STR_LEN:
         raise EntryError(f"field {name!r} longer than {MAX_STR_LEN} characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise EntryError(f"field {name!r} is not valid Unicode") from e
+    if not value.isascii():  # isascii() is O(1); only non-ASCII text can hold a surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EntryError(f"field {name!r} is not valid Unicode") from e
+    return value
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+def _check_opt_str(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise EntryError(f"field {name!r} must be str or None, got {type(value).__name__}")
+    return _check_str(name, value)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise EntryError(f"field {name!r} must be an int, got {type(value).__name__}")
+    value = int(value)  # an int subclass becomes a plain int
     if not lo <= value <= hi:
         raise EntryError(f"field {name!r} out of range: {value}")
+    return value
 
 
-def _validate(entry: Mapping[str, object]) -> None:
-    """Check every field's type and value; ``entry`` holds exactly ENTRY_FIELDS."""
-    if type(entry["v"]) is not int or entry["v"] != ENTRY_VERSION:
-        raise EntryError(f"unsupported entry version {entry['v']!r}")
-    _check_int("seq", entry["seq"], 0, _MAX_SEQ)
-    ts = entry["ts"]
-    if not isinstance(ts, str):
-        raise EntryError("field 'ts' must be str")
-    parse_ts(ts)
-    _check_str("log", entry["log"], optional=False)
-    if not entry["log"]:
-        raise EntryError("field 'log' is empty")
-    if not isinstance(entry["decision"], str) or entry["decision"] not in _DECISIONS:
-        raise EntryError(f"field 'decision' must be 'allow' or 'deny', got {entry['decision']!r}")
-    reason = entry["reason"]
-    if not isinstance(reason, str) or not _REASON_RE.fullmatch(reason):
+# Worst-case bytes of everything but the caller's string characters: the
+# skeleton of an entry with every optional field null, the log's own fields
+# at their longest, and the quotes and comma of every chain item.
+_SKELETON = (
+    len(
+        rfc8785.dumps(
+            {
+                **dict.fromkeys(ENTRY_FIELDS),
+                "v": ENTRY_VERSION,
+                "seq": _MAX_SEQ,
+                "ts": "9999-12-31T23:59:59.999Z",
+                "log": "x" * _RESERVED_LOG_LEN,
+                "prev": "f" * 64,
+                "chain": [],
+            }
+        )
+    )
+    + 3 * MAX_CHAIN
+)
+# A str character takes at most 6 bytes in JCS (\u00xx); astral ones, 2
+# UTF-16 units but one Python character, take 4.
+_MAX_BYTES_PER_CHAR = 6
+
+
+def validate_fields(fields: Mapping[str, object]) -> dict[str, object]:
+    """Check a caller's decision fields; return a complete, private, normalised copy.
+
+    ``decision`` and ``reason`` are required; the other decision fields
+    default to ``None`` (``chain`` to ``[]``); ``v``, ``seq``, ``ts``, ``log``
+    and ``prev`` are the log's and refused here. The result has exactly the
+    decision fields as keys, plain ``str``/``None`` values and a fresh
+    ``list`` of plain ``str`` for ``chain`` (a tuple is accepted), so later
+    changes to ``fields`` cannot reach it. It also guarantees the entry fits
+    :data:`MAX_ENTRY_SIZE` for any log name of up to 64 ASCII characters
+    (every name the store accepts). Pass it to :func:`encode_entry`.
+    """
+    return _validate_fields(fields, size_check=True)
+
+
+def _validate_fields(fields: Mapping[str, object], *, size_check: bool) -> dict[str, object]:
+    if type(fields) is dict:
+        given = fields.copy()
+    elif isinstance(fields, Mapping):
+        given = dict(fields.items())  # the caller's mapping is read once
+    else:
+        raise EntryError("fields must be a mapping")
+    if not given.keys() <= _DECISION_KEYS:
+        for key in given:  # name the first offender
+            if not isinstance(key, str) or key not in _ENTRY_KEYS:
+                raise EntryError(f"unknown entry field {key!r}")
+            if key in _LOG_FIELDS:
+                raise EntryError(f"field {key!r} is set by the log, not by the caller")
+    missing = [k for k in ("decision", "reason") if k not in given]
+    if missing:
+        raise EntryError(f"missing required field(s): {', '.join(missing)}")
+    out: dict[str, object] = dict.fromkeys(_DECISION_FIELDS)
+    out["chain"] = []
+    out.update(given)  # keeps out's own (plain str) keys
+
+    decision = out["decision"]
+    if not isinstance(decision, str) or _exact_str(decision) not in _DECISIONS:
+        raise EntryError(f"field 'decision' must be 'allow' or 'deny', got {decision!r}")
+    out["decision"] = _exact_str(decision)
+    reason = out["reason"]
+    if not isinstance(reason, str) or not _REASON_RE.fullmatch(_exact_str(reason)):
         raise EntryError(f"field 'reason' is not a reason code: {reason!r}")
+    reason = _exact_str(reason)
+    out["reason"] = reason
+    chars = len(reason)
     for name in _OPTIONAL_STR:
-        _check_str(name, entry[name], optional=True)
-    chain = entry["chain"]
-    if not isinstance(chain, list):
+        value = out[name]
+        if value is None:
+            continue
+        # Fast path for the usual plain ASCII str (isascii() is O(1)).
+        if type(value) is not str or not value.isascii() or len(value) > MAX_STR_LEN:
+            value = _check_opt_str(name, value)
+            out[name] = value
+        chars += len(value)  # type: ignore[arg-type]
+    chain = out["chain"]
+    if not isinstance(chain, list | tuple):
         raise EntryError(f"field 'chain' must be a list, got {type(chain).__name__}")
     if len(chain) > MAX_CHAIN:
         raise EntryError(f"field 'chain' has more than {MAX_CHAIN} items")
-    for i, run in enumerate(chain):
-        _check_str(f"chain[{i}]", run, optional=False)
-    prev = entry["prev"]
+    items = [_check_str(f"chain[{i}]", run) for i, run in enumerate(chain)]
+    out["chain"] = items
+    chars += sum(map(len, items))
+
+    if size_check and _SKELETON + _MAX_BYTES_PER_CHAR * chars > MAX_ENTRY_SIZE:
+        # Rare (tens of KiB of text): measure exactly, with the longest log fields.
+        size = len(
+            _jcs(
+                {
+                    **out,
+                    "v": ENTRY_VERSION,
+                    "seq": _MAX_SEQ,
+                    "ts": "9999-12-31T23:59:59.999Z",
+                    "log": "x" * _RESERVED_LOG_LEN,
+                    "prev": "f" * 64,
+                }
+            )
+        )
+        if size > MAX_ENTRY_SIZE:
+            raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
+    return out
+
+
+def _set_log_fields(
+    entry: dict[str, object], seq: object, prev: object, log: object, ts: object
+) -> None:
+    """Check the log's own fields and set them (plain types), with ``v``, in ``entry``."""
+    if type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
+        seq = _check_int("seq", seq, 0, _MAX_SEQ)
+    if type(ts) is str:
+        _parse_ts_cached(ts)
+    elif isinstance(ts, int) and not isinstance(ts, bool):
+        ts = format_ts(ts)
+    elif isinstance(ts, str):
+        ts = _exact_str(ts)
+        _parse_ts_cached(ts)
+    else:
+        raise EntryError(f"field 'ts' must be str, got {type(ts).__name__}")
+    if type(log) is not str or not log.isascii() or len(log) > MAX_STR_LEN:
+        log = _check_str("log", log)
+    if not log:
+        raise EntryError("field 'log' is empty")
     if not isinstance(prev, str) or not _HEX64_RE.fullmatch(prev):
         raise EntryError("field 'prev' must be 64 lowercase hex digits")
+    prev = _exact_str(prev)
     # The chain starts at seq 0 and only there; an all-zero hash elsewhere
     # would be a forged chain start (SHA-256 never yields it in practice).
-    if (entry["seq"] == 0) != (prev == ZERO_HASH_HEX):
+    if (seq == 0) != (prev == ZERO_HASH_HEX):
         raise EntryError("field 'prev' must be the zero hash exactly when seq is 0")
+    entry["v"] = ENTRY_VERSION
+    entry["seq"] = seq
+    entry["ts"] = ts
+    entry["log"] = log
+    entry["prev"] = prev
+
+
+def encode_entry(
+    valid: dict[str, object], *, seq: int, prev: str, log: str, ts: int | str
+) -> bytes:
+    """Canonical bytes of one entry: :func:`validate_fields`' result plus the log's fields.
+
+    ``valid`` must be what :func:`validate_fields` returned (its key set is
+    checked; its values are trusted, which is the point: the commit batch
+    does not validate a caller's fields a second time). ``seq``, ``prev``,
+    ``log`` and ``ts`` (Unix milliseconds or the canonical string) are checked.
+    """
+    if type(valid) is not dict or valid.keys() != _DECISION_KEYS:
+        raise EntryError("encode_entry takes the dict validate_fields returned")
+    entry = valid.copy()
+    _set_log_fields(entry, seq, prev, log, ts)
+    data = _jcs(entry)
+    if len(data) > MAX_ENTRY_SIZE:
+        raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
+    return data
 
 
 def canonical_entry(
@@ -194,46 +446,30 @@ def canonical_entry(
     the others optional, defaulting to ``None`` or ``[]`` for ``chain``);
     ``v``, ``seq``, ``ts``, ``log`` and ``prev`` come from the log, as keywords.
     ``ts`` is Unix milliseconds (int) or the canonical timestamp string.
+    Equivalent to ``encode_entry(validate_fields(fields), ...)``.
     """
-    if not isinstance(fields, Mapping):
-        raise EntryError("fields must be a mapping")
-    for key in fields:
-        if not isinstance(key, str) or key not in ENTRY_FIELDS:
-            raise EntryError(f"unknown entry field {key!r}")
-        if key in _LOG_FIELDS:
-            raise EntryError(f"field {key!r} is set by the log, not by the caller")
-    missing = _REQUIRED - fields.keys()
-    if missing:
-        raise EntryError(f"missing required field(s): {', '.join(sorted(missing))}")
-    if isinstance(ts, int) and not isinstance(ts, bool):
-        ts = format_ts(ts)
-    entry: dict[str, object] = {name: None for name in ENTRY_FIELDS}
-    entry["chain"] = []
-    entry.update(fields)
-    if isinstance(entry["chain"], list | tuple):
-        entry["chain"] = list(entry["chain"])  # a tuple is a fine way to pass a chain
-    entry.update(v=ENTRY_VERSION, seq=seq, ts=ts, log=log, prev=prev)
-    _validate(entry)
-    try:
-        data = rfc8785.dumps(entry)
-    except rfc8785.CanonicalizationError as e:  # unreachable after _validate; fail closed
-        raise EntryError("entry cannot be canonicalized") from e
-    if len(data) > MAX_ENTRY_SIZE:
-        raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
-    return data
+    return encode_entry(validate_fields(fields), seq=seq, prev=prev, log=log, ts=ts)
+
+
+# --------------------------------------------------------------------------- parsing
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj: dict[str, object] = {}
-    for k, v in pairs:
-        if k in obj:
-            raise EntryError(f"duplicate key {k!r}")
-        obj[k] = v
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise EntryError(f"duplicate key {k!r}")
+            seen.add(k)
     return obj
 
 
 def _no_constants(name: str) -> object:
     raise EntryError(f"non-JSON number {name}")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
 
 
 def parse_entry(data: bytes) -> dict[str, object]:
@@ -244,22 +480,37 @@ def parse_entry(data: bytes) -> dict[str, object]:
         raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
     try:
         text = data.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        obj = _DECODER.decode(text)
     except EntryError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise EntryError("entry is not valid UTF-8 JSON") from e
     if not isinstance(obj, dict):
         raise EntryError("entry is not a JSON object")
-    if set(obj) != set(ENTRY_FIELDS):
-        extra = sorted(set(obj) - set(ENTRY_FIELDS))
-        missing = sorted(set(ENTRY_FIELDS) - set(obj))
+    if obj.keys() != _ENTRY_KEYS:
+        extra = sorted(set(obj) - _ENTRY_KEYS)
+        missing = sorted(_ENTRY_KEYS - set(obj))
         raise EntryError(f"entry fields differ: unknown {extra}, missing {missing}")
-    _validate(obj)
-    try:
-        canonical = rfc8785.dumps(obj)
-    except rfc8785.CanonicalizationError as e:
-        raise EntryError("entry cannot be canonicalized") from e
+    # The same rules as for building an entry, then the bytes must be exactly
+    # the canonical encoding of what they parse to.
+    if type(obj["v"]) is not int or obj["v"] != ENTRY_VERSION:
+        raise EntryError(f"unsupported entry version {obj['v']!r}")
+    # No headroom check: the exact size is known, and was checked above.
+    valid = _validate_fields({k: obj[k] for k in _DECISION_FIELDS}, size_check=False)
+    canonical = encode_entry(
+        valid,
+        seq=obj["seq"],  # type: ignore[arg-type]
+        prev=obj["prev"],  # type: ignore[arg-type]
+        log=obj["log"],  # type: ignore[arg-type]
+        ts=_ts_str(obj["ts"]),
+    )
     if canonical != data:
         raise EntryError("entry is not in RFC 8785 canonical form")
     return obj
+
+
+def _ts_str(ts: object) -> str:
+    # In a stored entry ts is the string form only (an int is the caller's shorthand).
+    if not isinstance(ts, str):
+        raise EntryError("field 'ts' must be str")
+    return ts

@@ -2,20 +2,27 @@
 
 Many concurrent callers ``await log.append(fields)``; one batcher task per
 :class:`DecisionLog` collects their entries and closes a batch when
-``max_batch`` entries are waiting or ``max_delay`` seconds have passed since
-the first of them arrived. The batch is committed by
-:meth:`LogStore.append_batch <axid.audit.store.LogStore.append_batch>` (one
-transaction: entries, Merkle nodes, signed checkpoint) on a dedicated worker
-thread, so the event loop keeps accepting decisions meanwhile. Each caller
-gets its :class:`Receipt` only after that transaction committed; if it
-failed, every caller in the batch gets :class:`AuditUnavailable` and must
-deny. The appender itself keeps running, so later batches succeed once the
-database is back.
+``max_batch`` entries are waiting, when as many are waiting as went into the
+previous batch, or when ``max_delay`` seconds have passed since the first of
+them arrived. (The middle rule is adaptive group commit: under steady load the
+callers of one batch are back, with their next decisions, by the time it has
+committed, so waiting out ``max_delay`` would only idle the database; a batch
+that is still filling, e.g. as load ramps up, waits at most ``max_delay``.)
+Each caller's fields are checked when it calls :meth:`DecisionLog.append`, so
+a malformed entry fails that caller alone; the batch only completes and
+serialises them. The batch is committed by :meth:`LogStore.append_batch
+<axid.audit.store.LogStore.append_batch>` (one transaction: entries, Merkle
+nodes, signed checkpoint) on a dedicated worker thread, so the event loop
+keeps accepting decisions meanwhile. Each caller gets its :class:`Receipt`
+only after that transaction committed; if it failed, every caller in the
+batch gets :class:`AuditUnavailable` and must deny. The appender itself keeps
+running, so later batches succeed once the database is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -28,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from axid.audit.entry import EntryError, canonical_entry
+from axid.audit.entry import validate_fields
 from axid.audit.note import NoteSigner
 from axid.audit.store import (
     LogKeyError,
@@ -44,10 +51,6 @@ from axid.audit.store import (
 __all__ = ["AuditUnavailable", "DecisionLog", "Receipt"]
 
 _log = logging.getLogger(__name__)
-
-# Stand-ins for the log-assigned fields when validating a caller's fields up
-# front (seq 1 needs a non-zero prev; ts 0 is a valid timestamp).
-_CHECK_PREV = "11" * 32
 
 
 class AuditUnavailable(Exception):
@@ -92,7 +95,10 @@ class DecisionLog:
         self._loop = asyncio.get_running_loop()
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()  # something is pending (or we are closing)
-        self._full = asyncio.Event()  # max_batch entries are pending
+        self._full = asyncio.Event()  # a batch's worth of entries is pending
+        # Pending entries that close a batch at once: the previous batch's size
+        # (adaptive group commit, see the module docstring), at most max_batch.
+        self._target = max_batch
         self._closing = False
         self._closed = False
         self._task = self._loop.create_task(self._run(), name=f"axid-audit-batcher:{store.log}")
@@ -219,20 +225,16 @@ class DecisionLog:
         """
         if self._closing:
             raise AuditUnavailable("decision log is closed")
-        if not isinstance(fields, Mapping):
-            raise EntryError("fields must be a mapping")
-        # Own copy: what we validated is what gets written, whatever the caller
-        # does to its mapping meanwhile (chain is the one mutable value).
-        own = dict(fields)
-        chain = own.get("chain")
-        if isinstance(chain, list | tuple):
-            own["chain"] = list(chain)
-        canonical_entry(own, seq=1, prev=_CHECK_PREV, log=self._store.log, ts=0)
+        # Checked once, here: a malformed entry fails this caller only, and the
+        # commit batch just completes and serialises it. validate_fields returns
+        # our own copy, so what we checked is what gets written, whatever the
+        # caller does to its mapping meanwhile.
+        own = validate_fields(fields)
 
         fut: asyncio.Future[Receipt] = self._loop.create_future()
         self._pending.append(_Pending(own, fut, self._loop.time()))
         self._wakeup.set()
-        if len(self._pending) >= self._max_batch:
+        if len(self._pending) >= self._target:
             self._full.set()
         return await fut
 
@@ -248,7 +250,7 @@ class DecisionLog:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                if len(self._pending) < self._max_batch and not self._closing:
+                if len(self._pending) < self._target and not self._closing:
                     delay = self._pending[0].queued_at + self._max_delay - self._loop.time()
                     if delay > 0:
                         self._full.clear()
@@ -259,8 +261,9 @@ class DecisionLog:
                             pass
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
+                self._target = len(batch)
                 self._full.clear()
-                if len(self._pending) >= self._max_batch:
+                if len(self._pending) >= self._target:
                     self._full.set()
                 # A caller that was cancelled before its batch formed made no decision.
                 batch = [p for p in batch if not p.future.done()]
@@ -277,7 +280,7 @@ class DecisionLog:
         items = [p.fields for p in batch]
         try:
             results = await self._loop.run_in_executor(
-                self._executor, self._store.append_batch, items
+                self._executor, functools.partial(self._store.append_batch, items, validated=True)
             )
         except Exception as e:
             # Whole batch failed; nothing of it is reported as committed.

@@ -22,15 +22,17 @@ Invariants the code keeps:
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import os
 import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
@@ -47,6 +49,7 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -60,7 +63,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlmodel import Field, SQLModel
 
-from axid.audit.entry import ZERO_HASH_HEX, canonical_entry
+from axid.audit.entry import ZERO_HASH_HEX, encode_entry, format_ts, validate_fields
 from axid.audit.merkle import (
     HASH_SIZE,
     CompactRange,
@@ -110,6 +113,7 @@ _MAX_KEY_FILE = 64 * 1024
 # Serialises concurrent create_schema() calls on one PostgreSQL database
 # (CREATE TABLE IF NOT EXISTS races on the catalog otherwise).
 _PG_SCHEMA_LOCK = 0x41584944_41554454  # "AXIDAUDT"
+_PLACEHOLDER_HASH = bytes(HASH_SIZE)  # what a proof's dry run sees (see _prefetched)
 
 
 # --------------------------------------------------------------------------- errors
@@ -216,6 +220,32 @@ _ENTRY_T: Any = AuditEntry.__table__
 _NODE_T: Any = AuditNode.__table__
 _CP_T: Any = AuditCheckpoint.__table__
 _TABLES = [_LOG_T, _ENTRY_T, _NODE_T, _CP_T]
+
+
+# Statements built once (building SQLAlchemy expressions costs more than running them).
+_LEAVES_STMT = select(_ENTRY_T.c.seq, _ENTRY_T.c.leaf_hash).where(
+    _ENTRY_T.c.log == bindparam("log"), _ENTRY_T.c.seq.in_(bindparam("seqs", expanding=True))
+)
+
+
+@functools.lru_cache(maxsize=128)
+def _nodes_stmt(n: int) -> Any:
+    """SELECT of ``n`` nodes of one log by primary key (params log, lv<i>, ix<i>)."""
+    # The log goes into every OR term: with "log = ? AND (... OR ...)" SQLite
+    # reads the index by log alone, i.e. scans every node of the log.
+    t = _NODE_T.c
+    return select(t.level, t.idx, t.hash).where(
+        or_(
+            *(
+                and_(
+                    t.log == bindparam("log"),
+                    t.level == bindparam(f"lv{i}"),
+                    t.idx == bindparam(f"ix{i}"),
+                )
+                for i in range(n)
+            )
+        )
+    )
 
 
 # --------------------------------------------------------------------------- names
@@ -340,6 +370,80 @@ def list_logs(engine: Engine) -> list[str]:
 # --------------------------------------------------------------------------- store
 
 
+# Row layouts of the append path's executemany calls (checked against the
+# compiled statements in _AppendSQL.for_engine).
+_ENTRY_COLS = (
+    "log",
+    "seq",
+    "leaf_hash",
+    "data",
+    "ts",
+    "decision",
+    "reason",
+    "tenant",
+    "agent",
+    "run",
+)
+_NODE_COLS = ("log", "level", "idx", "hash")
+_CP_COLS = ("log", "size", "note", "created_at")
+
+
+@dataclass(frozen=True, slots=True)
+class _DriverStmt:
+    """A SQLAlchemy statement compiled once to driver SQL with positional parameters."""
+
+    sql: str
+    names: tuple[str, ...]
+    defaults: dict[str, Any]
+
+    def params(self, **values: Any) -> tuple[Any, ...]:
+        return tuple(values[n] if n in values else self.defaults[n] for n in self.names)
+
+
+@dataclass(frozen=True, slots=True)
+class _AppendSQL:
+    """The per-batch append path's statements, run on the driver's own cursor."""
+
+    entry: _DriverStmt
+    node: _DriverStmt
+    checkpoint: _DriverStmt
+    lock_log: _DriverStmt
+    head: _DriverStmt
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> _AppendSQL:
+        dialect = engine.dialect
+        if dialect.paramstyle != "qmark":
+            # psycopg takes positional %s as well as %(name)s: compile for that.
+            dialect = type(dialect)(paramstyle="format")
+
+        def compiled(stmt: Any, cols: tuple[str, ...] | None = None) -> _DriverStmt:
+            c = stmt.compile(dialect=dialect)
+            names = tuple(c.positiontup or ())
+            if cols is not None and names != cols:  # pragma: no cover - schema drift
+                raise StoreError(f"append statement parameters {names} are not {cols}")
+            return _DriverStmt(str(c), names, dict(c.construct_params(_check=False)))
+
+        lock = select(_LOG_T.c.origin, _LOG_T.c.vkey).where(_LOG_T.c.name == bindparam("name"))
+        if engine.dialect.name == "postgresql":
+            # Row lock on the log: appenders of this log queue here, other logs
+            # don't. (SQLite: BEGIN IMMEDIATE already holds the write lock.)
+            lock = lock.with_for_update()
+        head = (
+            select(_ENTRY_T.c.seq, _ENTRY_T.c.leaf_hash)
+            .where(_ENTRY_T.c.log == bindparam("log"))
+            .order_by(_ENTRY_T.c.seq.desc())
+            .limit(1)
+        )
+        return cls(
+            entry=compiled(insert(_ENTRY_T), _ENTRY_COLS),
+            node=compiled(insert(_NODE_T), _NODE_COLS),
+            checkpoint=compiled(insert(_CP_T), _CP_COLS),
+            lock_log=compiled(lock),
+            head=compiled(head),
+        )
+
+
 def _b(value: Any) -> bytes:
     # Drivers may hand back memoryview/bytearray for binary columns.
     return bytes(value)
@@ -359,6 +463,7 @@ class LogStore:
                 raise StoreError(f"signer key name {signer.name!r} is not {self.origin!r}")
         self._signer = signer
         self._signer_vkey = signer.vkey() if signer is not None else None
+        self._sql = _AppendSQL.for_engine(engine)
         # Head after our last commit: (size, last leaf hash, compact range hashes).
         # Reused only when the locked database head still has that size.
         self._head_cache: tuple[int, bytes, tuple[bytes, ...]] | None = None
@@ -408,89 +513,111 @@ class LogStore:
 
     # ------------------------------------------------------------------ append
 
-    def append_batch(self, items: Sequence[Mapping[str, object]]) -> list[tuple[int, bytes]]:
+    def append_batch(
+        self, items: Sequence[Mapping[str, object]], *, validated: bool = False
+    ) -> list[tuple[int, bytes]]:
         """Append entries in one transaction; return ``(seq, leaf_hash)`` per item.
 
         The transaction takes the log lock, reads the head, inserts the entries,
         the perfect nodes they complete and the signed checkpoint of the new
         size, and commits. Raises (and commits nothing) on any error; an
         :class:`~axid.audit.entry.EntryError` means an item was malformed.
+
+        With ``validated`` the items are :func:`~axid.audit.entry.validate_fields`
+        results (the group-commit appender checks each caller's fields before
+        queueing them, so a malformed one fails that caller alone) and are not
+        checked again, only completed with the log's fields and serialised.
         """
         if self._signer is None or self._signer_vkey is None:
             raise StoreError("this LogStore has no signing key: cannot append")
         if not items:
             return []
-        signer = self._signer
-        out: list[tuple[int, bytes]] = []
+        # Validate before taking the lock: a bad item costs no transaction.
+        # (encode_entry re-checks that a "validated" item is such a dict.)
+        valid = (
+            cast(list[dict[str, object]], list(items))
+            if validated
+            else [validate_fields(f) for f in items]
+        )
         try:
             with _write_conn(self._engine) as conn, conn.begin():
-                self._lock_and_check_key(conn)
-                size, prev, cr = self._read_head(conn)
-                ts = _now_ms()
-                entry_rows: list[dict[str, object]] = []
-                node_rows: list[dict[str, object]] = []
-                log = self.log
-                for fields in items:
-                    data = canonical_entry(fields, seq=size, prev=prev.hex(), log=log, ts=ts)
-                    lh = leaf_hash(data)
-                    for level, idx, h in cr.append(lh):
-                        if level:
-                            node_rows.append({"log": log, "level": level, "idx": idx, "hash": h})
-                    entry_rows.append(
-                        {
-                            "log": log,
-                            "seq": size,
-                            "leaf_hash": lh,
-                            "data": data,
-                            "ts": ts,
-                            "decision": fields["decision"],
-                            "reason": fields["reason"],
-                            "tenant": fields.get("tenant"),
-                            "agent": fields.get("agent"),
-                            "run": fields.get("run"),
-                        }
-                    )
-                    out.append((size, lh))
-                    prev = lh
-                    size += 1
-                note = sign_checkpoint(Checkpoint(self.origin, size, cr.root()), signer)
-                conn.execute(insert(_ENTRY_T), entry_rows)
-                if node_rows:
-                    conn.execute(insert(_NODE_T), node_rows)
-                conn.execute(
-                    insert(_CP_T),
-                    [{"log": log, "size": size, "note": note, "created_at": _now_ms()}],
-                )
+                # The driver's own cursor, inside SQLAlchemy's transaction: per
+                # statement, SQLAlchemy's result and parameter handling cost more
+                # than SQLite's work. (Driver errors propagate as they are.)
+                cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    out, head = self._append_locked(conn, cur, valid, self._signer)
+                finally:
+                    cur.close()
         except BaseException:
             self._head_cache = None  # the commit may or may not have happened
             raise
-        self._head_cache = (size, prev, cr.hashes)
+        self._head_cache = head
         return out
 
-    def _lock_and_check_key(self, conn: Connection) -> None:
-        q = select(_LOG_T.c.origin, _LOG_T.c.vkey).where(_LOG_T.c.name == self.log)
-        if conn.dialect.name == "postgresql":
-            # Row lock on the log: appenders of this log queue here, other logs don't.
-            q = q.with_for_update()
-        # (SQLite: BEGIN IMMEDIATE already holds the database write lock.)
-        row = conn.execute(q).first()
+    def _append_locked(
+        self, conn: Connection, cur: Any, valid: list[dict[str, object]], signer: NoteSigner
+    ) -> tuple[list[tuple[int, bytes]], tuple[int, bytes, tuple[bytes, ...]]]:
+        """:meth:`append_batch` inside its transaction; returns (results, new head)."""
+        self._lock_and_check_key(cur)
+        size, prev, cr = self._read_head(conn, cur)
+        log = self.log
+        ts = _now_ms()
+        ts_str = format_ts(ts)
+        out: list[tuple[int, bytes]] = []
+        entry_rows: list[tuple[object, ...]] = []
+        node_rows: list[tuple[object, ...]] = []
+        for fields in valid:
+            data = encode_entry(fields, seq=size, prev=prev.hex(), log=log, ts=ts_str)
+            lh = leaf_hash(data)
+            for level, idx, h in cr.append(lh):
+                if level:  # level 0 is the entry's own leaf_hash column
+                    node_rows.append((log, level, idx, h))
+            entry_rows.append(
+                (
+                    log,
+                    size,
+                    lh,
+                    data,
+                    ts,
+                    fields["decision"],
+                    fields["reason"],
+                    fields["tenant"],
+                    fields["agent"],
+                    fields["run"],
+                )
+            )
+            out.append((size, lh))
+            prev = lh
+            size += 1
+        note = sign_checkpoint(Checkpoint(self.origin, size, cr.root()), signer)
+        sql = self._sql
+        cur.executemany(sql.entry.sql, entry_rows)
+        if node_rows:
+            cur.executemany(sql.node.sql, node_rows)
+        cur.execute(sql.checkpoint.sql, (log, size, note, _now_ms()))
+        return out, (size, prev, cr.hashes)
+
+    def _lock_and_check_key(self, cur: Any) -> None:
+        # Takes the log's lock on PostgreSQL (see _AppendSQL).
+        stmt = self._sql.lock_log
+        cur.execute(stmt.sql, stmt.params(name=self.log))
+        row = cur.fetchone()
         if row is None:
             raise LogNotFound(f"no log {self.log!r} in this database (ensure_log first)")
-        if row.origin != self.origin or row.vkey != self._signer_vkey:
+        origin, vkey = row
+        if origin != self.origin or vkey != self._signer_vkey:
             # Checkpoints signed with another key would not verify: refuse to write.
             raise LogKeyMismatch(f"log {self.log!r} is registered with another key")
 
-    def _read_head(self, conn: Connection) -> tuple[int, bytes, CompactRange]:
+    def _read_head(self, conn: Connection, cur: Any) -> tuple[int, bytes, CompactRange]:
         """Size, last leaf hash and compact range of the committed tree (lock held)."""
-        last = conn.execute(
-            select(_ENTRY_T.c.seq, _ENTRY_T.c.leaf_hash)
-            .where(_ENTRY_T.c.log == self.log)
-            .order_by(_ENTRY_T.c.seq.desc())
-            .limit(1)
-        ).first()
+        stmt = self._sql.head
+        cur.execute(stmt.sql, stmt.params(log=self.log))
+        last = cur.fetchone()
         if last is None:
             return 0, bytes.fromhex(ZERO_HASH_HEX), CompactRange()
-        size, prev = int(last.seq) + 1, _b(last.leaf_hash)
+        size, prev = int(last[0]) + 1, _b(last[1])
         cached = self._head_cache
         if cached is not None and cached[0] == size and hmac.compare_digest(cached[1], prev):
             return size, prev, CompactRange(size, cached[2])
@@ -506,13 +633,7 @@ class LogStore:
             got[(0, size - 1)] = prev  # the lowest edge node is the last leaf itself
         upper = [(lv, i) for lv, i in want if lv > 0]
         if upper:
-            rows = conn.execute(
-                select(_NODE_T.c.level, _NODE_T.c.idx, _NODE_T.c.hash).where(
-                    _NODE_T.c.log == self.log,
-                    or_(*(and_(_NODE_T.c.level == lv, _NODE_T.c.idx == i) for lv, i in upper)),
-                )
-            )
-            for r in rows:
+            for r in self._read_nodes(conn, upper):
                 got[(int(r.level), int(r.idx))] = _b(r.hash)
         missing = [c for c in want if c not in got]
         if missing:
@@ -671,6 +792,52 @@ class LogStore:
 
         return get
 
+    def _read_nodes(self, conn: Connection, coords: Sequence[tuple[int, int]]) -> Any:
+        """Rows ``(level, idx, hash)`` of the stored nodes at ``coords`` (levels >= 1)."""
+        params: dict[str, Any] = {"log": self.log}
+        for i, (level, idx) in enumerate(coords):
+            params[f"lv{i}"] = level
+            params[f"ix{i}"] = idx
+        return conn.execute(_nodes_stmt(len(coords)), params)
+
+    def _prefetched(self, conn: Connection, plan: Callable[[NodeGetter], object]) -> NodeGetter:
+        """A getter over the nodes ``plan`` reads, fetched in two queries, not one per node.
+
+        Merkle proofs visit nodes by position only, never by value, so a dry run
+        of ``plan`` with placeholder hashes lists exactly the nodes the real run
+        reads. Any node the dry run missed is still read on its own (and a
+        missing node still raises KeyError).
+        """
+        want: dict[tuple[int, int], None] = {}
+
+        def record(level: int, idx: int) -> bytes:
+            want[(level, idx)] = None
+            return _PLACEHOLDER_HASH
+
+        plan(record)
+        leaves = [idx for level, idx in want if level == 0]
+        upper = [(level, idx) for level, idx in want if level > 0]
+        got: dict[tuple[int, int], Any] = {}
+        if leaves:
+            rows = conn.execute(_LEAVES_STMT, {"log": self.log, "seqs": leaves})
+            for r in rows:
+                got[(0, int(r.seq))] = r.leaf_hash
+        if upper:
+            for r in self._read_nodes(conn, upper):
+                got[(int(r.level), int(r.idx))] = r.hash
+        one_by_one = self._getter(conn)
+
+        def get(level: int, idx: int) -> bytes:
+            h = got.get((level, idx))
+            if h is None:
+                return one_by_one(level, idx)
+            h = _b(h)
+            if len(h) != HASH_SIZE:
+                raise StoreError(f"stored node ({level}, {idx}) is not {HASH_SIZE} bytes")
+            return h
+
+        return get
+
     def inclusion_proof(self, seq: int, size: int | None = None) -> tuple[list[bytes], bytes]:
         """Inclusion proof of entry ``seq`` in the checkpoint of ``size`` (default: latest).
 
@@ -692,7 +859,9 @@ class LogStore:
                 note = _b(raw)
             if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < size:
                 raise NotFound(f"entry {seq!r} is not in the tree of size {size}")
-            return _merkle_inclusion_proof(seq, size, self._getter(conn)), note
+            n = size
+            get = self._prefetched(conn, lambda g: _merkle_inclusion_proof(seq, n, g))
+            return _merkle_inclusion_proof(seq, size, get), note
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
         """RFC 9162 consistency proof between tree sizes ``size1 <= size2``."""
@@ -702,7 +871,8 @@ class LogStore:
                 raise NotFound(f"no consistency proof for sizes {size1}, {size2} (log size {have})")
             if size1 == 0 or size1 == size2:
                 return []
-            return _merkle_consistency_proof(size1, size2, self._getter(conn))
+            get = self._prefetched(conn, lambda g: _merkle_consistency_proof(size1, size2, g))
+            return _merkle_consistency_proof(size1, size2, get)
 
 
 # --------------------------------------------------------------------------- proof text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from axid.cli import _audit, _certs, _keys, _serve, _token
+from axid.cli import _audit, _bench, _certs, _demo, _keys, _serve, _token
 
 app = typer.Typer(
     name="axid",
@@ -18,6 +18,8 @@ app.add_typer(_audit.app, name="audit")
 app.add_typer(_keys.app, name="keys")
 app.add_typer(_token.app, name="token")
 app.command("serve")(_serve.serve)
+app.command("bench")(_bench.bench)
+app.command("demo")(_demo.demo)
 
 
 def main() -> None:

@@ -1,0 +1,1200 @@
+"""``axid demo``: the whole AXID story on loopback, in one process, in a few seconds.
+
+What it sets up in the demo directory (a new temporary one, or ``--dir DIR``, which
+must be empty or absent):
+
+* ``certs/``: a dev PKI (``axid certs init``): the CA, ``bundle.pem`` and SVIDs for
+  ``issuer``, ``payments``, ``planner`` and ``worker``, plus ``admin``
+  (``spiffe://TD/ops/admin``, the only identity that may revoke) and ``worker-2``
+  (a second certificate and key for the worker's very SPIFFE ID: another instance
+  of the same workload);
+* ``registrations.yaml``: planner may mint ``payments:read payments:refund
+  payments:delete``, worker ``payments:read payments:refund``, both for tenant
+  ``acme`` and audience ``payments``;
+* ``keys/``: the issuer's token keyring and the two decision-log keys (0600);
+* ``axid.db``: one SQLite database for the issuer's runs and revocations, the
+  decision logs ``issuer`` and ``payments`` and the single-use store.
+
+Then it serves, on 127.0.0.1 and each on its own port, the issuer
+(:mod:`axid.issuer`) and the sample service "payments"
+(:mod:`axid.demo.payments`, behind :class:`verifier.middleware.AxidVerifier`), both
+over mTLS, both in this process's one event loop, and plays the story with real mTLS
+clients: every step is a real HTTP request, and its row shows the answer and the
+decision-log entry that recorded it. At the end the auditor's verification
+(:func:`axid.audit.verify.verify_log`) runs over both logs with the verifier keys
+derived when the log keys were created (not the keys stored in the database), and
+the latest signed checkpoint of the payments log is printed.
+
+Nothing is faked: the expired token really expires (a 1-second token and a 1-second
+leeway, so the demo waits about a second), the revocation reaches the verifier
+through its revocation source reading the issuer's table, and the call without a
+client certificate is refused by the TLS handshake itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+import uvicorn
+import yaml
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from axid.audit.note import NoteSigner
+from axid.audit.store import LogKeyError, LogStore, generate_log_key, make_engine, origin_for
+from axid.audit.verify import DatabaseSource, VerifyUsageError, verify_log
+from axid.demo.payments import (
+    PAYMENTS_AUDIENCE,
+    PAYMENTS_SERVICE,
+    PAYMENTS_TENANT,
+    create_payments_app,
+    payments_verifier_config,
+)
+from axid.issuer.app import create_app
+from axid.issuer.client import AsyncIssuerClient, IssuerError, MintResult
+from axid.issuer.config import IssuerConfig
+from axid.issuer.service import SERVICE_NAME as ISSUER_SERVICE_NAME
+from mtls.devpki import DevPki, DevPkiError, init_dev_pki
+from mtls.sources import FileSource
+from mtls.spiffeid import SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain
+from mtls.tlsconfig import client_context
+from mtls.uvicorn import uvicorn_config
+from verifier.config import DEFAULT_HEADER
+from verifier.revocation import DatabaseRevocationSource
+
+__all__ = [
+    "ADMIN_PATH",
+    "DEMO_HOST",
+    "ISSUER_LOG",
+    "PLANNER_SCOPE",
+    "STORY_STEPS",
+    "WORKER_SCOPE",
+    "AuditSummary",
+    "DemoError",
+    "DemoLayout",
+    "DemoStack",
+    "DemoUsageError",
+    "Provisioned",
+    "StepResult",
+    "play_story",
+    "prepare_directory",
+    "provision",
+    "render_audit",
+    "render_steps",
+    "run_demo",
+    "verify_logs",
+]
+
+DEMO_HOST: Final = "127.0.0.1"
+ISSUER_LOG: Final = "issuer"
+ADMIN_PATH: Final = "/ops/admin"
+WORKER2_NAME: Final = "worker-2"
+PLANNER_SCOPE: Final = "payments:read payments:refund payments:delete"
+WORKER_SCOPE: Final = "payments:read payments:refund"
+# The verifier's clock-skew allowance in the demo (all on one host: small).
+DEMO_LEEWAY: Final = 1
+# Revocations reach the verifier within this (the story also asks it to look at once).
+REVOCATION_INTERVAL: Final = 0.5
+_REVOCATION_WAIT: Final = 5.0
+_START_TIMEOUT: Final = 15.0
+_HTTP_TIMEOUT: Final = 5.0
+_NO_LOG: Final = "—"
+# Rows of a complete story (a shorter list means a step was skipped).
+STORY_STEPS: Final = 14
+
+
+class DemoError(Exception):
+    """The demo could not be set up or run (a server did not start, ...)."""
+
+
+class DemoUsageError(DemoError):
+    """Bad arguments: a non-empty ``--dir``, an invalid trust domain."""
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+@dataclass(frozen=True)
+class DemoLayout:
+    """Where the demo's files go, under one root directory."""
+
+    root: Path
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def registrations(self) -> Path:
+        return self.root / "registrations.yaml"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "axid.db"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.database}"
+
+    def log_key(self, log: str) -> Path:
+        return self.keys / f"{log}-log.pem"
+
+    def vkey_file(self, log: str) -> Path:
+        return self.keys / f"{log}.vkey"
+
+
+def prepare_directory(directory: Path) -> DemoLayout:
+    """Use ``directory`` for a new demo: created if absent; refused if it holds anything
+    (the demo never mixes its PKI, keys or logs with files already there)."""
+    d = Path(directory).expanduser()
+    if d.is_symlink() or (d.exists() and not d.is_dir()):
+        raise DemoUsageError(f"{d} is not a directory (or is a symbolic link)")
+    if d.exists():
+        try:
+            not_empty = any(d.iterdir())
+        except OSError as exc:
+            raise DemoUsageError(f"cannot read {d}: {exc.strerror or exc}") from None
+        if not_empty:
+            raise DemoUsageError(
+                f"{d} is not empty: give a new or empty directory (the demo writes "
+                "certs/, keys/, registrations.yaml and axid.db into it)"
+            )
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise DemoUsageError(f"cannot create {d}: {exc.strerror or exc}") from None
+    return DemoLayout(d.resolve())
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """What :func:`provision` wrote: the dev PKI and the decision logs' verifier keys."""
+
+    layout: DemoLayout
+    pki: DevPki
+    vkeys: dict[str, str]
+
+    @property
+    def trust_domain(self) -> str:
+        return self.pki.trust_domain.name
+
+    def cert(self, name: str) -> Path:
+        return self.layout.certs / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.layout.certs / f"{name}.key"
+
+    def spiffe_id(self, name: str) -> SpiffeId:
+        if name == "admin":
+            return SpiffeId(self.pki.trust_domain, ADMIN_PATH)
+        return self.pki.spiffe_id("worker" if name == WORKER2_NAME else name)
+
+
+def _registrations(td: str) -> dict[str, Any]:
+    return {
+        "registrations": [
+            {
+                "spiffe_id": f"spiffe://{td}/agent/planner",
+                "tenant": PAYMENTS_TENANT,
+                "agents": ["planner"],
+                "audiences": [PAYMENTS_AUDIENCE],
+                "scope": PLANNER_SCOPE,
+            },
+            {
+                "spiffe_id": f"spiffe://{td}/agent/worker",
+                "tenant": PAYMENTS_TENANT,
+                "agents": ["worker"],
+                "audiences": [PAYMENTS_AUDIENCE],
+                "scope": WORKER_SCOPE,
+            },
+        ]
+    }
+
+
+def provision(layout: DemoLayout, trust_domain: str = "example.org") -> Provisioned:
+    """Write the dev PKI, the extra SVIDs, the registration file, the log keys and
+    their public verifier keys (``keys/<log>.vkey``, what an auditor is given)."""
+    try:
+        td = TrustDomain.parse(trust_domain)
+    except SpiffeIdError as exc:
+        raise DemoUsageError(f"invalid trust domain {trust_domain!r}: {exc}") from None
+    try:
+        pki = init_dev_pki(layout.certs, td.name)
+        pki.ca.issue_svid(SpiffeId(td, ADMIN_PATH)).write(layout.certs / "admin")
+        # Another instance of the worker: the same SPIFFE ID, its own key and certificate.
+        pki.ca.issue_svid(pki.spiffe_id("worker")).write(layout.certs / WORKER2_NAME)
+        layout.registrations.write_text(
+            "# axid demo: who may mint which tokens (see axid.issuer.registry)\n"
+            + yaml.safe_dump(_registrations(td.name), sort_keys=False),
+            encoding="utf-8",
+        )
+        layout.keys.mkdir(mode=0o700, exist_ok=True)
+        # The log keys are made here so that the auditor's verifier keys are known from
+        # the start, independently of what the database will later say.
+        vkeys = {}
+        for log in (ISSUER_LOG, PAYMENTS_SERVICE):
+            private = generate_log_key(layout.log_key(log))
+            vkeys[log] = NoteSigner(origin_for(log), private).vkey()
+            layout.vkey_file(log).write_text(vkeys[log] + "\n", encoding="ascii")
+    except (DevPkiError, LogKeyError, OSError) as exc:
+        raise DemoError(f"cannot set up the demo in {layout.root}: {exc}") from None
+    return Provisioned(layout, pki, vkeys)
+
+
+# --------------------------------------------------------------------------- the servers
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the demo stops its servers itself
+    (two servers in one loop must not both capture, then re-raise, SIGINT)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listening_socket() -> socket.socket:
+    # Bound before the server starts, so the issuer knows its URL (the tokens' iss).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((DEMO_HOST, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class _Running:
+    name: str
+    url: str
+    server: _Server
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self.task
+
+
+async def _serve(name: str, server: _Server, sock: socket.socket) -> None:
+    try:
+        await server.serve(sockets=[sock])
+    except SystemExit as exc:  # uvicorn exits when the app's startup fails
+        raise DemoError(f"{name} did not start (uvicorn exit {exc.code})") from None
+    finally:
+        sock.close()
+
+
+async def _start(name: str, app: Any, source: Any, sock: socket.socket) -> _Running:
+    port = sock.getsockname()[1]
+    config = uvicorn_config(
+        app,
+        host=DEMO_HOST,
+        port=port,
+        source=source,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=3,
+    )
+    server = _Server(config)
+    task = asyncio.create_task(_serve(name, server, sock), name=f"axid-demo-{name}")
+    deadline = time.monotonic() + _START_TIMEOUT
+    while not server.started and not task.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if not server.started:
+        server.should_exit = True
+        done, _ = await asyncio.wait({task}, timeout=5)
+        if task in done and not task.cancelled():
+            failure = task.exception()
+            if isinstance(failure, DemoError):
+                raise failure
+            if failure is not None:
+                raise DemoError(f"{name} did not start: {type(failure).__name__}: {failure}")
+        raise DemoError(f"{name} did not start within {_START_TIMEOUT:g} s")
+    return _Running(name, f"https://{DEMO_HOST}:{port}", server, task)
+
+
+class DemoStack:
+    """The issuer and "payments", served over mTLS in the running event loop.
+
+    ``async with DemoStack(provisioned) as stack:`` starts both (issuer first: the
+    verifier fetches its JWKS at startup) and stops both on exit.
+    """
+
+    def __init__(self, provisioned: Provisioned) -> None:
+        self.provisioned = provisioned
+        self.iss = ""
+        self.revocations = DatabaseRevocationSource(
+            provisioned.layout.db_url, interval=REVOCATION_INTERVAL, max_stale=30.0
+        )
+        self._issuer: _Running | None = None
+        self._payments: _Running | None = None
+        self._payments_source: FileSource | None = None
+
+    @property
+    def layout(self) -> DemoLayout:
+        return self.provisioned.layout
+
+    @property
+    def issuer_url(self) -> str:
+        assert self._issuer is not None
+        return self._issuer.url
+
+    @property
+    def payments_url(self) -> str:
+        assert self._payments is not None
+        return self._payments.url
+
+    async def start(self) -> None:
+        p = self.provisioned
+        layout = p.layout
+        issuer_sock = _listening_socket()
+        try:
+            port = issuer_sock.getsockname()[1]
+            self.iss = f"https://{DEMO_HOST}:{port}"
+            config = IssuerConfig(
+                registrations=layout.registrations,
+                issuer=self.iss,
+                host=DEMO_HOST,
+                port=port,
+                cert=p.cert("issuer"),
+                key=p.key("issuer"),
+                bundle=p.pki.bundle,
+                keys_dir=layout.keys / "issuer-tokens",
+                database_url=layout.db_url,
+                admins=(SpiffeIdPattern.parse(str(p.spiffe_id("admin"))),),
+                log_name=ISSUER_LOG,
+                log_key=layout.log_key(ISSUER_LOG),
+            )
+            issuer_app = await asyncio.to_thread(create_app, config)
+        except Exception as exc:  # config, registry, SVID files, keyring, database
+            issuer_sock.close()
+            raise DemoError(f"the issuer cannot start: {type(exc).__name__}: {exc}") from None
+        except BaseException:
+            issuer_sock.close()
+            raise
+        self._issuer = await _start(
+            "issuer", issuer_app, issuer_app.state.components.source, issuer_sock
+        )
+
+        payments_sock = _listening_socket()
+        try:
+            verifier_config = payments_verifier_config(
+                iss=self.iss,
+                issuer_url=self._issuer.url,
+                bundle=p.pki.bundle,
+                cert=p.cert("payments"),
+                key=p.key("payments"),
+                database_url=layout.db_url,
+                log_key=layout.log_key(PAYMENTS_SERVICE),
+                revocations=self.revocations,
+                issuer_id=str(p.spiffe_id("issuer")),
+                leeway=DEMO_LEEWAY,
+            )
+            app = create_payments_app(verifier_config)
+            self._payments_source = FileSource(p.cert("payments"), p.key("payments"), p.pki.bundle)
+        except BaseException:
+            payments_sock.close()
+            raise
+        self._payments = await _start("payments", app, self._payments_source, payments_sock)
+
+    async def stop(self) -> None:
+        """Stop payments, then the issuer (each finishes its open requests)."""
+        running = [r for r in (self._payments, self._issuer) if r is not None]
+        self._payments = self._issuer = None
+        for r in running:
+            await r.stop()
+        if self._payments_source is not None:
+            self._payments_source.close()
+            self._payments_source = None
+
+    async def __aenter__(self) -> DemoStack:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+# --------------------------------------------------------------------------- the story
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One row of the story: what was done, what came back, what should have."""
+
+    number: int
+    actor: str
+    action: str
+    expected_status: int | None  # None: no HTTP answer (the TLS handshake is refused)
+    expected_reason: str  # with no HTTP answer: a prefix ("tls:"), the wording varies
+    status: int | None
+    reason: str
+    log: str  # "payments #N", "issuer #N" or "—" (nothing was recorded)
+    detail: str
+    problem: str | None = None  # why the step did not do what it should
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+class _StoryFailed(Exception):
+    pass
+
+
+@dataclass
+class _Answer:
+    status: int | None
+    reason: str
+    body: Any = None
+    entry: dict[str, Any] | None = None
+
+    @property
+    def log(self) -> str:
+        if self.entry is None:
+            return _NO_LOG
+        service = self.entry.get("service")
+        log = ISSUER_LOG if service == ISSUER_SERVICE_NAME else PAYMENTS_SERVICE
+        return f"{log} #{self.entry['seq']}"
+
+
+def _chain(chain: list[str] | tuple[str, ...], run: str | None) -> str:
+    return " → ".join([*chain, run or "?"])
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """A short, honest name for how the TLS connection failed (walks the cause chain:
+    httpx and anyio wrap the socket's error)."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(seen) < 10:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = " ".join(f"{type(e).__name__} {e}" for e in seen).lower()
+    if "certificate required" in text or "certificate_required" in text:
+        return "tls: certificate required"
+    if "handshake failure" in text or "handshake_failure" in text:
+        return "tls: handshake failure"
+    if any(isinstance(e, ConnectionResetError) for e in seen):
+        return "tls: connection reset"
+    if "eof" in text or "disconnected" in text:
+        return "tls: connection closed"
+    return f"tls: {type(seen[-1]).__name__}"
+
+
+class _Story:
+    """The steps, in order; stops at the first step that does not do what it should."""
+
+    def __init__(self, stack: DemoStack, run_suffix: str) -> None:
+        self.stack = stack
+        self.p = stack.provisioned
+        self.results: list[StepResult] = []
+        self.planner_run = f"planner-{run_suffix}"
+        self.worker_run = f"worker-{run_suffix}"
+        self._sources: dict[str, FileSource] = {}
+        self._issuer_clients: dict[str, AsyncIssuerClient] = {}
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._engine = make_engine(self.p.layout.db_url)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _source(self, name: str) -> FileSource:
+        source = self._sources.get(name)
+        if source is None:
+            source = FileSource(self.p.cert(name), self.p.key(name), self.p.pki.bundle)
+            self._sources[name] = source
+        return source
+
+    def _issuer(self, name: str) -> AsyncIssuerClient:
+        client = self._issuer_clients.get(name)
+        if client is None:
+            client = AsyncIssuerClient(
+                self.stack.issuer_url,
+                self._source(name),
+                issuer_id=self.p.spiffe_id("issuer"),
+                timeout=_HTTP_TIMEOUT,
+            )
+            self._issuer_clients[name] = client
+        return client
+
+    def _payments(self, name: str) -> httpx.AsyncClient:
+        client = self._clients.get(name)
+        if client is None:
+            ctx = client_context(self._source(name), server_id=self.p.spiffe_id("payments"))
+            client = httpx.AsyncClient(
+                base_url=self.stack.payments_url,
+                verify=ctx,
+                timeout=_HTTP_TIMEOUT,
+                trust_env=False,
+            )
+            self._clients[name] = client
+        return client
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        for issuer in self._issuer_clients.values():
+            await issuer.aclose()
+        for source in self._sources.values():
+            source.close()
+        self._clients.clear()
+        self._issuer_clients.clear()
+        self._sources.clear()
+        await asyncio.to_thread(self._engine.dispose)
+
+    def _read_last(self, log: str) -> dict[str, Any] | None:
+        store = LogStore(self._engine, log)
+        size = store.size()
+        if size == 0:
+            return None
+        for _seq, data, _leaf in store.entries(size - 1, size):
+            entry: dict[str, Any] = json.loads(data)
+            return entry
+        return None
+
+    async def _last_entry(self, log: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self._read_last, log)
+
+    async def _log_size(self, log: str) -> int:
+        return await asyncio.to_thread(lambda: LogStore(self._engine, log).size())
+
+    # ------------------------------------------------------------------ requests
+
+    async def _mint(
+        self,
+        name: str,
+        *,
+        agent: str,
+        run: str,
+        scope: str,
+        parent: str | None = None,
+        ttl: int | None = None,
+    ) -> tuple[_Answer, MintResult | None]:
+        minted: MintResult | None = None
+        try:
+            minted = await self._issuer(name).mint(
+                agent=agent,
+                run=run,
+                audience=PAYMENTS_AUDIENCE,
+                scope=scope,
+                parent_token=parent,
+                ttl_seconds=ttl,
+            )
+            answer = _Answer(201, "ok")
+        except IssuerError as exc:
+            answer = _Answer(exc.status, exc.reason, exc.detail)
+        if answer.status is not None:
+            entry = await self._last_entry(ISSUER_LOG)
+            if entry is not None and entry.get("path") == "/v1/tokens":
+                answer.entry = entry
+        return answer, minted
+
+    async def _call(self, name: str, method: str, path: str, token: str | None) -> _Answer:
+        headers = {} if token is None else {DEFAULT_HEADER: token}
+        response = await self._payments(name).request(method, path, headers=headers)
+        body: Any = None
+        with contextlib.suppress(ValueError):
+            body = response.json()
+        if 200 <= response.status_code < 300:
+            reason = "ok"
+        elif isinstance(body, dict) and isinstance(body.get("reason"), str):
+            reason = body["reason"]
+        else:
+            reason = f"HTTP {response.status_code}"
+        answer = _Answer(response.status_code, reason, body)
+        entry = await self._last_entry(PAYMENTS_SERVICE)
+        # Sequential story: the last entry is this request's, if it was recorded at all.
+        if entry is not None and entry.get("path") == path and entry.get("method") == method:
+            answer.entry = entry
+        return answer
+
+    # ------------------------------------------------------------------ rows
+
+    def _row(
+        self,
+        actor: str,
+        action: str,
+        expected: tuple[int | None, str],
+        answer: _Answer,
+        detail: str,
+        *,
+        recorded: bool = True,
+        extra_problem: str | None = None,
+    ) -> StepResult:
+        want_status, want_reason = expected
+        problem: str | None = None
+        if want_status is None:
+            # No HTTP answer expected: the TLS layer refuses; how it says so varies.
+            if answer.status is not None or not answer.reason.startswith("tls:"):
+                problem = f"expected the TLS handshake to fail, got {answer.status} {answer.reason}"
+        elif (answer.status, answer.reason) != (want_status, want_reason):
+            problem = f"expected {want_status} {want_reason}, got {answer.status} {answer.reason}"
+        elif recorded and answer.entry is None:
+            problem = "no decision-log entry records this request"
+        elif recorded and answer.entry is not None and answer.entry.get("reason") != want_reason:
+            problem = f"the decision log says {answer.entry.get('reason')}, not {want_reason}"
+        elif extra_problem is not None:
+            problem = extra_problem
+        result = StepResult(
+            number=len(self.results) + 1,
+            actor=actor,
+            action=action,
+            expected_status=want_status,
+            expected_reason=want_reason,
+            status=answer.status,
+            reason=answer.reason,
+            log=answer.log,
+            detail=detail if problem is None else f"{detail}; {problem}".lstrip("; "),
+            problem=problem,
+        )
+        self.results.append(result)
+        if problem is not None:
+            raise _StoryFailed(problem)
+        return result
+
+    @staticmethod
+    def _note(answer: _Answer) -> str:
+        """Why it was denied: the log entry's note, else the problem's detail."""
+        note = answer.entry.get("note") if answer.entry else None
+        if not note and isinstance(answer.body, dict):
+            note = answer.body.get("detail")
+        return str(note) if note else ""
+
+    @staticmethod
+    def _who(answer: _Answer) -> str:
+        by = answer.body.get("by") if isinstance(answer.body, dict) else None
+        if not isinstance(by, dict):
+            return ""
+        return f"by {by.get('tenant')}/{by.get('agent')}, chain {_chain(by['chain'], by['run'])}"
+
+    @staticmethod
+    def _seq_matches(answer: _Answer) -> str | None:
+        """An allowed request's handler saw its own log entry's seq."""
+        by = answer.body.get("by") if isinstance(answer.body, dict) else None
+        if answer.entry is None or not isinstance(by, dict):
+            return "the answer does not say who did it"
+        if by.get("log_seq") != answer.entry["seq"]:
+            return "the handler's log_seq is not the log entry's seq"
+        return None
+
+    # ------------------------------------------------------------------ the steps
+
+    async def play(self) -> None:
+        planner_run, worker_run = self.planner_run, self.worker_run
+        allow, created = (200, "ok"), (201, "ok")
+
+        answer, root = await self._mint(
+            "planner", agent="planner", run=planner_run, scope=PLANNER_SCOPE
+        )
+        self._row(
+            "planner",
+            "mint a token (issuer POST /v1/tokens)",
+            created,
+            answer,
+            f"run {planner_run}, scope read refund delete",
+        )
+        assert root is not None
+
+        answer, short = await self._mint(
+            "planner", agent="planner", run=planner_run, scope="payments:read", ttl=1
+        )
+        self._row(
+            "planner",
+            "mint a 1-second token (ttl_seconds=1)",
+            created,
+            answer,
+            "kept for the expiry step below",
+        )
+        assert short is not None
+
+        answer = await self._call("planner", "GET", "/payments/p-1001", root.token)
+        self._row(
+            "planner",
+            "GET /payments/p-1001",
+            allow,
+            answer,
+            self._who(answer),
+            extra_problem=self._seq_matches(answer),
+        )
+
+        answer = await self._call("planner", "POST", "/payments/p-1001/refund", root.token)
+        self._row(
+            "planner",
+            "POST /payments/p-1001/refund",
+            allow,
+            answer,
+            "refunded; the refund rule is single use",
+            extra_problem=self._seq_matches(answer),
+        )
+
+        answer = await self._call("planner", "POST", "/payments/p-1001/refund", root.token)
+        self._row(
+            "planner",
+            "POST /payments/p-1001/refund again, same token",
+            (403, "replayed"),
+            answer,
+            self._note(answer),
+        )
+
+        answer, child = await self._mint(
+            "worker", agent="worker", run=worker_run, scope="payments:read", parent=root.token
+        )
+        spawned = answer.entry or {}
+        chain = _chain(spawned.get("chain") or [], spawned.get("run"))
+        want_chain = _chain([planner_run], worker_run)
+        self._row(
+            "worker",
+            "spawned by the planner: mint a child token, scope payments:read",
+            created,
+            answer,
+            f"chain {chain}",
+            extra_problem=None if chain == want_chain else f"the chain is not {want_chain}",
+        )
+        assert child is not None
+
+        answer = await self._call("worker", "GET", "/payments/p-1002", child.token)
+        self._row(
+            "worker",
+            "GET /payments/p-1002",
+            allow,
+            answer,
+            self._who(answer),
+            extra_problem=self._seq_matches(answer),
+        )
+
+        answer = await self._call("worker", "POST", "/payments/p-1002/refund", child.token)
+        self._row(
+            "worker",
+            "POST /payments/p-1002/refund (outside its token's scope)",
+            (403, "scope_insufficient"),
+            answer,
+            self._note(answer),
+        )
+
+        answer = await self._call(WORKER2_NAME, "GET", "/payments/p-1002", child.token)
+        self._row(
+            "worker #2",
+            "GET /payments/p-1002 with the worker's token (another instance of the worker: "
+            "its own valid SVID for the same SPIFFE ID)",
+            (401, "cert_binding_mismatch"),
+            answer,
+            self._note(answer),
+        )
+
+        answer = await self._call("planner", "GET", "/payments/p-1002", child.token)
+        self._row(
+            "planner",
+            "GET /payments/p-1002 with the worker's token",
+            (401, "subject_mismatch"),
+            answer,
+            self._note(answer),
+        )
+
+        # The 1-second token: wait (for real) until it is past exp + the verifier's leeway.
+        wait = max(0.0, short.expires_at + DEMO_LEEWAY - time.time()) + 0.05
+        await asyncio.sleep(wait)
+        answer = await self._call("planner", "GET", "/payments/p-1003", short.token)
+        self._row(
+            "planner",
+            "GET /payments/p-1003 with the 1-second token",
+            (401, "token_expired"),
+            answer,
+            f"waited {wait:.1f} s for exp + {DEMO_LEEWAY} s leeway",
+        )
+
+        answer, seen = await self._revoke(planner_run)
+        cascaded = [str(c.get("value")) for c in (answer.body or {}).get("cascaded", [])]
+        self._row(
+            "admin",
+            f"revoke run {planner_run} (issuer POST /v1/revocations)",
+            created,
+            answer,
+            f"cascaded to {', '.join(cascaded) or 'nothing'}; "
+            f"the verifier had it {seen * 1000:.1f} ms later",
+            extra_problem=None
+            if worker_run in cascaded
+            else f"the revocation did not cascade to {worker_run}",
+        )
+
+        answer = await self._call("worker", "GET", "/payments/p-1002", child.token)
+        self._row(
+            "worker",
+            "GET /payments/p-1002 (its parent run is revoked)",
+            (403, "revoked"),
+            answer,
+            self._note(answer),
+        )
+
+        answer, log_grew = await self._anonymous(root.token)
+        self._row(
+            "anonymous",
+            "GET /payments/p-1001 without a client certificate",
+            (None, "tls:"),
+            answer,
+            "the server requires a client certificate and aborted the TLS handshake (asyncio "
+            "sends no TLS alert, cpython#98078): nothing reached the service or its log",
+            recorded=False,
+            extra_problem="the payments log grew: something was recorded" if log_grew else None,
+        )
+
+    async def _revoke(self, run: str) -> tuple[_Answer, float]:
+        """The admin revokes ``run``; then wait (bounded) until the verifier has it."""
+        try:
+            doc = await self._issuer("admin").revoke("run", run, "demo: the planner's run")
+            answer = _Answer(201, "ok", doc)
+        except IssuerError as exc:
+            return _Answer(exc.status, exc.reason, {}), 0.0
+        entry = await self._last_entry(ISSUER_LOG)
+        if entry is not None and entry.get("path") == "/v1/revocations":
+            answer.entry = entry
+        target = max([doc["seq"], *(c["seq"] for c in doc.get("cascaded", []))])
+        source = self.stack.revocations
+        began = time.monotonic()
+        # Ask the verifier's source to look now rather than wait for its next poll.
+        while source.seq < target:
+            if time.monotonic() - began > _REVOCATION_WAIT:
+                raise _StoryFailed(
+                    f"the verifier did not see revocation {target} within {_REVOCATION_WAIT:g} s"
+                )
+            await source.poll()
+            if source.seq < target:
+                await asyncio.sleep(0.05)
+        return answer, time.monotonic() - began
+
+    async def _anonymous(self, token: str) -> tuple[_Answer, bool]:
+        """A plain TLS client that trusts the bundle but has no certificate to show."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False  # SVIDs name SPIFFE IDs, not hosts
+        ctx.load_verify_locations(cafile=str(self.p.pki.bundle))
+        before = await self._log_size(PAYMENTS_SERVICE)
+        async with httpx.AsyncClient(verify=ctx, timeout=_HTTP_TIMEOUT, trust_env=False) as c:
+            try:
+                response = await c.get(
+                    f"{self.stack.payments_url}/payments/p-1001", headers={DEFAULT_HEADER: token}
+                )
+            except httpx.TransportError as exc:
+                answer = _Answer(None, _tls_reason(exc))
+            else:
+                body: Any = None
+                with contextlib.suppress(ValueError):
+                    body = response.json()
+                reason = body.get("reason") if isinstance(body, dict) else None
+                answer = _Answer(response.status_code, str(reason or "answered"))
+        return answer, await self._log_size(PAYMENTS_SERVICE) != before
+
+
+def _failure(number: int, problem: str) -> StepResult:
+    return StepResult(
+        number, "demo", "(between steps)", None, "", None, "", _NO_LOG, problem, problem
+    )
+
+
+async def play_story(stack: DemoStack) -> list[StepResult]:
+    """Play the story against a running :class:`DemoStack`; one result per step played
+    (it stops after the first step that did not do what it should)."""
+    story = _Story(stack, secrets.token_hex(3))
+    try:
+        await story.play()
+    except _StoryFailed as exc:
+        if not story.results or story.results[-1].ok:
+            # Failed between rows (e.g. the revocation never reached the verifier).
+            story.results.append(_failure(len(story.results) + 1, str(exc)))
+    except (httpx.HTTPError, OSError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"[:300]
+        story.results.append(_failure(len(story.results) + 1, problem))
+    finally:
+        await story.aclose()
+    return story.results
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+@dataclass(frozen=True)
+class AuditSummary:
+    """The auditor's verification of one decision log."""
+
+    log: str
+    ok: bool
+    entries: int
+    checkpoints: int
+    latest_note: str | None
+    problem: str | None = None
+    vkey: str = field(default="", repr=False)
+
+
+def verify_logs(db_url: str, vkeys: dict[str, str]) -> list[AuditSummary]:
+    """Verify each log in ``vkeys`` (log name -> trusted verifier key) in ``db_url``."""
+    out = []
+    for log, vkey in vkeys.items():
+        try:
+            source = DatabaseSource(db_url, log)
+        except VerifyUsageError as exc:
+            out.append(AuditSummary(log, False, 0, 0, None, str(exc), vkey))
+            continue
+        try:
+            report = verify_log(source, vkey=vkey)
+        except VerifyUsageError as exc:
+            out.append(AuditSummary(log, False, 0, 0, None, str(exc), vkey))
+            continue
+        finally:
+            source.close()
+        note = report.latest_note.decode("utf-8", "replace") if report.latest_note else None
+        problem = None if report.ok else str(report.first_bad or "verification failed")
+        out.append(
+            AuditSummary(log, report.ok, report.entries, report.checkpoints, note, problem, vkey)
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _status(value: int | None) -> str:
+    return _NO_LOG if value is None else str(value)
+
+
+def render_steps(console: Console, steps: list[StepResult]) -> None:
+    """The story as a table: one row per step, its detail under the action."""
+    table = Table(
+        title="axid demo: agents, tokens and decisions on loopback",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("actor", no_wrap=True)
+    table.add_column("action", overflow="fold", ratio=1)
+    table.add_column("HTTP", justify="right", no_wrap=True)
+    table.add_column("reason", no_wrap=True)
+    table.add_column("log seq", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for s in steps:
+        action = Text(s.action)
+        if s.detail:
+            action.append("\n" + s.detail, style="dim" if s.ok else "red")
+        table.add_row(
+            Text(str(s.number)),
+            Text(s.actor),
+            action,
+            Text(_status(s.status)),
+            Text(s.reason, style="green" if s.reason == "ok" else "yellow"),
+            Text(s.log),
+            Text("✓", style="green") if s.ok else Text("✗", style="bold red"),
+        )
+    console.print(table)
+
+
+def render_audit(console: Console, audits: list[AuditSummary], db_url: str) -> None:
+    for a in audits:
+        if a.ok:
+            console.print(
+                f"audit verify: OK ({a.entries} entries, {a.checkpoints} checkpoints)"
+                f" log {a.log} in {db_url}",
+                soft_wrap=True,
+            )
+        else:
+            console.print(f"audit verify: FAILED log {a.log}: {a.problem}", soft_wrap=True)
+    payments = next((a for a in audits if a.log == PAYMENTS_SERVICE), None)
+    if payments is not None and payments.latest_note:
+        console.print(
+            "latest checkpoint of the payments log (C2SP signed note, "
+            f"verified with vkey {payments.vkey}):",
+            soft_wrap=True,
+        )
+        console.print(payments.latest_note.rstrip("\n"), soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- running it
+
+
+@contextlib.contextmanager
+def _stop_signals(
+    loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]
+) -> Iterator[None]:
+    installed: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
+                continue
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _until(stop: asyncio.Event, work: Awaitable[Any]) -> tuple[bool, Any]:
+    """Run ``work`` unless ``stop`` is set first: (finished, result)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task in done:
+        return True, task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    return False, None
+
+
+async def _main(
+    layout: DemoLayout, trust_domain: str, keep_running: bool, console: Console, kept: bool
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        signals.append(sig)
+        stop.set()
+
+    began = time.monotonic()
+    with _stop_signals(loop, on_signal):
+        provisioned = await asyncio.to_thread(provision, layout, trust_domain)
+        async with DemoStack(provisioned) as stack:
+            finished, steps = await _until(stop, play_story(stack))
+            if not finished:
+                console.print("demo: interrupted", style="yellow")
+                return 128 + signals[0]
+            render_steps(console, steps)
+            finished, audits = await _until(
+                stop, asyncio.to_thread(verify_logs, layout.db_url, provisioned.vkeys)
+            )
+            if not finished:
+                console.print("demo: interrupted", style="yellow")
+                return 128 + signals[0]
+            render_audit(console, audits, layout.db_url)
+            elapsed = time.monotonic() - began
+            failed = [s for s in steps if not s.ok]
+            if failed:
+                s = failed[0]
+                console.print(
+                    f"demo: FAILED at step {s.number} ({s.actor}: {s.action}): {s.problem}",
+                    style="bold red",
+                    soft_wrap=True,
+                )
+                return 1
+            if len(steps) != STORY_STEPS:
+                console.print(f"demo: FAILED: {len(steps)} steps played, not {STORY_STEPS}")
+                return 1
+            if not all(a.ok for a in audits):
+                console.print("demo: FAILED: a decision log does not verify", style="bold red")
+                return 1
+            console.print(
+                f"demo: all {len(steps)} steps did what they should, both logs verify "
+                f"({elapsed:.1f} s)",
+                style="bold green",
+                soft_wrap=True,
+            )
+            if kept:
+                console.print(
+                    f"kept in {layout.root}; audit it again with: axid audit verify "
+                    f"--db {layout.db_url} --log {PAYMENTS_SERVICE} "
+                    f"--vkey {layout.vkey_file(PAYMENTS_SERVICE)}",
+                    soft_wrap=True,
+                )
+            if not keep_running:
+                return 0
+            _print_endpoints(console, stack)
+            await stop.wait()
+            return 0
+
+
+def _print_endpoints(console: Console, stack: DemoStack) -> None:
+    layout = stack.layout
+    certs = layout.certs
+    console.print(
+        "still serving; mint as the planner with: axid token mint "
+        f"--issuer {stack.issuer_url} --cert {certs}/planner.pem --key {certs}/planner.key "
+        f"--bundle {certs}/bundle.pem --agent planner --run my-run --aud payments "
+        '--scope "payments:read"; Ctrl-C stops both servers',
+        soft_wrap=True,
+    )
+    console.file.flush()
+    # Plain lines, flushed: scripts read these until "ready".
+    for line in (
+        f"issuer: {stack.issuer_url}",
+        f"payments: {stack.payments_url}",
+        f"certs: {certs}",
+        f"audit: {layout.db_url}",
+        "ready",
+    ):
+        print(line, flush=True)
+
+
+def _console() -> Console:
+    # Piped output (tests, CI logs) gets a wide table instead of folded reason codes.
+    console = Console(highlight=False, markup=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, markup=False, width=200)
+    return console
+
+
+def run_demo(
+    directory: Path | None = None,
+    *,
+    keep_running: bool = False,
+    trust_domain: str = "example.org",
+    console: Console | None = None,
+) -> int:
+    """``axid demo``: set up, play, verify, print; the exit code (0: every step did
+    what it should and both logs verify; 1: something did not; 128+N: stopped by
+    signal N before the end). Raises :class:`DemoUsageError` for bad arguments.
+
+    Without ``directory`` everything lives in a temporary directory removed at the
+    end; with it, the PKI, keys and database are kept there.
+    """
+    try:
+        TrustDomain.parse(trust_domain)
+    except SpiffeIdError as exc:
+        raise DemoUsageError(f"invalid trust domain {trust_domain!r}: {exc}") from None
+    out = console or _console()
+    temporary: str | None = None
+    if directory is None:
+        temporary = tempfile.mkdtemp(prefix="axid-demo-")
+        layout = DemoLayout(Path(temporary))
+    else:
+        layout = prepare_directory(directory)
+    try:
+        return asyncio.run(_main(layout, trust_domain, keep_running, out, temporary is None))
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)

@@ -1,0 +1,219 @@
+"""`axid demo`, run as the README runs it: the real `axid` script in a subprocess.
+
+The demo starts the issuer and the governed "payments" service over mTLS on
+loopback, plays the story and verifies the decision logs; these tests check its
+exit code and output, and with ``--keep-running`` make a real mTLS call of their
+own (mint at the printed issuer, GET at the printed payments URL, with the planner
+SVID from the printed certs directory) before stopping it with SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from axid.audit.verify import DatabaseSource, verify_log
+from axid.demo.payments import create_payments_app
+from axid.demo.story import DemoUsageError, prepare_directory
+from axid.issuer.client import IssuerClient
+from mtls.sources import FileSource
+from mtls.spiffeid import SpiffeId
+from mtls.tlsconfig import client_context
+
+AXID_BIN = str(Path(sys.executable).parent / "axid")
+WAIT = 60.0
+# Every deny the story must show, by its reason code.
+STORY_REASONS = (
+    "replayed",
+    "scope_insufficient",
+    "cert_binding_mismatch",
+    "subject_mismatch",
+    "token_expired",
+    "revoked",
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    env.pop("AXID_DATABASE_URL", None)
+    return env
+
+
+def test_demo_plays_the_whole_story(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [AXID_BIN, "demo"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 1.5,
+        cwd=tmp_path,
+        env=_env(),
+    )
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    for reason in STORY_REASONS:
+        assert re.search(rf"\b{reason}\b", out), f"{reason} missing from:\n{out}"
+    assert "tls: " in out  # the call without a client certificate: refused by TLS
+    assert "chain planner-" in out and " → worker-" in out  # the spawn chain
+    assert re.search(r"audit verify: OK \(\d+ entries, \d+ checkpoints\) log payments", out)
+    assert re.search(r"audit verify: OK \(\d+ entries, \d+ checkpoints\) log issuer", out)
+    assert "— axid/payments " in out  # the signed checkpoint note
+    assert "demo: all 14 steps did what they should" in out
+    assert "FAILED" not in out
+    # Without --dir the demo's temporary directory is gone afterwards.
+    db = re.search(r"log payments in sqlite:///(\S+)", out)
+    assert db is not None
+    assert not Path(db.group(1)).parent.exists()
+    assert not list(tmp_path.iterdir())  # nothing written to the working directory
+
+
+def test_demo_refuses_a_non_empty_dir(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("keep me")
+    done = subprocess.run(
+        [AXID_BIN, "demo", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=_env(),
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "is not empty" in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_demo_refuses_a_bad_trust_domain(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [AXID_BIN, "demo", "--dir", str(tmp_path / "d"), "--trust-domain", "Example.org"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=_env(),
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "invalid trust domain" in done.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_prepare_directory(tmp_path: Path) -> None:
+    layout = prepare_directory(tmp_path / "new" / "demo")
+    assert layout.root.is_dir() and layout.db_url == f"sqlite:///{layout.root}/axid.db"
+    assert prepare_directory(layout.root).root == layout.root  # empty: fine
+    (layout.root / "x").write_text("")
+    with pytest.raises(DemoUsageError, match="not empty"):
+        prepare_directory(layout.root)
+    with pytest.raises(DemoUsageError, match="not a directory"):
+        prepare_directory(layout.root / "x")
+
+
+def test_payments_app_needs_a_verifier_config() -> None:
+    with pytest.raises(TypeError):
+        create_payments_app({"service": "payments"})  # type: ignore[arg-type]
+
+
+class _Lines:
+    """Reads a child's stdout on a thread (to the end, so the pipe never fills)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        assert proc.stdout is not None
+        self._thread = threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def until(self, wanted: str) -> list[str]:
+        while True:
+            try:
+                line = self.lines.get(timeout=WAIT)
+            except queue.Empty:
+                raise AssertionError("timed out; output so far:\n" + "\n".join(self.seen)) from None
+            if line is None:
+                raise AssertionError("the demo ended early:\n" + "\n".join(self.seen))
+            self.seen.append(line)
+            if line == wanted:
+                return self.seen
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_keep_running_serves_until_signalled(tmp_path: Path, sig: signal.Signals) -> None:
+    demo_dir = tmp_path / "demo"
+    with (tmp_path / "stderr.txt").open("w") as err:
+        proc = subprocess.Popen(
+            [AXID_BIN, "demo", "--dir", str(demo_dir), "--keep-running"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=_env(),
+        )
+        try:
+            lines = _Lines(proc).until("ready")
+            fields = dict(line.split(": ", 1) for line in lines[-5:-1])
+            assert list(fields) == ["issuer", "payments", "certs", "audit"], lines[-5:]
+            assert re.fullmatch(r"https://127\.0\.0\.1:\d+", fields["issuer"])
+            assert re.fullmatch(r"https://127\.0\.0\.1:\d+", fields["payments"])
+            certs = Path(fields["certs"])
+            assert certs == demo_dir.resolve() / "certs"
+            assert fields["audit"] == f"sqlite:///{demo_dir.resolve()}/axid.db"
+            assert "demo: all 14 steps did what they should" in "\n".join(lines)
+
+            # By hand, as a user would: the planner mints at the issuer, then reads.
+            run = f"by-hand-{uuid.uuid4().hex[:8]}"
+            source = FileSource(certs / "planner.pem", certs / "planner.key", certs / "bundle.pem")
+            try:
+                with IssuerClient(fields["issuer"], source) as issuer:
+                    minted = issuer.mint(
+                        agent="planner", run=run, audience="payments", scope="payments:read"
+                    )
+                ctx = client_context(
+                    source, server_id=SpiffeId.parse("spiffe://example.org/svc/payments")
+                )
+                with httpx.Client(verify=ctx, timeout=10, trust_env=False) as client:
+                    response = client.get(
+                        f"{fields['payments']}/payments/p-1002",
+                        headers={"X-Waxell-AXID": minted.token},
+                    )
+            finally:
+                source.close()
+            assert response.status_code == 200, response.text
+            by = response.json()["by"]
+            assert (by["tenant"], by["agent"], by["run"]) == ("acme", "planner", run)
+
+            proc.send_signal(sig)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # What the demo left in --dir verifies, with the published vkey, and holds our call.
+    vkey = (demo_dir / "keys" / "payments.vkey").read_text().strip()
+    source_db = DatabaseSource(fields["audit"], "payments")
+    try:
+        report = verify_log(source_db, vkey=vkey)
+    finally:
+        source_db.close()
+    assert report.ok, report.first_bad
+    assert report.entries == _logged_entries(lines) + 1  # the story's, then ours
+
+
+def _logged_entries(lines: list[str]) -> int:
+    """The payments log's size as the demo reported it before "ready"."""
+    for line in lines:
+        m = re.match(r"audit verify: OK \((\d+) entries, \d+ checkpoints\) log payments", line)
+        if m:
+            return int(m.group(1))
+    raise AssertionError("no audit verify line for the payments log")
