@@ -12,7 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
-from _issuer_helpers import ISS, World, make_world, running, uid, world_config
+from _issuer_helpers import (
+    ISS,
+    World,
+    make_world,
+    registrations_yaml,
+    running,
+    uid,
+    world_config,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -279,7 +287,9 @@ def test_spawn_child(world: World) -> None:
     assert entry["decision"] == "allow"
     assert entry["spawn_parent"] == parent["req"]["run"]
     assert entry["chain"] == [parent["req"]["run"]]
-    assert parent["jti"] in entry["note"]
+    assert entry["note"] == (
+        f"parent jti {parent['jti']} run {parent['req']['run']} sub {world.spiffe_id('planner')}"
+    )
 
     # The grandchild: chain grows from the root down.
     grand = minted(child(world, out, agent=world.worker))
@@ -302,7 +312,80 @@ def test_other_tenants_token_is_no_parent(world: World) -> None:
         )
     )
     problem(child(world, bot), 403, "tenant_not_allowed")
-    assert world.entries()[-1]["reason"] == "tenant_not_allowed"
+    entry = world.entries()[-1]
+    assert entry["reason"] == "tenant_not_allowed"
+    # Attribution: whose token it was, not only who presented it.
+    assert entry["peer"] == world.spiffe_id("worker")
+    assert f"jti {bot['jti']}" in entry["note"]
+    assert entry["note"].endswith(f"sub {world.spiffe_id('bot')}")
+
+
+def test_parent_is_attributed_in_every_child_refusal(world: World) -> None:
+    parent = root(world, scope="payments:read")
+    attribution = f"parent jti {parent['jti']} run {parent['req']['run']} sub "
+    attribution += world.spiffe_id("planner")
+    # An unregistered workload holding the planner's token (refused at step 1) ...
+    problem(child(world, parent, name="stranger"), 403, "agent_not_allowed")
+    # ... a worker asking for more than the parent has ...
+    problem(child(world, parent, scope="payments:refund"), 403, "scope_insufficient")
+    # ... or reusing the parent's run.
+    problem(child(world, parent, run=parent["req"]["run"]), 409, "run_conflict")
+    denies = world.entries()[1:]
+    assert [e["reason"] for e in denies] == [
+        "agent_not_allowed",
+        "scope_insufficient",
+        "run_conflict",
+    ]
+    assert [e["peer"] for e in denies] == [
+        world.spiffe_id("stranger"),
+        world.spiffe_id("worker"),
+        world.spiffe_id("worker"),
+    ]
+    assert all(e["note"] == attribution for e in denies)
+
+
+def test_spawn_from_restricts_whose_token_may_parent(tmp_path: Any) -> None:
+    # Registry logic only: SQLite is enough (the store is not involved).
+    w = make_world(tmp_path, "sqlite")
+    td = w.pki.trust_domain.name
+    doc = json.loads(registrations_yaml(w))
+    planner, worker, _bot = doc["registrations"]
+    planner["spawn_from"] = []  # root tokens only
+    worker["spawn_from"] = [f"spiffe://{td}/agent/planner", f"spiffe://{td}/admin/*"]
+    helper = f"helper-{uid()}"
+    doc["registrations"].append(  # no spawn_from: any workload of the tenant
+        {
+            "spiffe_id": f"spiffe://{td}/agent/stranger",
+            "tenant": w.tenant,
+            "agents": [helper],
+            "audiences": ["payments"],
+            "scope": "payments:read",
+        }
+    )
+    (w.tmp / "registrations.yaml").write_text(json.dumps(doc))
+    refused = "parent token's workload may not spawn this workload"
+    with running(w):
+        p = root(w, scope="payments:read")
+        # The planner's own token may not parent a planner run (spawn_from: []).
+        body = problem(child(w, p, name="planner"), 403, "agent_not_allowed")
+        assert body["detail"] == refused
+        # The worker may be spawned from the planner's token ...
+        w1 = minted(child(w, p))
+        assert w.verify(w1["token"]).spawn_parent == p["req"]["run"]
+        # ... but not from another worker's token.
+        body = problem(child(w, w1), 403, "agent_not_allowed")
+        assert body["detail"] == refused
+        entry = w.entries()[-1]
+        assert entry["peer"] == w.spiffe_id("worker")
+        assert entry["note"].endswith(f"sub {w.spiffe_id('worker')}")
+        assert f"jti {w1['jti']}" in entry["note"]
+        # Without spawn_from: a worker's token parents the helper (same tenant) ...
+        h1 = minted(child(w, w1, name="stranger", agent=helper))
+        assert w.verify(h1["token"]).chain == (p["req"]["run"], w.verify(w1["token"]).run)
+        # ... and the helper's token does not parent the worker.
+        problem(child(w, h1), 403, "agent_not_allowed")
+        reasons = [e["reason"] for e in w.entries()]
+        assert reasons == ["ok", "agent_not_allowed"] * 3
 
 
 def test_worker_cannot_mint_for_parents_run(world: World) -> None:
@@ -322,22 +405,30 @@ def test_run_keeps_its_first_parent(world: World) -> None:
     run = world.run()
     minted(child(world, p1, run=run))
     minted(child(world, p1, run=run))  # the same binding again is fine
-    problem(child(world, p2, run=run), 409, "run_conflict")
-    problem(
+    body = problem(child(world, p2, run=run), 409, "run_conflict")
+    assert body["detail"] == "the run is already bound with another parent"
+    body = problem(
         world.mint("worker", **world.root_body(agent=world.worker, run=run, scope="payments:read")),
         409,
         "run_conflict",
     )
+    assert body["detail"] == "the run is already bound with another parent"
     # Another workload cannot take over a bound root run either.
     r = world.mint("planner", **world.root_body(run=p1["req"]["run"]))
     minted(r)  # same workload, same binding
-    problem(
+    body = problem(
         world.mint(
             "bot", agent=world.bot, run=p1["req"]["run"], audience="payments", scope="payments:read"
         ),
         409,
         "run_conflict",
     )
+    # Another tenant learns nothing about the run (not even that it exists elsewhere),
+    # but the issuer's own log keeps the cause.
+    assert body["detail"] == "run id is not available"
+    entry = world.entries()[-1]
+    assert entry["reason"] == "run_conflict" and entry["tenant"] == world.other_tenant
+    assert entry["note"] == "run id is bound in another tenant"
 
 
 def test_spawn_depth_limit(world: World) -> None:
@@ -380,6 +471,9 @@ def test_bad_parent_tokens(world: World) -> None:
         "token_too_large",
         "token_expired",
     ]
+    # An unverified parent's claims are never trusted for attribution: reason only.
+    notes = [e["note"] for e in world.entries()[1:]]
+    assert notes == [f"parent_token did not verify: {r}" for r in reasons]
     assert all(parent["token"] not in json.dumps(e) for e in world.entries())
 
 

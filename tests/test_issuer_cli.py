@@ -13,14 +13,18 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from _issuer_helpers import ISS, World, make_world, registrations_yaml, running
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from axid.cli._app import app
-from axid.issuer.client import IssuerClient, IssuerError
+from axid.issuer.client import AsyncIssuerClient, IssuerClient, IssuerError, check_issuer_url
 from axid.keys import Keyring
+from mtls.devpki import DevPki, init_dev_pki
 
 WAIT = 30.0
 
@@ -186,8 +190,6 @@ def test_issuer_client_library(live: World) -> None:
 
 
 async def test_async_issuer_client(live: World) -> None:
-    from axid.issuer.client import AsyncIssuerClient
-
     w = live
     async with AsyncIssuerClient(w.url, w.source("planner")) as planner:
         out = await planner.mint(
@@ -195,6 +197,125 @@ async def test_async_issuer_client(live: World) -> None:
         )
         assert w.verify(out.token).jti == out.jti
         assert out.kid in (await planner.key_set()).kids
+
+
+# --------------------------------------------------------------------------- issuer URLs
+
+BAD_ISSUER_URLS = [
+    ("http://127.0.0.1:8443", "https"),
+    ("HTTP://127.0.0.1:8443", "https"),
+    ("ws://127.0.0.1:8443", "https"),
+    ("127.0.0.1:8443", "https"),
+    ("https:127.0.0.1:8443", "https"),
+    ("https:/127.0.0.1", "https"),
+    ("//127.0.0.1:8443", "https"),
+    ("", "https"),
+    ("https://user:pw@127.0.0.1:8443", "userinfo"),
+    ("https://user@127.0.0.1:8443", "userinfo"),
+    ("https://@127.0.0.1:8443", "userinfo"),
+    ("https://127.0.0.1:8443/?", "query"),
+    ("https://127.0.0.1:8443?a=1", "query"),
+    ("https://127.0.0.1:8443#", "fragment"),
+    ("https://127.0.0.1:8443/x#frag", "fragment"),
+    ("https://", "no host"),
+    ("https:///v1", "no host"),
+    ("https://:8443", "no host"),
+    ("https://127.0.0.1:0", "port"),
+    ("https://127.0.0.1:65536", "port"),
+    ("https://127.0.0.1:x", "port"),
+    ("https://127.0.0.1 :8443", "whitespace"),
+    ("https://127.0.0.1:8443\n", "whitespace"),
+    ("https://127.0.0.1\\@evil.example", "backslash"),
+    ("https://issuer.example\u00e9", "non-ASCII"),
+    ("https://" + "a" * 2050, "longer"),
+    ("https://[::1", "malformed"),
+]
+GOOD_ISSUER_URLS = [
+    "https://127.0.0.1:8443",
+    "https://127.0.0.1:8443/",
+    "https://[::1]:8443/issuer/prefix",
+    "HTTPS://issuer.example.org",
+    "https://issuer.example.org:1",
+]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return init_dev_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize(("url", "match"), BAD_ISSUER_URLS)
+async def test_issuer_url_refused(pki: DevPki, url: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_issuer_url(url)
+    source = _source(pki, "planner")
+    try:
+        with pytest.raises(ValueError, match=match):
+            IssuerClient(url, source)
+        with pytest.raises(ValueError, match=match):
+            AsyncIssuerClient(url, source)
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("url", GOOD_ISSUER_URLS)
+async def test_issuer_url_accepted(pki: DevPki, url: str) -> None:
+    assert check_issuer_url(url) == url
+    source = _source(pki, "planner")
+    try:
+        IssuerClient(url, source).close()
+        await AsyncIssuerClient(url, source).aclose()
+    finally:
+        source.close()
+
+
+def test_issuer_url_type() -> None:
+    with pytest.raises(TypeError):
+        check_issuer_url(b"https://127.0.0.1")  # type: ignore[arg-type]
+
+
+_URL_PIECES = st.sampled_from(
+    ["https://", "http://", "HTTPS://", "h", "127.0.0.1", ":", "@", "?", "#", "/", "[", "]",
+     "\\", "%40", " ", "\n", "8443", "user", "é"]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_URL_PIECES, max_size=8).map("".join) | st.text(max_size=40))
+def test_accepted_issuer_urls_are_plain_https(url: str) -> None:
+    try:
+        check_issuer_url(url)
+    except ValueError:
+        return
+    parts = urlsplit(url)
+    assert parts.scheme == "https" and parts.hostname
+    assert "@" not in parts.netloc and not parts.query and not parts.fragment
+    assert "?" not in url and "#" not in url and "\\" not in url
+    assert url.isascii() and url.isprintable() and " " not in url
+
+
+def test_token_mint_refuses_http_issuer(pki: DevPki) -> None:
+    cert = pki.directory / "planner.pem"
+    key = pki.directory / "planner.key"
+    for url in ("http://127.0.0.1:8443", "https://u:p@127.0.0.1:8443", "https://h/?x"):
+        r = CliRunner().invoke(
+            app,
+            [
+                "token", "mint", "--issuer", url, "--cert", str(cert), "--key", str(key),
+                "--bundle", str(pki.bundle), "--agent", "planner", "--run", "run-1",
+                "--aud", "payments", "--scope", "payments:read", "--parent", "-",
+            ],
+            input="a.parent.token\n",
+        )  # fmt: skip
+        assert r.exit_code == 2, r.output
+        assert "error: the issuer URL" in r.output
+        assert "a.parent.token" not in r.output
+
+
+def _source(pki: DevPki, name: str) -> Any:
+    from mtls.sources import FileSource
+
+    return FileSource(pki.directory / f"{name}.pem", pki.directory / f"{name}.key", pki.bundle)
 
 
 # --------------------------------------------------------------------------- axid serve

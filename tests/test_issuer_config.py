@@ -113,6 +113,18 @@ def test_registry_file(tmp_path: Path) -> None:
         (doc(entry(spiffe_id=["x"])), 0, "spiffe_id", "string"),
         (doc(entry(), entry(tenant="b")), 1, "spiffe_id", "same spiffe_id"),
         (doc("x"), 0, None, "mapping"),  # type: ignore[arg-type]
+        (doc(entry(spawn_from=None)), 0, "spawn_from", "must be a list"),
+        (doc(entry(spawn_from="spiffe://example.org/a")), 0, "spawn_from", "must be a list"),
+        (doc(entry(spawn_from=["spiffe://example.org/a-*"])), 0, "spawn_from", "pattern"),
+        (doc(entry(spawn_from=["spiffe://example.org/A/"])), 0, "spawn_from", "pattern"),
+        (doc(entry(spawn_from=["spiffe://example.org"])), 0, "spawn_from", "trust domain"),
+        (doc(entry(spawn_from=[5])), 0, "spawn_from", "string"),
+        (
+            doc(entry(spawn_from=["spiffe://example.org/a", "spiffe://example.org/a"])),
+            0,
+            "spawn_from",
+            "repeats",
+        ),
     ],
 )
 def test_registry_errors_name_entry_and_key(
@@ -147,6 +159,38 @@ def test_registry_document_errors(text: str | bytes, match: str) -> None:
         Registry.from_yaml(text)
 
 
+def test_spawn_from_is_optional() -> None:
+    reg = Registry.from_yaml(
+        doc(
+            entry(),
+            entry(
+                spiffe_id="spiffe://example.org/agent/worker",
+                spawn_from=["spiffe://example.org/agent/planner", "spiffe://example.org/ops/*"],
+            ),
+            entry(spiffe_id="spiffe://example.org/agent/root-only", spawn_from=[]),
+        )
+    )
+    free, worker, root_only = reg
+    # Absent: any parent workload (of the tenant; the service checks the tenant).
+    assert free.spawn_from is None
+    assert free.may_spawn_from("spiffe://example.org/anything/at/all")
+    assert free.may_spawn_from(SpiffeId.parse("spiffe://other.org/x"))
+    assert worker.spawn_from is not None and len(worker.spawn_from) == 2
+    assert worker.may_spawn_from("spiffe://example.org/agent/planner")
+    assert worker.may_spawn_from(SpiffeId.parse("spiffe://example.org/ops/admin"))
+    for sub in (
+        "spiffe://example.org/agent/worker",
+        "spiffe://example.org/agent/planner/x",
+        "spiffe://other.org/agent/planner",
+        "spiffe://example.org/ops",
+        "spiffe://Example.org/agent/planner",  # never normalised into a match
+        "not a spiffe id",
+    ):
+        assert not worker.may_spawn_from(sub), sub
+    assert root_only.spawn_from == ()
+    assert not root_only.may_spawn_from("spiffe://example.org/agent/planner")
+
+
 def test_empty_registry_is_valid() -> None:
     assert len(Registry.from_yaml("registrations: []")) == 0
 
@@ -177,13 +221,23 @@ _yamlish = st.recursive(
             "agents",
             "audiences",
             "scope",
+            "spawn_from",
         ]
     ),
     lambda children: (
         st.lists(children, max_size=4)
         | st.dictionaries(
             st.sampled_from(
-                ["registrations", "spiffe_id", "tenant", "agents", "audiences", "scope", "x"]
+                [
+                    "registrations",
+                    "spiffe_id",
+                    "tenant",
+                    "agents",
+                    "audiences",
+                    "scope",
+                    "spawn_from",
+                    "x",
+                ]
             )
             | st.text(max_size=8),
             children,
@@ -192,6 +246,16 @@ _yamlish = st.recursive(
     ),
     max_leaves=25,
 )
+
+
+@settings(max_examples=200, deadline=None)
+@given(spawn_from=_yamlish)
+def test_spawn_from_values_raise_only_registry_error(spawn_from: Any) -> None:
+    with contextlib.suppress(RegistryError):
+        [reg] = Registry.from_yaml(doc(entry(spawn_from=spawn_from)))
+        # Accepted only as a list of patterns; absent is never produced by a value.
+        assert isinstance(spawn_from, list) and reg.spawn_from is not None
+        assert len(reg.spawn_from) == len(spawn_from)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

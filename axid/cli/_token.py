@@ -7,7 +7,8 @@ the token only. ``axid token verify`` checks a token exactly as a service would
 Exit codes: 0 success; 1 the issuer refused (mint: ``REASON: detail`` on stderr)
 or the token is invalid (verify: the reason code on stdout, details on stderr);
 2 usage or I/O errors (unreadable files, a JWKS that cannot be fetched or parsed,
-an unreachable issuer).
+an unreachable issuer, an ``--issuer`` URL that is not ``https://HOST[:PORT]`` or
+carries userinfo, a query or a fragment).
 
 A token or parent token given as ``-`` is read from standard input, which keeps
 it out of the process list.
@@ -80,8 +81,13 @@ def mint(
     ] = None,
 ) -> None:
     """Mint an action token for this agent workload; prints the token only."""
-    from axid.issuer.client import IssuerClient, IssuerError
+    from axid.issuer.client import IssuerClient, IssuerError, check_issuer_url
 
+    # Refuse a non-https (or otherwise unsafe) URL before reading any parent token.
+    try:
+        check_issuer_url(issuer)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     parent_token = _token_arg(parent, "parent token") if parent is not None else None
     source = _source(cert, key, bundle)
     try:

@@ -4,6 +4,12 @@ The client presents its workload's X.509-SVID (from any :class:`~mtls.sources.X5
 and accepts only an issuer whose SVID verifies against the same bundles and whose
 SPIFFE ID matches ``issuer_id`` (default ``spiffe://<own trust domain>/axid/issuer``).
 
+The issuer URL must be ``https://HOST[:PORT][/PATH]`` (:func:`check_issuer_url`): over
+``http://`` the mTLS context would go unused, the request and any parent token would
+travel in cleartext and the token would come from an unauthenticated server. Userinfo,
+a query or a fragment in the base URL are refused as well (they would be sent, or
+silently dropped, on every request).
+
 Refusals become :class:`IssuerError` with the problem's ``status``, ``reason`` and
 ``detail``; a connection or TLS failure has ``status=None`` and reason
 ``issuer_unreachable``, an answer that is not what the API promises reason
@@ -13,9 +19,11 @@ Refusals become :class:`IssuerError` with the problem's ``status``, ``reason`` a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -30,11 +38,16 @@ __all__ = [
     "IssuerClient",
     "IssuerError",
     "MintResult",
+    "check_issuer_url",
     "issuer_id_matcher",
 ]
 
 DEFAULT_ISSUER_PATH: Final = "/axid/issuer"
 _MAX_DETAIL: Final = 500
+_MAX_URL: Final = 2048
+# Printable ASCII without space or backslash: WHATWG URL parsers read a backslash as
+# "/", urllib does not; refusing it avoids a parser differential on the host.
+_URL_CHARS: Final = re.compile(r"[\x21-\x5b\x5d-\x7e]+")
 
 
 class IssuerError(Exception):
@@ -60,6 +73,47 @@ class MintResult:
     jti: str
     kid: str
     expires_at: int
+
+
+def check_issuer_url(url: str) -> str:
+    """Return ``url`` if it is an acceptable issuer base URL, else raise ValueError.
+
+    Accepted: scheme ``https`` (any case), a non-empty host, an optional port in
+    1-65535 and an optional path. Refused: any other scheme (``http`` included),
+    userinfo (``user:pass@``), a query or fragment (even empty), whitespace, control
+    or non-ASCII characters, backslashes, more than 2048 characters.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"the issuer URL must be a str, not {type(url).__name__}")
+    if len(url) > _MAX_URL:
+        raise ValueError(f"the issuer URL is longer than {_MAX_URL} characters")
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() != "https":
+        raise ValueError(
+            "the issuer URL must be https://HOST[:PORT]: the token and any parent token"
+            " are credentials and are only sent over mutually authenticated TLS"
+        )
+    if _URL_CHARS.fullmatch(url) is None:
+        raise ValueError(
+            "the issuer URL contains whitespace, control, non-ASCII or backslash characters"
+        )
+    if "?" in url or "#" in url:
+        raise ValueError("the issuer URL must not have a query or a fragment")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
+        raise ValueError(f"the issuer URL is malformed: {exc}") from None
+    if "@" in parts.netloc:
+        raise ValueError("the issuer URL must not carry userinfo (user:password@)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the issuer URL has an invalid port") from None
+    if not parts.hostname:
+        raise ValueError("the issuer URL has no host")
+    if port == 0:
+        raise ValueError("the issuer URL has an invalid port")
+    return url
 
 
 def issuer_id_matcher(
@@ -158,6 +212,8 @@ class IssuerClient:
         issuer_id: SpiffeId | SpiffeIdPattern | str | None = None,
         timeout: float = 10.0,
     ) -> None:
+        # Checked before anything else: no TLS context is built for a URL we refuse.
+        check_issuer_url(url)
         ctx = client_context(source, server_id=issuer_id_matcher(issuer_id, source))
         # trust_env off: no proxy or netrc from the environment on an mTLS channel.
         self._http = httpx.Client(base_url=url, verify=ctx, timeout=timeout, trust_env=False)
@@ -235,6 +291,7 @@ class AsyncIssuerClient:
         issuer_id: SpiffeId | SpiffeIdPattern | str | None = None,
         timeout: float = 10.0,
     ) -> None:
+        check_issuer_url(url)
         ctx = client_context(source, server_id=issuer_id_matcher(issuer_id, source))
         self._http = httpx.AsyncClient(base_url=url, verify=ctx, timeout=timeout, trust_env=False)
 

@@ -9,18 +9,33 @@ caller's SPIFFE ID decides (a caller that matches none is not registered)::
         agents: [planner]                                 # agent slugs it may mint for
         audiences: [payments]                             # services it may address
         scope: "payments:read payments:refund"            # the widest scope it may ask
+        spawn_from:                                       # OPTIONAL, see below
+          - "spiffe://example.org/agent/planner"
 
 Rules (everything else is a :class:`RegistryError` naming the entry and key):
 
 * top level: exactly the key ``registrations``, a list (may be empty);
-* each entry has exactly the five keys above, all required;
+* each entry has the five keys ``spiffe_id``, ``tenant``, ``agents``, ``audiences``,
+  ``scope`` (all required) and optionally ``spawn_from``; no other key;
 * ``spiffe_id``: a strict SPIFFE ID or :class:`~mtls.spiffeid.SpiffeIdPattern`
   (``*`` one whole segment, ``**`` as last segment); no two entries with the same one;
 * ``tenant`` and each agent: a slug ``[a-z0-9][a-z0-9-]{0,62}``;
 * ``audiences``: non-empty list of service names ``[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}``;
 * ``scope``: RFC 6749 scope tokens, a space-separated string or a list, non-empty,
   no duplicates;
+* ``spawn_from`` (optional): a list of strict SPIFFE ID patterns, no duplicates, none
+  naming a bare trust domain; ``null`` is an error, not "absent".
 * no duplicate keys, aliases or merge keys anywhere (strict YAML).
+
+``spawn_from`` and parent tokens: a parent token is a bearer credential at the issuer.
+Without ``spawn_from`` (the default), a workload matching this entry may mint a child
+under ANY valid, unrevoked parent token of the same tenant, whoever it was minted for:
+the spawn model is that a planner hands its token to the worker it spawns, which has
+another SPIFFE ID. With ``spawn_from``, the parent token's ``sub`` (the workload the
+parent was minted for) must match one of the patterns, or the mint is refused with
+403 ``agent_not_allowed`` ("parent token's workload may not spawn this workload").
+An empty list means this workload mints root tokens only. Either way the parent's
+``sub``, ``jti`` and ``run`` are recorded in the decision log's ``note``.
 """
 
 from __future__ import annotations
@@ -50,7 +65,8 @@ AUDIENCE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}")
 SCOPE_TOKEN_RE: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
 _MAX_SCOPE_TOKENS: Final = 256
 _MAX_LIST: Final = 1024
-_ENTRY_KEYS: Final = ("spiffe_id", "tenant", "agents", "audiences", "scope")
+_REQUIRED_KEYS: Final = ("spiffe_id", "tenant", "agents", "audiences", "scope")
+_ENTRY_KEYS: Final = (*_REQUIRED_KEYS, "spawn_from")
 
 
 class RegistryError(ValueError):
@@ -118,6 +134,8 @@ class Registration:
     agents: frozenset[str]
     audiences: frozenset[str]
     scope: frozenset[str]
+    # None: any workload of the tenant may be the parent (see the module docstring).
+    spawn_from: tuple[SpiffeIdPattern, ...] | None = None
 
     @property
     def rule(self) -> str:
@@ -126,6 +144,16 @@ class Registration:
 
     def matches(self, spiffe_id: SpiffeId) -> bool:
         return self.pattern.matches(spiffe_id)
+
+    def may_spawn_from(self, parent_sub: SpiffeId | str) -> bool:
+        """May a parent token minted for ``parent_sub`` parent this workload's runs?
+
+        True when ``spawn_from`` is absent; otherwise ``parent_sub`` must match one of
+        its patterns (a str is parsed strictly; an invalid one never matches).
+        """
+        if self.spawn_from is None:
+            return True
+        return any(p.matches(parent_sub) for p in self.spawn_from)
 
 
 def _slug(value: object, index: int, key: str) -> str:
@@ -154,23 +182,10 @@ def _entry(raw: object, index: int) -> Registration:
                 index=index,
                 key=str(key)[:60],
             )
-    for key in _ENTRY_KEYS:
+    for key in _REQUIRED_KEYS:
         if key not in raw:
             raise RegistryError("is required", index=index, key=key)
-    sid = raw["spiffe_id"]
-    if not isinstance(sid, str):
-        raise RegistryError("must be a string", index=index, key="spiffe_id")
-    try:
-        pattern = SpiffeIdPattern.parse(sid)
-    except SpiffeIdError as exc:
-        raise RegistryError(
-            f"invalid SPIFFE ID pattern: {exc}", index=index, key="spiffe_id"
-        ) from None
-    if not pattern.segments:
-        # The trust domain's own ID is never an X.509-SVID: such an entry is a mistake.
-        raise RegistryError(
-            "names a trust domain, not a workload (add a path)", index=index, key="spiffe_id"
-        )
+    pattern = _workload_pattern(raw["spiffe_id"], index, "spiffe_id")
     tenant = _slug(raw["tenant"], index, "tenant")
     agents: set[str] = set()
     for item in _string_list(raw["agents"], index, "agents"):
@@ -193,7 +208,40 @@ def _entry(raw: object, index: int) -> Registration:
         scope = parse_scope(raw["scope"])
     except ValueError as exc:
         raise RegistryError(str(exc), index=index, key="scope") from None
-    return Registration(index, pattern, tenant, frozenset(agents), frozenset(audiences), scope)
+    spawn_from = _spawn_from(raw["spawn_from"], index) if "spawn_from" in raw else None
+    return Registration(
+        index, pattern, tenant, frozenset(agents), frozenset(audiences), scope, spawn_from
+    )
+
+
+def _workload_pattern(value: object, index: int, key: str) -> SpiffeIdPattern:
+    if not isinstance(value, str):
+        raise RegistryError("must be a string", index=index, key=key)
+    try:
+        pattern = SpiffeIdPattern.parse(value)
+    except SpiffeIdError as exc:
+        raise RegistryError(f"invalid SPIFFE ID pattern: {exc}", index=index, key=key) from None
+    if not pattern.segments:
+        # The trust domain's own ID is never an X.509-SVID: such an entry is a mistake.
+        raise RegistryError(
+            "names a trust domain, not a workload (add a path)", index=index, key=key
+        )
+    return pattern
+
+
+def _spawn_from(value: object, index: int) -> tuple[SpiffeIdPattern, ...]:
+    # Empty is allowed (root tokens only); null is not: absence must be spelled as absence.
+    if not isinstance(value, list):
+        raise RegistryError("must be a list of SPIFFE ID patterns", index=index, key="spawn_from")
+    if len(value) > _MAX_LIST:
+        raise RegistryError(f"has more than {_MAX_LIST} items", index=index, key="spawn_from")
+    patterns: list[SpiffeIdPattern] = []
+    for item in value:
+        pattern = _workload_pattern(item, index, "spawn_from")
+        if pattern in patterns:
+            raise RegistryError(f"repeats {str(pattern)!r}", index=index, key="spawn_from")
+        patterns.append(pattern)
+    return tuple(patterns)
 
 
 class Registry:

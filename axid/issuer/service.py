@@ -13,6 +13,8 @@ first failure wins (status, reason):
     a. it verifies against the issuer's own published keys
        (every check but the audience; leeway 0)                 401 token_*
     b. same tenant as the caller's registration                 403 tenant_not_allowed
+    b'. if the caller's registration has ``spawn_from``, the
+       parent's ``sub`` matches one of its patterns             403 agent_not_allowed
     c. the child run is neither the parent's run nor in its
        chain                                                    409 run_conflict
     d. ``len(parent.chain) + 1 <= 8``                           403 spawn_too_deep
@@ -29,6 +31,18 @@ first failure wins (status, reason):
 
 Every outcome is appended to the issuer's decision log by the caller (the app)
 before it answers; the service fills a :class:`DecisionRecord` as it learns.
+
+A parent token is a bearer credential here: without ``spawn_from`` any workload of
+the same tenant holding it may mint children under its run (the planner hands its
+token to the worker it spawns). So that attribution is never confused, the parent is
+verified first (its error is still raised at step 7a, keeping the order above) and
+every request carrying a parent token records the parent's ``jti``, ``run`` and
+``sub`` in the decision-log entry's ``note``, refusals included; a parent that does
+not verify is noted by its reason code only (its claims are untrusted).
+
+A ``run_conflict`` with a run bound in ANOTHER tenant answers only "run id is not
+available", so that a tenant cannot probe other tenants' run ids; within the tenant
+the detail says what differs. (The decision log's note keeps the precise cause.)
 """
 
 from __future__ import annotations
@@ -49,7 +63,13 @@ from axid.issuer.registry import Registry
 from axid.issuer.schemas import MintRequest, RevocationRequest
 from axid.issuer.store import IssuerStore, Revocation, RunConflict, RunRecord
 from axid.keys import Keyring, KeyringError, KeySet, b64url_encode
-from axid.tokens import MAX_CHAIN_DEPTH, TokenError, mint, verify_parent_token
+from axid.tokens import (
+    MAX_CHAIN_DEPTH,
+    ActionClaims,
+    TokenError,
+    mint,
+    verify_parent_token,
+)
 from mtls.spiffeid import SpiffeId, SpiffeIdPattern
 
 __all__ = [
@@ -145,6 +165,15 @@ def _store_down() -> Refusal:
     return Refusal(503, "store_unavailable", "the issuer's database is unavailable")
 
 
+def _parent_note(parent: ActionClaims) -> str:
+    # sub last: jti and run stay whole even if a 2 KiB SPIFFE ID hits the note's cap.
+    return f"parent jti {parent.jti} run {parent.run} sub {parent.sub}"
+
+
+def _add_note(rec: DecisionRecord, text: str) -> None:
+    rec.note = text if not rec.note else f"{rec.note}; {text}"
+
+
 class IssuerService:
     """Minting, revocation and the decision log, for one issuer (``iss``)."""
 
@@ -210,6 +239,21 @@ class IssuerService:
         now_f = self.clock()
         now = int(now_f)  # token times are whole seconds; key choice uses the exact time
         rec.agent, rec.run, rec.scope_required = req.agent, req.run, req.scope
+        self.reload_keys()
+        # The parent is verified before the registration checks only so that every
+        # refusal of a child mint names whose token was presented; its error still
+        # surfaces at step 7a.
+        parent: ActionClaims | None = None
+        parent_error: TokenError | None = None
+        if req.parent_token is not None:
+            try:
+                parent = verify_parent_token(
+                    req.parent_token, self.key_set(now_f), issuer=self.iss, now=now
+                )
+                rec.note = _parent_note(parent)
+            except TokenError as exc:
+                parent_error = exc
+                rec.note = f"parent_token did not verify: {exc.reason}"
         registration = self.registry.match(peer.spiffe_id)
         if registration is None:
             raise Refusal(403, "agent_not_allowed", "the peer's SPIFFE ID is not registered")
@@ -231,23 +275,23 @@ class IssuerService:
         if ttl > self.max_ttl:
             raise Refusal(400, "bad_request", f"ttl_seconds: at most {self.max_ttl}")
 
-        self.reload_keys()
         chain: tuple[str, ...] = ()
         spawn_parent: str | None = None
         parent_jti: str | None = None
         parent_agent: str | None = None
-        if req.parent_token is not None:
-            try:
-                parent = verify_parent_token(
-                    req.parent_token, self.key_set(now_f), issuer=self.iss, now=now
-                )
-            except TokenError as exc:
-                raise Refusal(401, exc.reason, f"parent_token: {exc.message}") from None
+        if parent_error is not None:
+            raise Refusal(401, parent_error.reason, f"parent_token: {parent_error.message}")
+        if parent is not None:
             parent_jti, parent_agent = parent.jti, parent.agent
-            rec.note = f"parent jti {parent.jti} run {parent.run}"
             if parent.tenant != tenant:
                 raise Refusal(
                     403, "tenant_not_allowed", "the parent token belongs to another tenant"
+                )
+            if not registration.may_spawn_from(parent.sub):
+                raise Refusal(
+                    403,
+                    "agent_not_allowed",
+                    "parent token's workload may not spawn this workload",
                 )
             if req.run == parent.run or req.run in parent.chain:
                 raise Refusal(
@@ -300,6 +344,11 @@ class IssuerService:
         try:
             await anyio.to_thread.run_sync(self.store.bind_run, binding)
         except RunConflict as exc:
+            if exc.existing.tenant != tenant:
+                # Do not tell a tenant that a run id exists elsewhere; the log keeps it.
+                _add_note(rec, "run id is bound in another tenant")
+                raise Refusal(409, "run_conflict", "run id is not available") from None
+            _add_note(rec, f"run is bound with another {exc.what}")
             raise Refusal(
                 409, "run_conflict", f"the run is already bound with another {exc.what}"
             ) from None

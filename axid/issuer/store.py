@@ -11,6 +11,24 @@ Tables (SQLModel, on the same engines as the decision log: ``sqlite:///FILE`` or
   (``jti`` | ``run`` | ``agent`` | ``tenant``), ``value``, ``reason``,
   ``created_at`` (Unix ms), ``created_by`` (the admin's SPIFFE ID).
 
+Revocation scope across tenants (a known limit of the wire contract, not a bug to
+rely on): a revocation row is ``(kind, value)`` with no tenant column, and both this
+store (:meth:`IssuerStore.find_revocation`, used at mint time) and the verifier
+(``verifier.revocation``, fed by ``GET /v1/revocations``) match on the value alone.
+
+* ``agent`` revocations are GLOBAL: revoking agent slug ``planner`` refuses mints and
+  denies tokens for ``agent == "planner"`` in EVERY tenant, not only the tenant the
+  admin had in mind. Where several tenants share one issuer, give agents
+  tenant-qualified slugs in the registration file (``acme-planner``,
+  ``globex-planner``) so an agent revocation names exactly one tenant's agent.
+* ``tenant`` values are unique by definition; ``jti`` values are 128-bit random;
+  ``run`` ids are unique across tenants because the runs table binds each run id to
+  one tenant for good. These three kinds therefore hit one tenant only (a ``run``
+  revocation of an id never minted hits whichever tenant later tries to use it).
+
+Changing ``agent`` to a tenant-scoped match would change the revocation feed's
+contract (DESIGN.md) for the issuer and every verifier at once: a contract decision.
+
 Concurrency (several issuer replicas on one PostgreSQL, or processes on one SQLite
 file):
 
@@ -329,7 +347,11 @@ class IssuerStore:
         agents: Iterable[str] = (),
         tenants: Iterable[str] = (),
     ) -> Revocation | None:
-        """The oldest revocation matching any of the given values, or None."""
+        """The oldest revocation matching any of the given values, or None.
+
+        Values are matched without regard to tenant: an ``agent`` revocation applies
+        to that slug in every tenant (see the module docstring).
+        """
         conds = []
         for kind, values in (("jti", jtis), ("run", runs), ("agent", agents), ("tenant", tenants)):
             wanted = sorted({v for v in values if v})
