@@ -94,6 +94,60 @@ def test_bench_log_benchmarks_json_shape(tmp_path: Path) -> None:
     assert "3,000-entry log" in p.stdout  # the size used is in the human table only
 
 
+def test_bench_verifier_and_issuer_benchmarks_json_shape(tmp_path: Path) -> None:
+    # Real servers (issuer, governed service, bare baselines) in subprocesses over
+    # mTLS on loopback; tiny counts: shape only.
+    out = tmp_path / "out.json"
+    names = [
+        "token.verify_cached",
+        "issuer.mint_http",
+        "verifier.governed_rps",
+        "verifier.check_cached",
+    ]
+    p = _axid(
+        "bench",
+        "--quick",
+        "--only",
+        ",".join(names),
+        "--iterations",
+        "40",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+        env={"TMPDIR": str(tmp_path)},  # the run's temporary directory, servers' cwd
+    )
+    assert p.returncode == 0, p.stderr + p.stdout
+    doc = json.loads(out.read_text())
+    assert doc.get("skipped", []) == []
+    results = doc["results"]
+    assert [r["name"] for r in results] == names
+    for r in results:
+        assert set(r) == RESULT_FIELDS
+        assert r["unit"] == "ops/s"
+        assert isinstance(r["baseline"], str) and r["baseline"]
+        for k in ("value", "baseline_value", "ratio"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0
+        assert math.isclose(r["ratio"], r["value"] / r["baseline_value"], rel_tol=1e-9)
+    # Human-only details are in the table (rich may wrap them between words).
+    for word in ("decisions", "mints", "fresh", "TokenCache"):
+        assert word in p.stdout
+    # No server process outlives the command, and its temporary directory is gone.
+    assert _processes_mentioning(str(tmp_path)) == []
+    assert list(tmp_path.glob("axid-bench-*")) == []
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # the process ended meanwhile
+        if text in args:
+            found.append(args)
+    return found
+
+
 def test_bench_missing_module_is_skipped_with_reason(tmp_path: Path) -> None:
     # Benchmarks whose module is not there (yet) are reported, not fatal.
     modules = {"issuer.mint_http": "issuer", "verifier.governed_rps": "verifier"}

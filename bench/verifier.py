@@ -1,0 +1,409 @@
+"""Verifier benchmarks: ``token.verify_cached``, ``verifier.governed_rps``,
+``verifier.check_cached``.
+
+- ``token.verify_cached``: the verifier's token step for a token it has seen
+  before (``Pipeline``'s token verification: key set, :class:`TokenCache` hit,
+  the time re-checks). Baseline: one bare Ed25519 verify of the same token
+  (cryptography): the cost a cache hit avoids. Aim: ratio >= 5, i.e. a hit
+  costs under a fifth of one signature check.
+- ``verifier.governed_rps``: requests/s of a route behind
+  :class:`verifier.middleware.AxidVerifier` over mTLS, every one allowed and
+  committed to the SQLite decision log before the route runs. Baseline: the
+  same FastAPI route without the middleware, same server set-up. Aim: ratio
+  >= 0.7.
+- ``verifier.check_cached``: the in-process cost of one governed request's
+  checks, steps 1-7 (:meth:`verifier.pipeline.Pipeline.decide`) with a repeated
+  token: no HTTP, no log append. Baseline: one bare Ed25519 verify. The human
+  table also shows the same with a fresh token per call (cache miss).
+
+The in-process figures use the pipeline of a started :class:`AxidVerifier`
+(exactly what the middleware builds from its config; a ``StaticRevocations``
+source so that no poll has to run meanwhile) and drive ``decide`` without an
+event loop turn: on these paths it never suspends (checked on every call).
+HTTP figures: see :mod:`bench.issuer` for how they are taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from axid.keys import KeySet, SigningKey
+from axid.tokens import mint
+from bench._harness import BenchError, Context, Result, compare_rates, rate, register
+from bench.issuer import (
+    AUDIENCE,
+    ISS,
+    BenchPki,
+    LoadPool,
+    bench_pki,
+    client_ssl,
+    compare_pools,
+    http_plan,
+    http_request,
+    log_entries,
+    run_client,
+    serving,
+)
+
+GOVERNED_CLIENTS: Final = 32
+SERVICE: Final = "payments"
+HEADER: Final = "X-Waxell-AXID"
+PATH: Final = "/payments/p-1001"
+_RULE: Final = {"methods": ["GET"], "path": "/payments/*", "scope": "payments:read"}
+# Revoked runs that are not the benchmark's: step 6 looks at a non-empty set.
+_REVOKED: Final = (("run", "bench-revoked-1"), ("run", "bench-revoked-2"), ("agent", "intruder"))
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- material
+
+
+@dataclass(frozen=True)
+class _Material:
+    key: SigningKey
+    jwks_file: Path
+    sub: str
+    cnf: str
+    chain_pem: list[str]  # the planner's chain as mtls.uvicorn puts it in the TLS extension
+
+
+def _material(ctx: Context, pki: BenchPki) -> _Material:
+    m = ctx.shared.get("verifier.material")
+    if m is None:
+        from mtls.x509svid import x5t_s256
+
+        d = ctx.tempdir("jwks-")
+        key = SigningKey.from_private_key(Ed25519PrivateKey.generate())
+        jwks_file = d / "jwks.json"
+        jwks_file.write_text(json.dumps(KeySet.of(key.public_key).to_jwks()))
+        certs = x509.load_pem_x509_certificates(pki.cert("planner").read_bytes())
+        m = _Material(
+            key=key,
+            jwks_file=jwks_file,
+            sub=pki.spiffe_id("planner"),
+            cnf=x5t_s256(certs[0]),
+            chain_pem=[ssl.DER_cert_to_PEM_cert(c.public_bytes(Encoding.DER)) for c in certs],
+        )
+        ctx.shared["verifier.material"] = m
+    return m
+
+
+def _token(m: _Material, run: str) -> str:
+    """A root token of the planner for ``GET /payments/*``, valid for 300 s from now."""
+    return mint(
+        key=m.key,
+        iss=ISS,
+        sub=m.sub,
+        aud=AUDIENCE,
+        tenant="acme",
+        agent="planner",
+        run=run,
+        spawn_parent=None,
+        chain=[],
+        scope="payments:read payments:refund",
+        cnf_x5t_s256=m.cnf,
+        now=int(time.time()),
+        ttl=300,
+    )
+
+
+def _ed25519_baseline(m: _Material, token: str) -> Callable[[], object]:
+    """A bare Ed25519 verify of ``token``'s signature (cryptography)."""
+    header, payload, sig = token.split(".")
+    signing_input = f"{header}.{payload}".encode("ascii")
+    signature = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+    public_key: Ed25519PublicKey = m.key.public_key
+    public_key.verify(signature, signing_input)  # raises if the baseline is not a real verify
+    return lambda: public_key.verify(signature, signing_input)
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that must finish without suspending; its result."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise BenchError("the measured path suspended: it is not an in-process cost")
+
+
+class _InProcess:
+    """A started AxidVerifier (its own event loop, closed at the end of the run)."""
+
+    def __init__(self, ctx: Context, pki: BenchPki, m: _Material) -> None:
+        from verifier.config import IdentityConfig, JwksConfig, LogConfig, VerifierConfig
+        from verifier.middleware import AxidVerifier
+        from verifier.revocation import StaticRevocations
+        from verifier.rules import RouteRule
+
+        d = ctx.tempdir("inproc-")
+        config = VerifierConfig(
+            service=SERVICE,
+            issuer=ISS,
+            tenants=("acme",),
+            identity=IdentityConfig(bundle=(pki.bundle,)),
+            jwks=JwksConfig(file=m.jwks_file),
+            revocations=StaticRevocations(_REVOKED),
+            log=LogConfig(url=f"sqlite:///{d}/verifier.db", key=d / "log.pem"),
+            rules=(RouteRule(_RULE["path"], methods=("GET",), scope=_RULE["scope"]),),
+        )
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            raise AssertionError("not called")
+
+        self.verifier = AxidVerifier(app, config)
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self.verifier.startup())
+        except BaseException:
+            self.loop.close()
+            raise
+        ctx.on_close(self.close)
+        pipeline = self.verifier.pipeline
+        assert pipeline is not None
+        self.pipeline = pipeline
+        rule = config.rule_set.match("GET", PATH)
+        if rule is None:
+            raise BenchError("the benchmark route has no rule")
+        self.rule = rule
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.verifier.shutdown())
+        finally:
+            self.loop.close()
+
+    def presented(self, m: _Material, token: str) -> Any:
+        """What the middleware would hand the pipeline for one request."""
+        from verifier.checks import RequestInfo
+        from verifier.pipeline import Presented
+
+        headers = ((b"host", b"127.0.0.1:8443"), (b"user-agent", b"axid-bench"))
+        return Presented(
+            method="GET",
+            path=PATH,
+            tls_chain=list(m.chain_pem),
+            client_ip="127.0.0.1",
+            token=token,
+            token_headers=1,
+            xfcc=None,
+            info=RequestInfo("GET", PATH, b"", headers, ("127.0.0.1", 50_000)),
+        )
+
+    def decide(self, presented: Any) -> Any:
+        return _drive(self.pipeline.decide(presented, self.rule))
+
+
+def _in_process(ctx: Context) -> tuple[_InProcess, _Material]:
+    pki = bench_pki(ctx)
+    m = _material(ctx, pki)
+    ip = ctx.shared.get("verifier.inproc")
+    if ip is None:
+        ip = _InProcess(ctx, pki, m)
+        ctx.shared["verifier.inproc"] = ip
+    return ip, m
+
+
+def _timing(ctx: Context) -> dict[str, Any]:
+    if ctx.iterations is not None:
+        return {"n": ctx.iterations, "repeat": 1}
+    return {"seconds": 0.25 if ctx.quick else 1.0, "repeat": ctx.repeats()}
+
+
+def _allowed(decision: Any, what: str) -> None:
+    if not decision.allow:
+        raise BenchError(f"{what}: the benchmark request was denied ({decision.reason})")
+
+
+@register("token.verify_cached")
+def token_verify_cached(ctx: Context) -> Result:
+    """The pipeline's token step on a cache hit vs one bare Ed25519 verify.
+
+    Measured: ``Pipeline._verify_token`` (the verifier's own step 2, private
+    to the pipeline, so the figure follows its code): the JWKS source's
+    current key set, the :class:`~verifier.pipeline.TokenCache` lookup (LRU,
+    ``kid`` still in the key set) and the nbf/exp/iat re-check with leeway.
+    The token was verified once before timing, as a repeated token is.
+    """
+    from verifier.pipeline import _Facts
+
+    ip, m = _in_process(ctx)
+    token = _token(m, "bench-cached-token")
+    _allowed(ip.decide(ip.presented(m, token)), "token.verify_cached")  # now cached
+    facts = _Facts(ip.rule)
+    pipeline = ip.pipeline
+    hits = pipeline.token_cache.hits
+    claims = _drive(pipeline._verify_token(token, facts))
+    if claims.run != "bench-cached-token" or pipeline.token_cache.hits != hits + 1:
+        raise BenchError("token.verify_cached: the token step did not hit the cache")
+    value, base = compare_rates(
+        lambda: _drive(pipeline._verify_token(token, facts)),
+        _ed25519_baseline(m, token),
+        **_timing(ctx),
+    )
+    ctx.detail("token.verify_cached", "TokenCache hit + time checks")
+    return Result.of("token.verify_cached", value, "ops/s", "Ed25519 verify (cryptography)", base)
+
+
+@register("verifier.check_cached")
+def verifier_check_cached(ctx: Context) -> Result:
+    """``Pipeline.decide`` for a repeated token vs one bare Ed25519 verify.
+
+    Measured: steps 1-7 of a governed ``GET /payments/p-1001`` as the middleware
+    runs them, without HTTP and without the decision-log append: peer chain ->
+    SPIFFE ID (the verifier's SVID cache), token (cache hit), ``sub`` and
+    ``cnf`` binding (constant-time), audience and tenant, route rule and scope,
+    revocation set match, the decision object. The human table adds the same
+    with a fresh token per call (cache miss: full token verification).
+    """
+    ip, m = _in_process(ctx)
+    token = _token(m, "bench-check-cached")
+    presented = ip.presented(m, token)
+    _allowed(ip.decide(presented), "verifier.check_cached")
+    hits = ip.pipeline.token_cache.hits
+    _allowed(ip.decide(presented), "verifier.check_cached")
+    if ip.pipeline.token_cache.hits != hits + 1:
+        raise BenchError("verifier.check_cached: the repeated token missed the cache")
+    value, base = compare_rates(
+        lambda: ip.decide(presented), _ed25519_baseline(m, token), **_timing(ctx)
+    )
+
+    # Cold: a fresh token per call (minted beforehand), each verified in full.
+    k = ctx.n(full=2000, quick=400)
+    fresh = [ip.presented(m, _token(m, f"bench-cold-{i:05d}")) for i in range(k)]
+    _allowed(ip.decide(fresh[-1]), "verifier.check_cached (cold)")
+    it = iter(fresh[:-1])
+    cold = rate(lambda: ip.decide(next(it)), n=k - 1, repeat=1) if k > 1 else 0.0
+    ctx.detail(
+        "verifier.check_cached",
+        f"cache hit; fresh token per call: {cold:,.0f} ops/s" if cold else "cache hit",
+    )
+    return Result.of("verifier.check_cached", value, "ops/s", "Ed25519 verify (cryptography)", base)
+
+
+# --------------------------------------------------------------------------- governed HTTP
+
+
+def governed_app(args: dict[str, Any]) -> tuple[Any, Any]:
+    """Server factory: the bare routes behind AxidVerifier (config file ``args["config"]``)."""
+    from bench.issuer import bare_fastapi
+    from mtls.sources import FileSource
+    from verifier.config import VerifierConfig
+    from verifier.middleware import AxidVerifier
+
+    app = AxidVerifier(bare_fastapi(), VerifierConfig.from_file(args["config"]))
+    return app, FileSource(args["cert"], args["key"], args["bundle"])
+
+
+def _governed_config(d: Path, pki: BenchPki, m: _Material) -> Path:
+    """The verifier's YAML config (JSON is YAML): JWKS file, revocations read from an
+    issuer database, decision log in SQLite."""
+    from axid.issuer.store import IssuerStore
+
+    revocations_url = f"sqlite:///{d}/issuer.db"
+    store = IssuerStore.open(revocations_url)
+    try:
+        for kind, value in _REVOKED:
+            store.revoke(kind, value, "bench", created_by=pki.spiffe_id("planner"), now_ms=0)
+    finally:
+        store.close()
+    doc = {
+        "service": SERVICE,
+        "issuer": ISS,
+        "tenants": ["acme"],
+        "header": HEADER,
+        "identity": {"bundle": str(pki.bundle)},
+        "jwks": {"file": str(m.jwks_file)},
+        "revocations": {"database_url": revocations_url},
+        "log": {"url": f"sqlite:///{d}/verifier.db", "key": str(d / "log.pem")},
+        "rules": [_RULE, {"path": "/healthz", "governed": False}],
+    }
+    path = d / "verifier.yaml"
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+@register("verifier.governed_rps")
+def verifier_governed_rps(ctx: Context) -> Result:
+    """Governed requests/s over mTLS, 32 keep-alive clients, repeated tokens.
+
+    Measured: ``GET /payments/p-1001`` on a FastAPI app wrapped in
+    ``AxidVerifier`` (config file: JWKS file, revocations polled from an issuer
+    SQLite table, decision log in SQLite with WAL, ``synchronous=FULL`` and
+    group commit) under uvicorn (httptools, uvloop) in its own process. Each
+    request: steps 1-7 (token cache hit after each client's first request), the
+    decision appended and committed (waited for), then the route. 32 clients in
+    the benchmark process, each with its own token (own run), one request in
+    flight each. Baseline: the same FastAPI app without the middleware, same
+    request bytes (token header included), same server set-up. Self-check: the
+    decision log holds exactly one entry per answered governed request.
+    """
+    pki = bench_pki(ctx)
+    m = _material(ctx, pki)
+    d = ctx.tempdir("governed-")
+    config = _governed_config(d, pki, m)
+    tokens = [_token(m, f"bench-run-{i:02d}") for i in range(GOVERNED_CLIENTS)]
+    svid = {"cert": str(pki.cert("payments")), "key": str(pki.key("payments"))}
+    svid["bundle"] = str(pki.bundle)
+    plan = http_plan(ctx, GOVERNED_CLIENTS)
+    ssl_ctx = client_ssl(pki, client="planner", server="payments")
+    answered = 0
+
+    def requests(port: int) -> list[bytes]:
+        return [http_request("GET", PATH, port, [(HEADER, t)]) for t in tokens]
+
+    with serving(
+        d,
+        ("governed", "bench.verifier:governed_app", {**svid, "config": str(config)}),
+        ("bare", "bench.issuer:bare_app", svid),
+    ) as (governed_port, bare_port):
+
+        async def main() -> tuple[float, float]:
+            nonlocal answered
+            value = await LoadPool.open(
+                "governed", governed_port, ssl_ctx, requests(governed_port), expect=200
+            )
+            try:
+                base = await LoadPool.open(
+                    "bare", bare_port, ssl_ctx, requests(bare_port), expect=200
+                )
+                try:
+                    rates = await compare_pools(value, base, plan)
+                finally:
+                    base.close()
+                answered = value.answered
+                return rates
+            finally:
+                value.close()
+
+        rate_, base_rate = run_client(main())
+    entries = log_entries(d / "verifier.db", SERVICE)
+    if entries != answered:
+        raise BenchError(f"verifier.governed_rps: {answered} requests, {entries} log entries")
+    ctx.detail(
+        "verifier.governed_rps",
+        f"{GOVERNED_CLIENTS} keep-alive mTLS clients, {entries:,} logged decisions",
+    )
+    return Result.of(
+        "verifier.governed_rps",
+        rate_,
+        "ops/s",
+        "the same FastAPI route without AxidVerifier",
+        base_rate,
+    )
