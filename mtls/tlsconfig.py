@@ -11,7 +11,8 @@ it on every ClientHello, with or without an SNI extension (checked on OpenSSL 3.
 asyncio and uvloop transports, connecting to an IP). When the source's generation has
 changed it switches that handshake to a context built from the new SVID and bundles
 (``ssl_object.context = inner``), so new connections get new material while open
-connections keep theirs.
+connections keep theirs. Its connections on asyncio/uvloop servers also get a
+handshake deadline (``handshake_timeout``, 10 s by default; see :func:`server_context`).
 
 Client (:func:`client_context`): presents the source's SVID, does not check DNS names,
 and after the handshake verifies the server's chain with ``verify_svid`` against the
@@ -26,10 +27,12 @@ generation too, so long-lived clients (an ``httpx.Client``) rotate as well.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,7 +41,13 @@ from mtls.spiffeid import SpiffeId, SpiffeIdPattern
 from mtls.x509bundle import BundleSet
 from mtls.x509svid import SvidError, verify_svid
 
-__all__ = ["client_context", "peer_chain_der", "peer_chain_pem", "server_context"]
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "client_context",
+    "peer_chain_der",
+    "peer_chain_pem",
+    "server_context",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -180,14 +189,59 @@ def peer_chain_pem(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[str]:
 
 # -- server -------------------------------------------------------------------------
 
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds; see server_context
 
-def server_context(source: X509Source, *, alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLContext:
+
+class _ServerSSLObject(ssl.SSLObject):
+    """Fails a handshake still running ``handshake_timeout`` after it began.
+
+    asyncio and uvloop call ``do_handshake`` once when the connection opens and again
+    each time handshake bytes arrive; the first call starts the clock, and a call past
+    the deadline raises, which makes the loop close the connection.
+    """
+
+    def do_handshake(self) -> None:
+        now = time.monotonic()
+        deadline: float | None = getattr(self, "_axid_deadline", None)
+        if deadline is None:
+            timeout = getattr(self.context, "_axid_handshake_timeout", None)
+            self._axid_deadline = now + timeout if timeout is not None else math.inf
+        elif now > deadline:
+            raise ssl.SSLError(1, "[AXID] TLS handshake not completed in time")
+        super().do_handshake()
+
+
+class _SpiffeServerContext(ssl.SSLContext):
+    """A server context whose asyncio/uvloop connections have a handshake deadline."""
+
+    sslobject_class = _ServerSSLObject
+    _axid_handshake_timeout: float | None = None
+
+
+def server_context(
+    source: X509Source,
+    *,
+    alpn: Sequence[str] = ("http/1.1",),
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> ssl.SSLContext:
     """A server ``SSLContext`` requiring a client certificate chained to the source's
-    bundles, presenting the source's current SVID and following its rotations."""
+    bundles, presenting the source's current SVID and following its rotations.
+
+    ``handshake_timeout`` (seconds, ``None``: none of ours) bounds a TLS handshake on
+    an asyncio or uvloop server: a handshake that is still running when its next
+    record arrives after the deadline fails. A peer that sends nothing at all is not
+    seen by this check; the event loop's own handshake timeout closes it
+    (``loop.create_server(ssl_handshake_timeout=...)``, 60 s by default, which uvicorn
+    does not let its callers set). Blocking ``wrap_socket`` servers are not covered.
+    """
     alpn = tuple(alpn)
+    if handshake_timeout is not None and not 0 < handshake_timeout < math.inf:
+        raise ValueError(f"handshake_timeout must be positive and finite, not {handshake_timeout}")
 
     def build(material: SvidMaterial, bundles: BundleSet) -> ssl.SSLContext:
-        ctx = _base_context(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), material, bundles)
+        ctx = _SpiffeServerContext(ssl.PROTOCOL_TLS_SERVER)
+        _base_context(ctx, material, bundles)
+        ctx._axid_handshake_timeout = handshake_timeout
         if alpn:
             ctx.set_alpn_protocols(list(alpn))
         return ctx

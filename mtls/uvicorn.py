@@ -1,7 +1,8 @@
-"""The ASGI TLS extension for uvicorn, which does not give apps the client certificate.
+"""The ASGI TLS extension and request-head limits for uvicorn.
 
-``uvicorn --http mtls.uvicorn:H11TLSProtocol`` (or ``HttpToolsTLSProtocol``) fills, for
-every HTTP request on a TLS connection::
+uvicorn does not give apps the client certificate. ``uvicorn --http
+mtls.uvicorn:H11TLSProtocol`` (or ``HttpToolsTLSProtocol``) fills, for every HTTP
+request on a TLS connection::
 
     scope["extensions"]["tls"] = {
         "server_cert": None,                 # not obtainable from Python's ssl
@@ -20,6 +21,33 @@ handshake. On Python < 3.13 the chain comes from a private CPython method (see
 WebSocket upgrades are handed to uvicorn's WebSocket protocol classes and do not get
 the extension.
 
+Request-head limits (:class:`HttpLimits`; the same in both classes, checked before
+the app sees the request). uvicorn alone has none under httptools, and under h11 only
+a 16 KiB cap on a head that is still *incomplete*, so a larger head arriving in one
+read went through.
+
+- ``max_head_bytes`` (32 KiB): raw bytes of the request head, request line through
+  the blank line that ends it. Counted as reads arrive, before parsing, so how the
+  head is split into reads does not change the outcome: 431 (414 while the request
+  line itself has not ended).
+- ``max_url_bytes`` (8 KiB): the request target: 414.
+- ``max_headers`` (100): header fields: 431.
+- ``head_timeout`` (10 s): a connection that has not delivered a complete request
+  head this long after its TLS handshake, or after its previous response, is closed:
+  408 if part of a head had come, silently if nothing had. uvicorn's keep-alive
+  timeout (5 s by default) still closes idle kept-alive connections first; the body
+  of a request is not timed here.
+- ``handshake_timeout`` (10 s): passed to :func:`mtls.tlsconfig.server_context` by
+  :func:`uvicorn_config` (see there for what it bounds).
+
+A head pipelined behind a body in the same read is not counted byte by byte; it is
+checked on its parsed size (target, names, values, 2 bytes a field: a lower bound of
+its raw size) once complete. Every refusal, including a request uvicorn's parser
+rejects (400), is an RFC 9457 ``application/problem+json`` answer with ``reason``
+``bad_request`` and ``connection: close``. The connection is then closed after a
+short linger that reads and drops further input, so a client still sending its
+request reads the answer rather than a reset.
+
 :func:`uvicorn_config` builds a ``uvicorn.Config`` serving over
 :func:`mtls.tlsconfig.server_context` (rotating with its source) with these classes.
 """
@@ -27,19 +55,32 @@ the extension.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import math
+import re
 import ssl
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, ClassVar, Final, Literal
 
+import h11
 import uvicorn
 from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mtls.sources import X509Source
-from mtls.tlsconfig import peer_chain_der, server_context
+from mtls.tlsconfig import DEFAULT_HANDSHAKE_TIMEOUT, peer_chain_der, server_context
 
-__all__ = ["H11TLSProtocol", "HttpToolsTLSProtocol", "tls_extension", "uvicorn_config"]
+__all__ = [
+    "H11TLSProtocol",
+    "HttpLimits",
+    "HttpToolsTLSProtocol",
+    "tls_extension",
+    "uvicorn_config",
+]
 
 _Scope = MutableMapping[str, Any]
 _ASGIApp = Callable[[_Scope, Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Any]
@@ -114,36 +155,294 @@ class _TLSExtensionApp:
         return await self.app(scope, receive, send)
 
 
-def _on_connection(wrapper: _TLSExtensionApp, transport: asyncio.BaseTransport) -> None:
-    ssl_object = transport.get_extra_info("ssl_object")
-    wrapper.tls = tls_extension(ssl_object) if ssl_object is not None else None
+# -- request-head limits ------------------------------------------------------------
 
 
-class H11TLSProtocol(H11Protocol):
-    """uvicorn's h11 protocol, filling the ASGI TLS extension."""
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """Limits on each request head and the time to receive it (see the module doc)."""
+
+    max_head_bytes: int = 32 * 1024
+    max_url_bytes: int = 8 * 1024
+    max_headers: int = 100
+    head_timeout: float = 10.0
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        for name in ("max_head_bytes", "max_url_bytes", "max_headers"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
+        for name in ("head_timeout", "handshake_timeout"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+
+
+_REASON: Final = "bad_request"
+# After a refusal the connection reads and drops input, and closes once none has come
+# for _LINGER_IDLE s, or _LINGER_SECONDS s after the answer, or past _LINGER_BYTES.
+_LINGER_IDLE: Final = 0.5
+_LINGER_SECONDS: Final = 2.0
+_LINGER_BYTES: Final = 1024 * 1024
+# The end of a head: a blank line (CRLF or bare LF line ends, as both parsers accept).
+_HEAD_END: Final = re.compile(rb"\n\r?\n")
+# h11's own cap on an incomplete head, kept above ours so that ours answers first: one
+# read may hold head bytes the counter has not seen (a head pipelined behind a body).
+_H11_CAP_SLACK: Final = 256 * 1024
+
+
+def _problem(status: int, detail: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A complete ``application/problem+json`` response (RFC 9457) that closes."""
+    title = HTTPStatus(status).phrase
+    body = json.dumps(
+        {
+            "type": "about:blank",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "reason": _REASON,
+        },
+        separators=(",", ":"),
+    ).encode()
+    lines = [b"HTTP/1.1 %d %s" % (status, title.encode())]
+    lines += [name + b": " + value for name, value in default_headers]
+    lines += [
+        b"content-type: application/problem+json",
+        b"content-length: %d" % len(body),
+        b"connection: close",
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class _HeadRefused(h11.RemoteProtocolError):
+    """A complete request head over a limit. Raised in the parser's hands: uvicorn
+    catches it (h11 directly, httptools as a callback error) and calls
+    ``send_400_response``, which answers the status stashed in ``_refusal``."""
+
+
+class _LimitedProtocol:
+    """What both protocol classes add to uvicorn's: the TLS extension, request-head
+    limits and the head timeout. Listed first in their bases, before uvicorn's class."""
+
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    # uvicorn's, set by its protocol classes.
+    app: Any
+    loop: asyncio.AbstractEventLoop
+    logger: logging.Logger
+    transport: asyncio.Transport
+    cycle: Any
+    server_state: Any
+    client: tuple[str, int] | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # uvicorn hands self.app to every RequestResponseCycle of this connection.
+        # uvicorn hands self.app to every request cycle of this connection.
         self._tls_app = _TLSExtensionApp(self.app)
         self.app = self._tls_app
+        self._awaiting_head = True  # the parser has not completed the next head
+        self._head_bytes = 0  # raw bytes of that head so far
+        self._line_open = True  # its request line has not ended
+        self._tail = b""  # last bytes counted (a blank line may straddle two reads)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refusal: tuple[int, str] | None = None  # for send_400_response
+        self._refused = False
+        self._answer: bytes | None = None  # a refusal held until the response in progress ends
+        self._drain_left = 0
+        self._linger: asyncio.TimerHandle | None = None
+        self._linger_end = 0.0
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        _on_connection(self._tls_app, transport)
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._tls_app.tls = tls_extension(ssl_object) if ssl_object is not None else None
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:  # drop input; close once too much has come
+            self._drain_left -= len(data)
+            if self._drain_left < 0:
+                self.transport.close()
+            elif self._linger is not None:
+                self._linger_close()
+            return
+        if self._awaiting_head and not self._count_head(data):
+            return
+        super().data_received(data)  # type: ignore[misc]
+
+    # -- uvicorn's hooks -------------------------------------------------------------
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser refused (or a _HeadRefused)."""
+        status, detail = self._refusal or (400, "malformed HTTP request")
+        self._refuse(status, detail)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self._answer is not None:
+            self._answer_and_close()
+        self._arm_head_timer()
+
+    def shutdown(self) -> None:
+        if self._refused and not self._busy():  # h11 may be in a state shutdown refuses
+            self.transport.close()
+            return
+        super().shutdown()  # type: ignore[misc]
+
+    # -- the head --------------------------------------------------------------------
+
+    def _count_head(self, data: bytes) -> bool:
+        """Count a read into the head being received: False (and refused) past the limit."""
+        before = self._head_bytes
+        self._head_bytes = before + len(data)
+        limit = self.limits.max_head_bytes
+        window = limit - before  # how much of data may still be head
+        if self._line_open and window > 0 and data.find(b"\n", 0, window) >= 0:
+            self._line_open = False
+        if self._head_bytes <= limit:
+            self._tail = data[-2:]
+            return True
+        # Past the limit: still fine if the head ends within it (the rest is body).
+        if window > 0 and _HEAD_END.search(self._tail + data[:window]) is not None:
+            return True
+        if self._line_open:
+            self._refuse(414, f"request line longer than {limit} bytes")
+        else:
+            self._refuse(431, f"request head larger than {limit} bytes")
+        return False
+
+    def _check_head(self, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """Called by the parser with a complete head, before uvicorn acts on it."""
+        self._awaiting_head = False
+        self._cancel_head_timer()
+        limits = self.limits
+        if len(target) > limits.max_url_bytes:
+            self._refusal = (414, f"request target longer than {limits.max_url_bytes} bytes")
+        elif len(headers) > limits.max_headers:
+            self._refusal = (431, f"more than {limits.max_headers} header fields")
+        elif len(target) + sum(len(n) + len(v) + 2 for n, v in headers) > limits.max_head_bytes:
+            # Only a head the counter did not see whole (pipelined) gets here.
+            self._refusal = (431, f"request head larger than {limits.max_head_bytes} bytes")
+        if self._refusal is not None:
+            raise _HeadRefused(self._refusal[1], error_status_hint=self._refusal[0])
+
+    def _message_complete(self) -> None:
+        """Called by the parser at the end of a request: the next head starts."""
+        self._awaiting_head = True
+        self._head_bytes = 0
+        self._line_open = True
+        self._tail = b""
+        self._arm_head_timer()
+
+    # -- timer and refusal -----------------------------------------------------------
+
+    def _busy(self) -> bool:
+        """A response is being produced on this connection."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm_head_timer(self) -> None:
+        # The next head is timed from the end of the previous response, if any.
+        if self._head_timer is not None or self._refused or not self._awaiting_head:
+            return
+        if not self._busy():
+            self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_late)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self._awaiting_head or self._busy() or self.transport.is_closing():
+            return
+        if self._head_bytes:
+            self._refuse(408, f"request head not complete within {self.limits.head_timeout} s")
+        else:
+            self.transport.close()
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer ``status`` as problem+json and close; input is dropped from now on."""
+        if self._refused:
+            return
+        self._refused = True
+        self._drain_left = _LINGER_BYTES
+        self._awaiting_head = False
+        self._cancel_head_timer()
+        if self.transport.is_closing():
+            return
+        client = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+        self.logger.info("%sRequest refused: %d %s", client, status, detail)
+        self._answer = _problem(status, detail, self.server_state.default_headers)
+        # A pipelined request is answered after the responses before it.
+        self._answer_and_close()
+
+    def _answer_and_close(self) -> None:
+        """Write the refusal unless a response is in progress, then linger and close:
+        the client may still be sending, and reads the answer rather than a reset."""
+        if self._busy() or self._answer is None or self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()  # type: ignore[attr-defined]
+        self.transport.write(self._answer)
+        self._answer = None
+        self._linger_end = self.loop.time() + _LINGER_SECONDS
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """(Re)schedule the close: after _LINGER_IDLE s without input, within the cap."""
+        if self._linger is not None:
+            self._linger.cancel()
+        delay = min(_LINGER_IDLE, self._linger_end - self.loop.time())
+        self._linger = self.loop.call_later(max(delay, 0.0), self.transport.close)
 
 
-class HttpToolsTLSProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, filling the ASGI TLS extension."""
+class _H11Connection(h11.Connection):
+    """h11's server side, handing each request head to the limit check before uvicorn
+    acts on it, and each request's end to the head counter."""
+
+    def __init__(self, protocol: _LimitedProtocol, max_incomplete_event_size: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
+        self._protocol = protocol
+
+    def next_event(self) -> Any:
+        event = super().next_event()
+        if type(event) is h11.Request:
+            self._protocol._check_head(event.target, event.headers)
+        elif type(event) is h11.EndOfMessage:
+            self._protocol._message_complete()
+        return event
+
+
+class H11TLSProtocol(_LimitedProtocol, H11Protocol):
+    """uvicorn's h11 protocol, filling the ASGI TLS extension, with :class:`HttpLimits`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._tls_app = _TLSExtensionApp(self.app)
-        self.app = self._tls_app
+        configured = self.config.h11_max_incomplete_event_size or 0
+        cap = max(configured, self.limits.max_head_bytes + _H11_CAP_SLACK)
+        self.conn = _H11Connection(self, cap)  # no data has reached uvicorn's yet
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        _on_connection(self._tls_app, transport)
+
+class HttpToolsTLSProtocol(_LimitedProtocol, HttpToolsProtocol):
+    """uvicorn's httptools protocol, filling the ASGI TLS extension, with :class:`HttpLimits`."""
+
+    def on_headers_complete(self) -> None:
+        self._check_head(self.url, self.headers)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._message_complete()
 
 
 def uvicorn_config(
@@ -153,22 +452,33 @@ def uvicorn_config(
     port: int = 0,
     source: X509Source,
     http: Literal["h11", "httptools"] = "h11",
+    limits: HttpLimits | None = None,
     **kwargs: Any,
 ) -> uvicorn.Config:
     """A ``uvicorn.Config`` serving ``app`` over mTLS from ``source`` with the TLS
-    extension filled. Extra keyword arguments go to ``uvicorn.Config``."""
+    extension filled and ``limits`` (default :class:`HttpLimits()`) enforced. Extra
+    keyword arguments go to ``uvicorn.Config``."""
+    base: type[_LimitedProtocol]
     if http == "h11":
-        protocol: type[asyncio.Protocol] = H11TLSProtocol
+        base = H11TLSProtocol
     elif http == "httptools":
-        protocol = HttpToolsTLSProtocol
+        base = HttpToolsTLSProtocol
     else:
         raise ValueError(f"http must be 'h11' or 'httptools', not {http!r}")
     for key in ("ssl_context_factory", "ssl_certfile", "ssl_keyfile", "http"):
         if key in kwargs:
             raise TypeError(f"uvicorn_config sets {key} itself")
+    if limits is None:
+        limits = base.limits
+    elif not isinstance(limits, HttpLimits):
+        raise TypeError(f"limits must be HttpLimits, not {type(limits).__name__}")
+    protocol = base
+    if limits != base.limits:
+        protocol = type(base.__name__, (base,), {"limits": limits, "__module__": __name__})
+    handshake_timeout = limits.handshake_timeout
 
     def factory(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-        return server_context(source)
+        return server_context(source, handshake_timeout=handshake_timeout)
 
     return uvicorn.Config(
         app, host=host, port=port, http=protocol, ssl_context_factory=factory, **kwargs

@@ -83,7 +83,8 @@ _log = logging.getLogger(__name__)
 
 _PEER_CACHE_MAX: Final = 1024
 _PEER_CACHE_SECONDS: Final = 60.0
-_UINT_RE: Final = re.compile(r"[0-9]{1,15}")
+# Up to 16 digits: enough for 2**53 - 1 (the largest `since`); _query_int checks the range.
+_UINT_RE: Final = re.compile(r"[0-9]{1,16}")
 _JSON_TYPE_RE: Final = re.compile(r"application/json", re.IGNORECASE)
 
 
