@@ -8,6 +8,8 @@ import hashlib
 import json
 import sqlite3
 import ssl
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -31,6 +33,7 @@ from axid.issuer.app import create_app
 from axid.keys import Keyring, SigningKey
 from axid.tokens import mint as mint_token
 from mtls.devpki import DevCA
+from mtls.tlsconfig import client_context
 
 
 @pytest.fixture(params=["sqlite", "pg"])
@@ -636,6 +639,96 @@ def test_log_unavailable_means_no_token(tmp_path: Any) -> None:
             db.execute("DROP TRIGGER down")
         minted(w.mint("planner", **w.root_body()))
         assert [e["reason"] for e in w.entries()] == ["ok", "ok"]
+
+
+def _client(w: World, name: str) -> httpx.Client:
+    """A client of its own (one per thread; World.client shares one per name)."""
+    ctx = client_context(w.source(name), server_id=w.pki.spiffe_id("issuer"))
+    return httpx.Client(base_url=w.url, verify=ctx, timeout=30, trust_env=False)
+
+
+def test_concurrent_mints_each_decided_and_logged(world: World) -> None:
+    """Many mints at once (their store work shares thread hand-offs): every one gets
+    its own outcome, and every outcome is in the log."""
+    revoked_run = world.run()
+    assert revoke(world, "run", revoked_run).status_code == 201
+    shared = [world.run() for _ in range(4)]  # bound by whichever workload comes first
+    jobs: list[tuple[str, dict[str, Any]]] = []
+    for run in shared:
+        jobs += [("planner", world.root_body(run=run, scope="payments:read"))] * 3
+        jobs += [
+            ("worker", {**world.root_body(run=run, scope="payments:read"), "agent": world.worker})
+        ]
+    jobs += [("planner", world.root_body(run=revoked_run))] * 3
+    jobs += [("planner", world.root_body()) for _ in range(6)]
+    jobs += [("stranger", world.root_body())] * 2
+
+    local = threading.local()
+    opened: list[httpx.Client] = []  # every thread's clients, closed at the end
+
+    def send(job: tuple[str, dict[str, Any]]) -> httpx.Response:
+        name, body = job
+        clients = local.__dict__.setdefault("clients", {})
+        if name not in clients:
+            clients[name] = _client(world, name)
+            opened.append(clients[name])
+        return clients[name].post("/v1/tokens", json=body)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(send, jobs))
+    finally:
+        for c in opened:
+            c.close()
+    by_run: dict[str, set[str]] = {}
+    for (name, body), r in zip(jobs, answers, strict=True):
+        if name == "stranger":
+            problem(r, 403, "agent_not_allowed")
+        elif body["run"] == revoked_run:
+            problem(r, 403, "revoked")
+        elif body["run"] in shared:
+            if r.status_code == 201:
+                by_run.setdefault(body["run"], set()).add(name)
+                assert world.verify(r.json()["token"]).sub == world.spiffe_id(name)
+            else:
+                problem(r, 409, "run_conflict")
+        else:
+            assert world.verify(minted(r)["token"]).run == body["run"]
+    # Each shared run went to exactly one workload, for all of that workload's mints.
+    assert set(by_run) == set(shared) and all(len(v) == 1 for v in by_run.values())
+    winners = [next(iter(by_run[run])) for run in shared]
+    assert sum(r.status_code == 201 for r in answers) == 6 + sum(
+        3 if w == "planner" else 1 for w in winners
+    )
+    entries = [e for e in world.entries() if e["path"] == "/v1/tokens"]
+    assert len(entries) == len(jobs)
+    assert sorted(e["reason"] for e in entries) == sorted(
+        r.json()["reason"] if r.status_code != 201 else "ok" for r in answers
+    )
+    assert {e["jti"] for e in entries if e["decision"] == "allow"} == {
+        r.json()["jti"] for r in answers if r.status_code == 201
+    }
+
+
+def test_store_down_means_no_token(tmp_path: Any) -> None:
+    # The issuer's own tables fail (not the log): 503, no token, and the refusal logged.
+    w = make_world(tmp_path, "sqlite", audit_url=f"sqlite:///{tmp_path}/audit/log.db")
+    with running(w):
+        body = w.root_body()
+        minted(w.mint("planner", **body))
+        with sqlite3.connect(tmp_path / "state" / "axid.db") as db:
+            db.execute("ALTER TABLE axid_issuer_revocation RENAME TO elsewhere")
+        r = w.mint("planner", **body)
+        problem(r, 503, "store_unavailable")
+        assert "token" not in r.text and "elsewhere" not in r.text
+        with sqlite3.connect(tmp_path / "state" / "axid.db") as db:
+            db.execute("ALTER TABLE elsewhere RENAME TO axid_issuer_revocation")
+        minted(w.mint("planner", **body))
+        assert [(e["decision"], e["reason"]) for e in w.entries()] == [
+            ("allow", "ok"),
+            ("deny", "store_unavailable"),
+            ("allow", "ok"),
+        ]
 
 
 # --------------------------------------------------------------------------- operations

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         IssuerClient,
         IssuerError,
         MintResult,
+        check_issuer_url,
         issuer_id_matcher,
     )
     from axid.issuer.config import DATABASE_URL_ENV, ConfigError, IssuerConfig
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from axid.issuer.store import (
         REVOCATION_KINDS,
         IssuerStore,
+        MintCheck,
         Revocation,
         RunConflict,
         RunRecord,
@@ -45,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "IssuerClient": "axid.issuer.client",
     "IssuerError": "axid.issuer.client",
     "MintResult": "axid.issuer.client",
+    "check_issuer_url": "axid.issuer.client",
     "issuer_id_matcher": "axid.issuer.client",
     "ConfigError": "axid.issuer.config",
     "DATABASE_URL_ENV": "axid.issuer.config",
@@ -68,6 +71,7 @@ _EXPORTS: dict[str, str] = {
     "Peer": "axid.issuer.service",
     "SERVICE_NAME": "axid.issuer.service",
     "IssuerStore": "axid.issuer.store",
+    "MintCheck": "axid.issuer.store",
     "REVOCATION_KINDS": "axid.issuer.store",
     "Revocation": "axid.issuer.store",
     "RunConflict": "axid.issuer.store",
@@ -90,6 +94,7 @@ __all__ = [
     "IssuerService",
     "IssuerStartupError",
     "IssuerStore",
+    "MintCheck",
     "MintRequest",
     "MintResult",
     "Minted",
@@ -102,6 +107,7 @@ __all__ = [
     "RevocationRequest",
     "RunConflict",
     "RunRecord",
+    "check_issuer_url",
     "create_app",
     "issuer_id_matcher",
     "load_or_init_keyring",
