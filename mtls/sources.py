@@ -2,10 +2,11 @@
 
 Two sources, one protocol (:class:`X509Source`):
 
-* :class:`FileSource` reads PEM files (cert chain, key, bundle) and reloads them when
-  they change on disk, without a restart. A new set is adopted only if it is whole and
-  valid: the key matches the leaf and the leaf verifies as an X.509-SVID against the
-  new bundle. Otherwise the previous good set keeps being served.
+* :class:`FileSource` reads PEM files (cert chain, key, one or more bundle files) and
+  reloads them when they change on disk, without a restart. A new set is adopted only
+  if it is whole and valid: the key file is private (no group/other permission), the
+  key matches the leaf and the leaf verifies as an X.509-SVID against the new bundles.
+  Otherwise the previous good set keeps being served.
 * :class:`WorkloadApiSource` follows the SPIFFE Workload API (``SPIFFE_ENDPOINT_SOCKET``)
   through py-spiffe's ``X509Source``; every pushed update is re-verified the same way.
 
@@ -19,8 +20,10 @@ import contextlib
 import hmac
 import logging
 import os
+import stat
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -175,9 +178,18 @@ def _same(a: tuple[SvidMaterial, BundleSet], b: tuple[SvidMaterial, BundleSet]) 
 # -- FileSource ---------------------------------------------------------------------
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str, *, private: bool = False) -> bytes:
+    """A file's bytes; with ``private``, refused unless only its owner may access it."""
     try:
         with path.open("rb") as f:
+            if private:
+                # Of the opened file (symlinks followed: Kubernetes mounts are symlinks).
+                mode = os.fstat(f.fileno()).st_mode
+                if mode & 0o077:
+                    raise SourceError(
+                        f"{what} {path} is accessible by group/others (mode "
+                        f"{stat.S_IMODE(mode):04o}): a private key must be 0600 or 0400"
+                    )
             data = f.read(_MAX_FILE_BYTES + 1)
     except OSError as e:
         raise SourceError(f"cannot read {what} {path}: {e.strerror or e}") from None
@@ -192,9 +204,13 @@ _Stamp = tuple[tuple[int, int, int], ...]
 class FileSource:
     """SVID and bundle from PEM files, reloaded on change without a restart.
 
-    On access (at most every ``min_check_interval`` seconds) the three files'
-    ``(mtime_ns, size, inode)`` are compared with the loaded set; on a change all three
-    are re-read and re-validated. A set that does not validate (e.g. half-written, or
+    ``bundle`` is one PEM file or a non-empty sequence of them (their CAs are merged,
+    per trust domain). ``key`` must not be accessible by group or others (0600 or
+    0400), else :class:`SourceError`.
+
+    On access (at most every ``min_check_interval`` seconds) the files'
+    ``(mtime_ns, size, inode)`` are compared with the loaded set; on a change all of
+    them are re-read and re-validated. A set that does not validate (e.g. half-written, or
     cert replaced before key) is not adopted: the previous good set is served and a
     warning is logged once per bad set. Replace files atomically (``os.replace``)
     where you can; the check makes non-atomic writers safe, not instant.
@@ -206,14 +222,18 @@ class FileSource:
         self,
         cert: _PathLike,
         key: _PathLike,
-        bundle: _PathLike,
+        bundle: _PathLike | Sequence[_PathLike],
         *,
         trust_domain: TrustDomain | str | None = None,
         min_check_interval: float = 1.0,
     ) -> None:
         if min_check_interval < 0:
             raise ValueError("min_check_interval must be >= 0")
-        self._paths = (Path(cert), Path(key), Path(bundle))
+        bundles = (bundle,) if isinstance(bundle, str | os.PathLike) else tuple(bundle)
+        if not bundles:
+            raise ValueError("at least one bundle file is needed")
+        # cert, key, then the bundle files.
+        self._paths = (Path(cert), Path(key), *(Path(b) for b in bundles))
         self._trust_domain = trust_domain
         self._interval = float(min_check_interval)
         self._lock = threading.Lock()
@@ -239,13 +259,21 @@ class FileSource:
         return tuple(out)
 
     def _load(self) -> tuple[SvidMaterial, BundleSet]:
-        cert_p, key_p, bundle_p = self._paths
+        cert_p, key_p, *bundle_ps = self._paths
         cert_pem = _read(cert_p, "certificate")
-        key_pem = _read(key_p, "key")
+        key_pem = _read(key_p, "key", private=True)
+        merged: dict[TrustDomain, list[x509.Certificate]] = {}
+        for bundle_p in bundle_ps:
+            try:
+                loaded = BundleSet.from_pem(_read(bundle_p, "bundle"), self._trust_domain)
+            except BundleError as e:
+                raise SourceError(f"bundle {bundle_p}: {e}") from None
+            for td in loaded:
+                merged.setdefault(td, []).extend(loaded.get(td))
         try:
-            bundles = BundleSet.from_pem(_read(bundle_p, "bundle"), self._trust_domain)
+            bundles = BundleSet(merged)
         except BundleError as e:
-            raise SourceError(f"bundle {bundle_p}: {e}") from None
+            raise SourceError(f"bundles {', '.join(map(str, bundle_ps))}: {e}") from None
         try:
             material = svid_material_from_pem(cert_pem, key_pem, bundles)
         except SourceError as e:
@@ -311,8 +339,9 @@ class FileSource:
         self.close()
 
     def __repr__(self) -> str:
-        cert_p, key_p, bundle_p = self._paths
-        return f"FileSource(cert={cert_p}, key={key_p}, bundle={bundle_p})"
+        cert_p, key_p, *bundle_ps = self._paths
+        bundle = bundle_ps[0] if len(bundle_ps) == 1 else [str(b) for b in bundle_ps]
+        return f"FileSource(cert={cert_p}, key={key_p}, bundle={bundle})"
 
 
 # -- WorkloadApiSource --------------------------------------------------------------

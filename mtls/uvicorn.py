@@ -18,8 +18,25 @@ HTTP connections get no ``tls`` key. It is computed once per connection, after t
 handshake. On Python < 3.13 the chain comes from a private CPython method (see
 :func:`mtls.tlsconfig.peer_chain_der`); failing that it holds only the leaf.
 
+Every HTTP request on every connection, TLS or plain TCP, also gets::
+
+    scope["extensions"]["axid.transport"] = {
+        "peer": ("10.0.0.7", 51234) | None,  # the socket's peer address (None: a unix socket)
+        "tls": True | False,                 # the connection is TLS
+    }
+
+read from the socket itself. ``scope["client"]`` and ``scope["scheme"]`` are not
+trustworthy: uvicorn's proxy-headers middleware (on by default, trusting 127.0.0.1)
+rewrites them from ``X-Forwarded-For`` / ``X-Forwarded-Proto``, which any client can
+send. The verifier decides whether a connection is TLS, and whether its peer is a
+trusted sidecar (``trusted_proxies`` IP networks), from this extension only. A
+service behind a plain-TCP sidecar (Envoy on loopback) must therefore be served with
+these classes too, without TLS: ``uvicorn app:app --http mtls.uvicorn:H11TLSProtocol
+--no-proxy-headers`` (``--no-proxy-headers`` keeps ``scope["client"]`` honest for the
+app's own use; the verifier does not need it).
+
 WebSocket upgrades are handed to uvicorn's WebSocket protocol classes and do not get
-the extension.
+the extensions.
 
 Request-head limits (:class:`HttpLimits`; the same in both classes, checked before
 the app sees the request). uvicorn alone has none under httptools, and under h11 only
@@ -49,7 +66,8 @@ short linger that reads and drops further input, so a client still sending its
 request reads the answer rather than a reset.
 
 :func:`uvicorn_config` builds a ``uvicorn.Config`` serving over
-:func:`mtls.tlsconfig.server_context` (rotating with its source) with these classes.
+:func:`mtls.tlsconfig.server_context` (rotating with its source) with these classes,
+and with uvicorn's proxy headers off.
 """
 
 from __future__ import annotations
@@ -75,12 +93,16 @@ from mtls.sources import X509Source
 from mtls.tlsconfig import DEFAULT_HANDSHAKE_TIMEOUT, peer_chain_der, server_context
 
 __all__ = [
+    "TRANSPORT_EXTENSION",
     "H11TLSProtocol",
     "HttpLimits",
     "HttpToolsTLSProtocol",
     "tls_extension",
     "uvicorn_config",
 ]
+
+# The scope extension naming the connection's socket peer and whether it is TLS.
+TRANSPORT_EXTENSION: Final = "axid.transport"
 
 _Scope = MutableMapping[str, Any]
 _ASGIApp = Callable[[_Scope, Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Any]
@@ -135,23 +157,30 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
 
 
 class _TLSExtensionApp:
-    """Wraps the app of one connection; adds ``extensions["tls"]`` to each scope."""
+    """Wraps the app of one connection; adds ``extensions["tls"]`` (TLS connections)
+    and ``extensions["axid.transport"]`` (every connection) to each scope.
 
-    __slots__ = ("app", "tls")
+    It is the outermost layer, so it runs before uvicorn's proxy-headers middleware
+    and reads nothing from the request: only what the protocol saw on the socket."""
+
+    __slots__ = ("app", "tls", "transport")
 
     def __init__(self, app: _ASGIApp) -> None:
         self.app = app
         self.tls: dict[str, Any] | None = None
+        self.transport: dict[str, Any] | None = None
 
     async def __call__(self, scope: _Scope, receive: Any, send: Any) -> Any:
-        if self.tls is not None and scope.get("type") in ("http", "websocket"):
+        if self.transport is not None and scope.get("type") in ("http", "websocket"):
             extensions = scope.get("extensions")
             if extensions is None:
                 extensions = scope["extensions"] = {}
-            # A copy per request: an app that mutates it cannot affect the next one.
-            tls = dict(self.tls)
-            tls["client_cert_chain"] = list(self.tls["client_cert_chain"])
-            extensions["tls"] = tls
+            # Copies per request: an app that mutates them cannot affect the next one.
+            if self.tls is not None:
+                tls = dict(self.tls)
+                tls["client_cert_chain"] = list(self.tls["client_cert_chain"])
+                extensions["tls"] = tls
+            extensions[TRANSPORT_EXTENSION] = dict(self.transport)
         return await self.app(scope, receive, send)
 
 
@@ -259,6 +288,12 @@ class _LimitedProtocol:
         super().connection_made(transport)  # type: ignore[misc]
         ssl_object = transport.get_extra_info("ssl_object")
         self._tls_app.tls = tls_extension(ssl_object) if ssl_object is not None else None
+        # uvicorn's self.client is the socket's getpeername(), before any proxy header.
+        peer = self.client
+        self._tls_app.transport = {
+            "peer": (str(peer[0]), int(peer[1])) if peer else None,
+            "tls": ssl_object is not None,
+        }
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -457,7 +492,11 @@ def uvicorn_config(
 ) -> uvicorn.Config:
     """A ``uvicorn.Config`` serving ``app`` over mTLS from ``source`` with the TLS
     extension filled and ``limits`` (default :class:`HttpLimits()`) enforced. Extra
-    keyword arguments go to ``uvicorn.Config``."""
+    keyword arguments go to ``uvicorn.Config``.
+
+    uvicorn's proxy headers are off (``proxy_headers=False``; passing ``True`` is a
+    ``TypeError``): ``scope["client"]`` and ``scope["scheme"]`` stay the socket's, not
+    whatever ``X-Forwarded-For`` / ``X-Forwarded-Proto`` claim."""
     base: type[_LimitedProtocol]
     if http == "h11":
         base = H11TLSProtocol
@@ -468,6 +507,8 @@ def uvicorn_config(
     for key in ("ssl_context_factory", "ssl_certfile", "ssl_keyfile", "http"):
         if key in kwargs:
             raise TypeError(f"uvicorn_config sets {key} itself")
+    if kwargs.pop("proxy_headers", False) is not False:
+        raise TypeError("uvicorn_config serves with proxy_headers=False only")
     if limits is None:
         limits = base.limits
     elif not isinstance(limits, HttpLimits):
@@ -481,5 +522,11 @@ def uvicorn_config(
         return server_context(source, handshake_timeout=handshake_timeout)
 
     return uvicorn.Config(
-        app, host=host, port=port, http=protocol, ssl_context_factory=factory, **kwargs
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        ssl_context_factory=factory,
+        proxy_headers=False,
+        **kwargs,
     )

@@ -143,8 +143,11 @@ def http_scope(
     token: str | None = None,
     headers: Sequence[tuple[str, str]] = (),
     client: tuple[str, int] = ("127.0.0.1", 40000),
+    transport: bool = True,
 ) -> dict[str, Any]:
-    """An ASGI http scope as uvicorn + mtls.uvicorn build it."""
+    """An ASGI http scope as uvicorn + mtls.uvicorn build it: with ``transport`` the
+    ``axid.transport`` extension names ``client`` as the socket peer (as mtls.uvicorn's
+    protocol classes do); without it the scope is another server's."""
     raw = [(b"host", b"testserver")]
     if token is not None:
         raw.append((b"x-waxell-axid", token.encode("latin-1")))
@@ -164,8 +167,11 @@ def http_scope(
         "server": ("127.0.0.1", 8443),
         "state": {},
     }
+    scope["extensions"] = {}
+    if transport:
+        scope["extensions"]["axid.transport"] = {"peer": client, "tls": tls}
     if tls:
-        scope["extensions"] = {
+        scope["extensions"] |= {
             "tls": {
                 "server_cert": None,
                 "client_cert_chain": list(chain or []),

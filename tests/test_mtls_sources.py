@@ -155,6 +155,46 @@ def test_file_source_ignores_invalid_replacements(files, ca, caplog):
         assert src.generation == 2
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o602])
+def test_file_source_refuses_a_key_others_can_access(files, mode):
+    d, _ = files
+    os.chmod(d / "svc.key", mode)
+    with pytest.raises(SourceError, match=f"accessible by group/others \\(mode 0{mode:o}\\)"):
+        _file_source(d)
+    os.chmod(d / "svc.key", 0o400)  # read-only for the owner is fine too
+    with _file_source(d) as src:
+        assert src.svid().spiffe_id == PAYMENTS
+
+
+def test_file_source_keeps_serving_when_a_rotated_key_is_not_private(files, ca, caplog):
+    d, a = files
+    b = ca.issue_svid(PAYMENTS)
+    with _file_source(d) as src:
+        _install(d, b)
+        os.chmod(d / "svc.key", 0o644)  # a rotator that forgot the mode
+        os.utime(d / "svc.key", ns=(1, 1))  # a new stamp even within the same mtime tick
+        assert _serial(src.svid().leaf) == _serial(a.cert)
+        assert "accessible by group/others" in caplog.text
+        os.chmod(d / "svc.key", 0o600)
+        os.utime(d / "svc.key", ns=(2, 2))
+        assert _serial(src.svid().leaf) == _serial(b.cert)
+
+
+def test_file_source_merges_several_bundle_files(files, tmp_path_factory):
+    d, a = files
+    other = tmp_path_factory.mktemp("other") / "bundle.pem"
+    other.write_bytes(DevCA.create("other.org").cert_pem())
+    # The SVID's own trust domain is in the second file only.
+    with FileSource(d / "svc.pem", d / "svc.key", [other, d / "bundle.pem"]) as src:
+        assert {td.name for td in src.bundles()} == {"other.org", "example.org"}
+        assert _serial(src.svid().leaf) == _serial(a.cert)
+        assert str(other) in repr(src)
+    with pytest.raises(SourceError, match="not a valid X"):
+        FileSource(d / "svc.pem", d / "svc.key", other)  # the first file alone
+    with pytest.raises(ValueError):
+        FileSource(d / "svc.pem", d / "svc.key", [])
+
+
 def test_file_source_respects_check_interval(files, ca):
     d, a = files
     with _file_source(d, min_check_interval=3600) as src:

@@ -33,7 +33,13 @@ from mtls.devpki import DevCA, init_dev_pki
 from mtls.sources import FileSource
 from mtls.spiffeid import SpiffeId, SpiffeIdPattern
 from mtls.tlsconfig import client_context, peer_chain_pem, server_context
-from mtls.uvicorn import H11TLSProtocol, HttpLimits, HttpToolsTLSProtocol, uvicorn_config
+from mtls.uvicorn import (
+    TRANSPORT_EXTENSION,
+    H11TLSProtocol,
+    HttpLimits,
+    HttpToolsTLSProtocol,
+    uvicorn_config,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -284,6 +290,71 @@ def test_plain_http_has_no_tls_extension(protocol):
         resp = httpx.get(f"http://127.0.0.1:{st.port}/", timeout=WAIT)
     assert resp.status_code == 200
     assert resp.json() == {"tls": None}
+
+
+# -- the transport extension: the socket's peer, whatever proxy headers say ------------
+
+
+async def _echo_transport_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        return
+    extensions = scope.get("extensions", {})
+    body = json.dumps(
+        {
+            "client": scope["client"],
+            "scheme": scope["scheme"],
+            "transport": extensions.get(TRANSPORT_EXTENSION),
+            "tls": "tls" in extensions,
+        }
+    ).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+SPOOF = {"X-Forwarded-For": "10.0.0.7", "X-Forwarded-Proto": "https"}
+
+
+@pytest.mark.parametrize("protocol", [H11TLSProtocol, HttpToolsTLSProtocol])
+@pytest.mark.parametrize("proxy_headers", [True, False])
+def test_plain_http_transport_extension_is_the_socket(protocol, proxy_headers):
+    config = uvicorn.Config(
+        _echo_transport_app,
+        host="127.0.0.1",
+        port=0,
+        http=protocol,
+        proxy_headers=proxy_headers,
+        forwarded_allow_ips="*",
+        lifespan="off",
+        log_level="warning",
+    )
+    with run_server(config) as st, httpx.Client(timeout=WAIT) as client:
+        for _ in range(2):  # keep-alive: every request of the connection gets it
+            doc = client.get(f"http://127.0.0.1:{st.port}/", headers=SPOOF).json()
+            port = doc["transport"]["peer"][1]
+            assert doc["transport"] == {"peer": ["127.0.0.1", port], "tls": False}
+            assert not doc["tls"]
+            # What uvicorn's proxy headers do to the scope (the verifier ignores it).
+            spoofed = (["10.0.0.7", 0], "https")
+            assert ((doc["client"], doc["scheme"]) == spoofed) == proxy_headers
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_uvicorn_config_turns_proxy_headers_off(server_source, client_source, http):
+    config = uvicorn_config(
+        _echo_transport_app, source=server_source, http=http, log_level="warning"
+    )
+    assert config.proxy_headers is False
+    ctx = client_context(client_source, server_id=PAYMENTS)
+    with run_server(config) as st, httpx.Client(verify=ctx, timeout=WAIT) as client:
+        doc = client.get(st.url, headers=SPOOF).json()
+    port = doc["transport"]["peer"][1]
+    assert doc["transport"] == {"peer": ["127.0.0.1", port], "tls": True} and doc["tls"]
+    assert doc["client"] == ["127.0.0.1", port] and doc["scheme"] == "https"
+    with pytest.raises(TypeError, match="proxy_headers"):
+        uvicorn_config(_echo_transport_app, source=server_source, proxy_headers=True)
+    assert not uvicorn_config(
+        _echo_transport_app, source=server_source, proxy_headers=False
+    ).proxy_headers
 
 
 # -- the real uvicorn CLI -----------------------------------------------------------

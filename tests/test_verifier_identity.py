@@ -171,3 +171,16 @@ def test_bundle_files_reload(pki: Pki, tmp_path: Path) -> None:
     path.write_bytes(make_ca("third.org").pem())
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
     assert {td.name for td in files.bundles()} == {"third.org", "other.org"}
+
+
+def test_several_xfcc_lines_from_a_trusted_proxy(pki: Pki, resolver: PeerResolver) -> None:
+    header = xfcc_for(pki, "planner")
+    with pytest.raises(PeerError) as info:
+        resolver.resolve(pki.chain_pem("envoy"), None, header, xfcc_headers=2)
+    assert info.value.reason == "peer_not_svid" and "2 header lines" in info.value.detail
+    with pytest.raises(PeerError) as info:
+        resolver.resolve(None, "127.0.0.1", header, xfcc_headers=2)
+    assert info.value.reason == "peer_not_svid"
+    # Not from a proxy: ignored as a single line would be.
+    peer = resolver.resolve(pki.chain_pem("worker"), None, header, xfcc_headers=2)
+    assert peer.spiffe_id == pki.spiffe_id("worker") and "ignored" in (peer.note or "")

@@ -785,3 +785,292 @@ async def test_workload_api_identity_file_jwks_and_database_revocations(
                 await w.verifier.shutdown()
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def _planner_xfcc(pki: Pki) -> str:
+    leaf = pki.leaf("planner")
+    der = leaf.public_bytes(Encoding.DER)
+    return (
+        f"Hash={hashlib.sha256(der).hexdigest()};"
+        f"Cert={urllib.parse.quote(leaf.public_bytes(Encoding.PEM).decode(), safe='')};"
+        f"URI={pki.spiffe_id('planner')}"
+    )
+
+
+async def test_ip_proxies_only_from_the_transport_extension(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """scope["client"] and scope["scheme"] are what X-Forwarded-For/-Proto make them:
+    only mtls.uvicorn's axid.transport extension names a trusted sidecar."""
+    w = make_world(pki, tmp_path)  # trusts 127.0.0.1/32
+    with caplog.at_level("WARNING", logger="verifier.middleware"):
+        await w.verifier.startup()
+    assert any("trusted_proxies names IP networks" in r.getMessage() for r in caplog.records)
+    try:
+        token = w.token("planner")
+        xfcc = [("X-Forwarded-Client-Cert", _planner_xfcc(pki))]
+        # Another server (no extension): the IP network is never matched, fail closed.
+        scope = http_scope("/payments/1", tls=False, token=token, headers=xfcc, transport=False)
+        with caplog.at_level("WARNING", logger="verifier.middleware"):
+            assert_denied(await call(w.verifier, scope), "no_peer_cert")
+        assert "ignored" in w.last()["note"]
+        assert any("no axid.transport scope extension" in r.getMessage() for r in caplog.records)
+        # The socket peer says 127.0.0.1: honoured, whatever the scheme claims.
+        scope = http_scope("/payments/1", tls=False, token=token, headers=xfcc)
+        scope["scheme"] = "https"  # X-Forwarded-Proto: https
+        assert (await call(w.verifier, scope)).status == 200
+        # scope["client"] rewritten to a trusted address, the socket peer is not trusted.
+        scope = http_scope(
+            "/payments/1", tls=False, token=token, headers=xfcc, client=("10.0.0.7", 1)
+        )
+        scope["client"] = ("127.0.0.1", 1)
+        assert_denied(await call(w.verifier, scope), "no_peer_cert")
+        # A TLS extension on a connection the socket says is plain: believe neither.
+        scope = http_scope("/payments/1", chain=pki.chain_pem("planner"), token=token)
+        scope["extensions"]["axid.transport"]["tls"] = False
+        assert_denied(await call(w.verifier, scope), "no_peer_cert")
+    finally:
+        await w.verifier.shutdown()
+
+
+async def test_several_xfcc_lines_from_a_trusted_proxy_are_refused(world: World) -> None:
+    xfcc = ("X-Forwarded-Client-Cert", _planner_xfcc(world.pki))
+    token = world.token("planner")
+    answer = await world.get("/payments/1", who="envoy", token=token, headers=[xfcc, xfcc])
+    assert_denied(answer, "peer_not_svid")
+    entry = world.last()
+    assert entry["reason"] == "peer_not_svid" and "2 header lines" in entry["note"]
+    # From a peer that is not a proxy they are ignored, as one line would be.
+    answer = await world.get("/payments/1", who="worker", token=token, headers=[xfcc, xfcc])
+    assert_denied(answer, "subject_mismatch")
+    assert "ignored" in world.last()["note"]
+    assert world.calls.seen == []
+
+
+@pytest.mark.parametrize("method", ["A" * 9000, "GE T", "GET\u00e9", ""])
+async def test_bad_methods_are_denied_and_recorded(world: World, method: str) -> None:
+    answer = await world.get("/payments/1", token=world.token(), method=method)
+    assert_denied(answer, "scope_insufficient")
+    entry = world.last()
+    assert entry["method"] == (method if len(method) <= 32 else "A" * 32 + "...")
+    assert entry["rule"] is None and "method is not an HTTP method token" in entry["note"]
+    assert world.calls.seen == []
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "why"),
+    [
+        ("/public/../payments/p-1", None, "'.' or '..' segment"),
+        ("/payments/./p-1", None, "'.' or '..' segment"),
+        ("/payments/p-1/..", None, "'.' or '..' segment"),
+        ("/public//payments", None, "empty segment"),
+        ("/payments/p-1", b"/payments/p%2D1%2e", "percent-encoded"),
+        ("/public/a/b", b"/public/a%2Fb", "percent-encoded"),
+        ("payments/p-1", None, "does not start with '/'"),
+    ],
+)
+async def test_paths_not_in_normal_form_match_no_rule(
+    pki: Pki, tmp_path: Path, path: str, raw: bytes | None, why: str
+) -> None:
+    w = make_world(pki, tmp_path, rules=[RouteRule("/public/**", governed=False), *RULES])
+    await w.verifier.startup()
+    try:
+
+        def scope(**kw: Any) -> dict[str, Any]:
+            built = http_scope(path, **kw)
+            if raw is not None:
+                built["raw_path"] = raw
+            return built
+
+        answer = await call(w.verifier, scope(chain=pki.chain_pem("planner"), token=w.token()))
+        assert_denied(answer, "scope_insufficient")
+        entry = w.last()
+        assert entry["path"] == path and entry["rule"] is None and why in entry["note"]
+        # Without credentials the first failing step answers; still recorded.
+        assert_denied(await call(w.verifier, scope(tls=False)), "no_peer_cert")
+        assert why in w.last()["note"]
+        assert w.calls.seen == []
+        # The root and a trailing slash are normal form.
+        assert (await w.get("/public/", who=None)).status == 200
+        assert_denied(await w.get("/", token=w.token()), "scope_insufficient")
+        assert w.last()["note"] is None  # just no rule for "/"
+    finally:
+        await w.verifier.shutdown()
+
+
+class _BrokenRevocations(StaticRevocations):
+    """A revocation source given in code that fails (as a buggy embedder's might)."""
+
+    def current(self) -> Any:
+        raise RuntimeError("broken source")
+
+
+async def test_a_failure_while_deciding_is_a_recorded_deny(pki: Pki, tmp_path: Path) -> None:
+    w = make_world(pki, tmp_path, revocations=_BrokenRevocations())
+    await w.verifier.startup()
+    try:
+        answer = await w.get("/payments/1", token=w.token(run="r-broken"))
+        assert_denied(answer, "audit_unavailable")
+        entry = w.last()
+        assert entry["decision"] == "deny" and entry["reason"] == "audit_unavailable"
+        assert entry["note"] == "internal error: RuntimeError"
+        assert entry["rule"] == "GET /payments/*" and entry["run"] is None
+        assert w.calls.seen == []
+    finally:
+        await w.verifier.shutdown()
+
+
+async def test_cancelled_request_is_neither_recorded_nor_allowed(pki: Pki, tmp_path: Path) -> None:
+    entered, never = asyncio.Event(), asyncio.Event()
+
+    async def waits(action: VerifiedAction, request: RequestInfo) -> CheckResult:
+        entered.set()
+        await never.wait()
+        return CheckResult(True)
+
+    w = make_world(pki, tmp_path, checks=[waits], check_timeout=30)
+    await w.verifier.startup()
+    try:
+        task = asyncio.create_task(w.get("/payments/1", token=w.token()))
+        await entered.wait()
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert w.entries() == [] and w.calls.seen == []
+    finally:
+        await w.verifier.shutdown()
+
+
+async def test_a_stray_cancelled_error_from_a_check_denies(pki: Pki, tmp_path: Path) -> None:
+    async def stray(action: VerifiedAction, request: RequestInfo) -> CheckResult:
+        raise asyncio.CancelledError  # the request task itself is not being cancelled
+
+    w = make_world(pki, tmp_path, checks=[stray])
+    await w.verifier.startup()
+    try:
+        assert_denied(await w.get("/payments/1", token=w.token()), "custom_check_denied")
+        assert w.last()["note"] == "stray: failed (CancelledError)"
+    finally:
+        await w.verifier.shutdown()
+
+
+class _Switchable(StaticRevocations):
+    """Static revocations that can be made stale (as a poller past max_stale is)."""
+
+    fresh = True
+
+    def current(self) -> Any:
+        return super().current() if self.fresh else None
+
+
+async def test_single_use_is_claimed_only_by_an_allow(pki: Pki, tmp_path: Path) -> None:
+    revocations = _Switchable()
+    verdicts = [CheckResult(False, "not yet"), CheckResult(True)]
+
+    async def once_no(action: VerifiedAction, request: RequestInfo) -> CheckResult:
+        return verdicts.pop(0) if verdicts else CheckResult(True)
+
+    w = make_world(pki, tmp_path, revocations=revocations, checks=[once_no])
+    await w.verifier.startup()
+    try:
+        token = w.token()
+        refund = {"token": token, "method": "POST"}
+        revocations.fresh = False
+        assert_denied(await w.get("/payments/1/refund", **refund), "revocation_unavailable")
+        revocations.fresh = True
+        assert_denied(await w.get("/payments/1/refund", **refund), "custom_check_denied")
+        assert (await w.get("/payments/1/refund", **refund)).status == 200
+        assert_denied(await w.get("/payments/1/refund", **refund), "replayed")
+        assert w.last()["note"] == "first used by service payments"
+        # DESIGN's order: a used token is "replayed" (step 5) before "revoked" (step 6).
+        revocations.revoke("jti", w.last()["jti"])
+        assert_denied(await w.get("/payments/1/refund", **refund), "replayed")
+        assert [e["reason"] for e in w.entries()] == [
+            "revocation_unavailable",
+            "custom_check_denied",
+            "ok",
+            "replayed",
+            "replayed",
+        ]
+    finally:
+        await w.verifier.shutdown()
+
+
+async def test_single_use_race_has_one_winner(world: World) -> None:
+    token = world.token()
+    answers = await asyncio.gather(
+        *(world.get("/payments/1/refund", token=token, method="POST") for _ in range(6))
+    )
+    assert sorted(a.status for a in answers) == [200] + [403] * 5
+    assert sorted(e["reason"] for e in world.entries()) == ["ok"] + ["replayed"] * 5
+
+
+async def test_lazy_start_backs_off_during_an_outage(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from axid.audit.store import generate_log_key
+
+    key = tmp_path / "later.pem"
+    bad = LogConfig(url=f"sqlite:///{tmp_path}/x.db", key=key, create_key=False, max_delay=0)
+    w = make_world(pki, tmp_path, log=bad)
+    with caplog.at_level("WARNING", logger="verifier.middleware"):
+        for _ in range(5):
+            assert_denied(await w.get("/payments/1", token=w.token()), "audit_unavailable")
+    attempts = [r for r in caplog.records if "start" in r.getMessage()]
+    assert len(attempts) == 1 and attempts[0].exc_info is not None  # one try, one traceback
+    assert not w.verifier.started and w.calls.seen == []
+    generate_log_key(key)  # the outage ends
+    await asyncio.sleep(1.1)  # past the first backoff (1 s)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="verifier.middleware"):
+        assert (await w.get("/payments/1", token=w.token())).status == 200
+    assert any("started after 1 failed attempt" in r.getMessage() for r in caplog.records)
+    await w.verifier.shutdown()
+
+
+async def test_issuer_client_trusts_every_bundle_file(pki: Pki, tmp_path: Path) -> None:
+    """identity.bundle lists several files; the mTLS client to the issuer uses them all
+    (the issuer's trust domain is in the second one here)."""
+    from _tls_helpers import ServerThread
+
+    from mtls.sources import FileSource
+    from mtls.uvicorn import uvicorn_config
+    from verifier.config import JwksConfig
+
+    key = new_signing_key()
+    jwks = json.dumps(KeySet.of(key.public_key).to_jwks()).encode()
+
+    async def issuer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": jwks})
+
+    source = FileSource(pki.cert("issuer"), pki.key("issuer"), pki.dev.bundle)
+    server = ServerThread(
+        uvicorn_config(issuer, source=source, lifespan="off", log_level="warning")
+    ).start()
+    try:
+        identity = IdentityConfig(
+            bundle=(pki.other.bundle, pki.dev.bundle),
+            cert=pki.cert("payments"),
+            key=pki.key("payments"),
+        )
+        w = make_world(
+            pki,
+            tmp_path,
+            identity=identity,
+            jwks=JwksConfig(url=f"https://127.0.0.1:{server.port}/jwks"),
+        )
+        await w.verifier.startup()
+        try:
+            token = token_for(pki, "planner", key, now=w.clock())
+            assert (await w.get("/payments/1", token=token)).status == 200
+        finally:
+            await w.verifier.shutdown()
+    finally:
+        server.stop()
+        source.close()

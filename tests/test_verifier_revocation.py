@@ -258,3 +258,72 @@ async def test_poller_start_close_runs_in_background() -> None:
             await asyncio.sleep(0.01)
         await poller.close()
         assert len(seen) >= 3 and poller.seq == 1
+
+
+# --------------------------------------------------------------------------- catching up
+
+
+async def test_poller_is_fresh_only_once_caught_up() -> None:
+    """A poll that stops after max_pages full pages applies them but is not fresh."""
+    rows = [_row(seq) for seq in range(1, 6)]  # 5 revocations, pages of 2
+    client, seen = _feed(
+        [
+            {"revocations": rows[0:2], "next": 2},
+            {"revocations": rows[2:4], "next": 4},
+            {"revocations": rows[4:5], "next": 5},  # short: the end of the feed
+        ]
+    )
+    async with client:
+        poller = IssuerRevocationPoller(
+            "https://i/v1/revocations", client, interval=60, page_size=2, max_pages=2
+        )
+        assert not await poller.poll()  # two full pages, more remain
+        assert poller.seq == 4 and poller.current() is None
+        assert poller.last_error is not None and "behind" in poller.last_error
+        assert await poller.poll()  # caught up
+        revs = poller.current()
+        assert revs is not None and poller.seq == 5 and ("run", "r5") in revs
+        assert seen == [0, 2, 4]
+
+
+async def test_poller_behind_polls_again_at_once() -> None:
+    """The background loop does not wait ``interval`` while it is behind the feed."""
+    rows = [_row(seq) for seq in range(1, 8)]
+    client, seen = _feed([{"revocations": rows[i : i + 2], "next": i + 2} for i in (0, 2, 4)])
+    async with client:
+        poller = IssuerRevocationPoller(
+            "https://i/v1/revocations", client, interval=3600, page_size=2, max_pages=1
+        )
+        await poller.start()
+        try:
+            for _ in range(500):
+                if poller.current() is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert poller.current() is not None and poller.seq == 6
+            assert seen == [0, 2, 4, 6]
+        finally:
+            await poller.close()
+
+
+async def test_database_source_is_fresh_only_once_caught_up(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/issuer.db"
+    store = IssuerStore.open(url)
+    try:
+        for i in range(3):
+            store.revoke("agent", f"a{i}", "test", created_by="spiffe://x/a", now_ms=1)
+        source = DatabaseRevocationSource(url, interval=60, max_stale=60, page_size=1, max_pages=2)
+        try:
+            assert not await source.poll() and source.current() is None and source.seq == 2
+            assert await source.poll() and source.current() is not None and source.seq == 3
+        finally:
+            await source.close()
+    finally:
+        store.close()
+
+
+async def test_poller_page_settings_are_checked() -> None:
+    async with httpx.AsyncClient() as client:
+        for bad in ({"page_size": 0}, {"page_size": 1001}, {"max_pages": 0}, {"page_size": 2.0}):
+            with pytest.raises(ValueError):
+                IssuerRevocationPoller("https://i/v1/revocations", client, **bad)  # type: ignore[arg-type]

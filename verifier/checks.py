@@ -47,7 +47,12 @@ class CheckResult:
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
-    """What a custom check may look at. ``headers`` exclude the token header."""
+    """What a custom check may look at. ``headers`` exclude the token header.
+
+    ``client`` is the socket peer when the server records it (mtls.uvicorn's
+    ``axid.transport`` extension), else the ASGI scope's ``client``, which uvicorn's
+    proxy headers may have rewritten from ``X-Forwarded-For``.
+    """
 
     method: str
     path: str

@@ -264,7 +264,9 @@ class TrustedProxies:
 
     ``spiffe://`` entries are SPIFFE ID patterns matched against a verified mTLS
     peer; other entries are IP addresses or CIDR networks (host bits zero) matched
-    against the client address of a plain-TCP connection (a sidecar on loopback).
+    against the socket peer address of a plain-TCP connection (a sidecar on
+    loopback), as :mod:`mtls.uvicorn`'s protocol classes record it; a server that
+    does not record it gets no IP trusted.
     """
 
     __slots__ = ("_networks", "_patterns", "items")
@@ -305,6 +307,11 @@ class TrustedProxies:
 
     def __repr__(self) -> str:
         return f"TrustedProxies({list(self.items)!r})"
+
+    @property
+    def has_networks(self) -> bool:
+        """Whether any entry is an IP address or network (not a SPIFFE ID pattern)."""
+        return bool(self._networks)
 
     def trusts_svid(self, spiffe_id: SpiffeId) -> bool:
         return any(p.matches(spiffe_id) for p in self._patterns)

@@ -7,10 +7,14 @@ Sources, in this order:
    is verified with :func:`mtls.x509svid.verify_svid`. No chain: ``no_peer_cert``.
 2. ``X-Forwarded-Client-Cert`` (Envoy) is honoured only when the direct peer is a
    trusted proxy: a verified mTLS peer whose SPIFFE ID matches a trusted pattern,
-   or a plain-TCP peer whose address is in a trusted network. The header's LAST
-   element (the nearest proxy's) must carry ``Cert`` (or ``Chain``), which is
-   verified exactly like a direct peer certificate; an element with only ``URI``
-   is refused (``peer_not_svid``): a proxy's word is not a certificate.
+   or a plain-TCP peer whose socket address is in a trusted network (the address
+   :mod:`mtls.uvicorn` records from the socket, never ``scope["client"]``, which
+   ``X-Forwarded-For`` can rewrite; without it no address is trusted). The
+   header's LAST element (the nearest proxy's) must carry ``Cert`` (or ``Chain``),
+   which is verified exactly like a direct peer certificate; an element with only
+   ``URI`` is refused (``peer_not_svid``): a proxy's word is not a certificate.
+   More than one XFCC header line from a trusted proxy is refused as malformed
+   (``peer_not_svid``): a proxy sends one, so a second was added by someone else.
 3. XFCC from any other peer is ignored, and that it was sent is recorded in the
    decision note.
 
@@ -240,12 +244,16 @@ class PeerResolver:
         tls_chain: Sequence[str | bytes] | None,
         client_ip: str | None,
         xfcc: str | None,
+        *,
+        xfcc_headers: int = 1,
     ) -> PeerIdentity:
         """The verified peer; raises :class:`PeerError`.
 
         ``tls_chain`` is the TLS extension's chain (``None`` for a plain-TCP
-        connection, ``[]`` for TLS without a client certificate); ``xfcc`` the
-        XFCC header value (several header lines joined with ``,``) or ``None``.
+        connection, ``[]`` for TLS without a client certificate); ``client_ip`` the
+        socket peer's address (``None`` if unknown: then no IP is trusted); ``xfcc``
+        the XFCC header value or ``None``, and ``xfcc_headers`` how many header
+        lines it came in (more than one from a trusted proxy: ``peer_not_svid``).
         """
         direct: VerifiedSvid | None = None
         if tls_chain:
@@ -257,6 +265,12 @@ class PeerResolver:
             proxy_name = f"ip {client_ip}"
 
         if xfcc is not None and trusted:
+            if xfcc_headers != 1:
+                raise PeerError(
+                    "peer_not_svid",
+                    f"x-forwarded-client-cert from {proxy_name} is malformed "
+                    f"[{xfcc_headers} header lines, one expected]",
+                )
             return self._from_xfcc(xfcc, proxy_name)
         note = None
         if xfcc is not None:

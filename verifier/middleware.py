@@ -3,11 +3,14 @@
 One request, from the socket to the log entry::
 
     uvicorn (mtls.uvicorn) fills scope["extensions"]["tls"]["client_cert_chain"]
+                           and scope["extensions"]["axid.transport"] (socket peer, TLS?)
       -> AxidVerifier.__call__
+           method or path not in normal form?  -> no rule matches (see below)
            rule = first route rule matching (method, path)
            ungoverned rule?  -> the app, unchecked and unrecorded
-           presented = chain, client address, token header, XFCC   (_presented)
+           presented = chain, socket peer, token header, XFCC      (_presented)
            decision = await pipeline.decide(presented, rule)       steps 1-7
+             ...raised?  -> 503 audit_unavailable (recorded), see below
            await log.append(decision fields)                       step 8: committed
              ...failed?  -> 503 audit_unavailable, the app never runs
            metrics, span attributes, one log line
@@ -17,13 +20,40 @@ One request, from the socket to the log entry::
 Use it as ``app.add_middleware(AxidVerifier, config=...)`` (FastAPI, Starlette) or
 wrap any ASGI app: ``AxidVerifier(app, config=...)``.
 
+Transport facts come from the ``axid.transport`` scope extension that
+:mod:`mtls.uvicorn`'s protocol classes fill from the socket, never from
+``scope["client"]`` or ``scope["scheme"]`` (uvicorn's proxy-headers middleware
+rewrites both from ``X-Forwarded-For`` / ``X-Forwarded-Proto``). Without that
+extension the connection is TLS exactly when the ASGI TLS extension is present, and
+no ``trusted_proxies`` IP network is ever matched (fail closed; a warning is logged).
+
+Normal form, checked before any rule is matched, so that such a request can never
+match an ungoverned rule (``/public/**`` must not let ``/public/../payments/p-1``
+through): the method must be an RFC 9110 token of at most 32 characters, the path
+must start with ``/`` and hold no ``.`` or ``..`` segment and no empty segment
+(``//``) except a single trailing ``/`` (so ``/`` and ``/payments/`` are fine), and
+``raw_path`` no percent-encoded ``/`` or ``.`` (``%2F``, ``%2E``). Anything else is
+governed with no rule: it goes through steps 1-4 and is denied at step 5 with 403
+``scope_insufficient`` (note: what is wrong), recorded like every other decision; the
+log gets the method cut to 32 characters (marked ``...``) and the path to 2048.
+
+If deciding raises (a bug, a misbehaving source given in code), the request is denied
+503 ``audit_unavailable`` (note ``internal error: <ExceptionType>``), recorded, and the
+traceback logged: nothing is allowed unverified. Custom checks that raise are denied
+403 ``custom_check_denied`` by the pipeline. ``asyncio.CancelledError`` from a
+cancelled request task (client gone, server shutdown) propagates: nothing is
+decided, recorded or allowed; a stray one (the task was not cancelled) is a failure
+like any other.
+
 Resources (trust bundles, the decision log, the single-use store, the JWKS and
 revocation fetchers) are opened on ASGI lifespan startup, before the app's own
 startup runs, and closed after the app's shutdown completed. Without a lifespan
 (``--lifespan off``, some test clients) they are opened on the first request,
 once, under a lock; if that fails the request is answered 503
-``audit_unavailable`` and the next request tries again. One instance serves one
-event loop.
+``audit_unavailable``, and so is every request until the next attempt, which a
+later request makes after a backoff (1 s, doubling up to 30 s). The traceback is
+logged once per outage; later failed attempts log one line each. One instance
+serves one event loop.
 """
 
 from __future__ import annotations
@@ -33,6 +63,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
@@ -52,7 +83,7 @@ from verifier.observability import VerifierMetrics, annotate_span, log_decision
 from verifier.pipeline import Pipeline, Presented
 from verifier.replay import ReplayGuard
 from verifier.revocation import DatabaseRevocationSource, IssuerRevocationPoller, RevocationSource
-from verifier.rules import RuleSet
+from verifier.rules import RouteRule, RuleSet
 
 __all__ = ["AxidVerifier", "problem_body"]
 
@@ -65,7 +96,15 @@ _Send = Callable[[_Message], Awaitable[None]]
 _ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
 _XFCC: Final = b"x-forwarded-client-cert"
+# mtls.uvicorn.TRANSPORT_EXTENSION (not imported: the verifier runs under any server).
+_TRANSPORT: Final = "axid.transport"
 _MAX_LOGGED_PATH: Final = 2048
+_MAX_METHOD: Final = 32
+# RFC 9110 section 5.6.2: token = 1*tchar.
+_METHOD_RE: Final = re.compile(rf"[!#$%&'*+.^_`|~0-9A-Za-z-]{{1,{_MAX_METHOD}}}")
+_ENCODED_SLASH_OR_DOT: Final = re.compile(rb"%2[ef]", re.IGNORECASE)
+_START_BACKOFF_MIN: Final = 1.0
+_START_BACKOFF_MAX: Final = 30.0
 _PURGE_EVERY: Final = 600.0
 _PURGE_MARGIN: Final = 3600
 _ISSUER_PATH: Final = "/axid/issuer"
@@ -83,6 +122,53 @@ def problem_body(decision: Decision) -> bytes:
         },
         separators=(",", ":"),
     ).encode("utf-8")
+
+
+def _unroutable(method: object, path: object, raw_path: object) -> str | None:
+    """Why a request cannot be matched to a route rule (see the module doc), or None."""
+    if not isinstance(method, str) or _METHOD_RE.fullmatch(method) is None:
+        return f"the method is not an HTTP method token of at most {_MAX_METHOD} characters"
+    if not isinstance(path, str) or not path.startswith("/"):
+        return "the path does not start with '/'"
+    segments = path[1:].split("/")
+    for index, segment in enumerate(segments):
+        if segment in (".", ".."):
+            return "the path has a '.' or '..' segment"
+        if not segment and index != len(segments) - 1:
+            return "the path has an empty segment ('//')"
+    if isinstance(raw_path, bytes | bytearray) and _ENCODED_SLASH_OR_DOT.search(raw_path):
+        return "the raw path has a percent-encoded '/' or '.'"
+    return None
+
+
+def _clip(value: object, limit: int) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _transport(value: object) -> tuple[tuple[str, int] | None, bool] | None:
+    """(socket peer, is TLS) from mtls.uvicorn's extension; None if absent or malformed."""
+    if not isinstance(value, dict) or type(value.get("tls")) is not bool:
+        return None
+    peer = value.get("peer")
+    if not (
+        isinstance(peer, list | tuple)
+        and len(peer) == 2
+        and isinstance(peer[0], str)
+        and type(peer[1]) is int
+    ):
+        peer = None
+    return (peer[0], peer[1]) if peer is not None else None, value["tls"]
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has been asked to cancel (not a stray CancelledError)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+class _StartBackoff(Exception):
+    """Startup failed recently; the next attempt is not due yet."""
 
 
 def _unrecorded(decision: Decision) -> Decision:
@@ -158,6 +244,9 @@ class AxidVerifier:
         self._header = config.header.lower().encode("latin-1")
         self._runtime: _Runtime | None = None
         self._start_lock = asyncio.Lock()
+        self._start_failures = 0  # failed lazy starts in a row (this outage)
+        self._start_retry_at = 0.0  # time.monotonic() before which none is tried
+        self._warned_no_transport = False
 
     # ------------------------------------------------------------------ accessors
 
@@ -198,26 +287,29 @@ class AxidVerifier:
             return
         method = scope.get("method", "GET") if kind == "http" else "GET"
         path = scope.get("path", "")
-        rule = self._rules.match(method, path)
+        # Checked before matching: such a request never matches any rule, ungoverned
+        # ones included, and is denied (recorded) at step 5.
+        unroutable = _unroutable(method, path, scope.get("raw_path"))
+        rule = None if unroutable is not None else self._rules.match(method, path)
         if rule is not None and not rule.governed:
             await self.app(scope, receive, send)
             return
 
         began = time.perf_counter()
-        logged_path = path[:_MAX_LOGGED_PATH]
+        logged_method = _clip(method, _MAX_METHOD)
+        logged_path = _clip(path, _MAX_LOGGED_PATH)
         seq: int | None = None
         try:
             runtime = await self._ensure_started()
-        except Exception:
-            _log.exception("the verifier could not start; denying")
+        except Exception:  # logged by _ensure_started, once per outage
             decision = Decision(
                 False, "audit_unavailable", "the verifier could not open its decision log"
             )
         else:
             assert runtime.pipeline is not None and runtime.log is not None
-            decision = await runtime.pipeline.decide(self._presented(scope, method, path), rule)
+            decision = await self._decide(runtime.pipeline, scope, method, path, rule, unroutable)
             fields = decision.log_fields(
-                method=method, path=logged_path, service=self.config.service
+                method=logged_method, path=logged_path, service=self.config.service
             )
             try:
                 receipt = await runtime.log.append(fields)  # committed when this returns
@@ -229,7 +321,7 @@ class AxidVerifier:
 
         self.metrics.observe(decision, time.perf_counter() - began)
         annotate_span(decision)
-        log_decision(decision, method=method, path=logged_path, seq=seq)
+        log_decision(decision, method=logged_method, path=logged_path, seq=seq)
         if not decision.allow:
             await _refuse(scope, send, decision)
             return
@@ -240,7 +332,34 @@ class AxidVerifier:
         state["axid"] = dataclasses.replace(decision.action, log_seq=seq)
         await self.app(scope, receive, send)
 
-    def _presented(self, scope: _Scope, method: str, path: str) -> Presented:
+    async def _decide(
+        self,
+        pipeline: Pipeline,
+        scope: _Scope,
+        method: str,
+        path: str,
+        rule: RouteRule | None,
+        unroutable: str | None,
+    ) -> Decision:
+        """Steps 1-7; any failure of them is a deny (recorded by the caller)."""
+        try:
+            return await pipeline.decide(self._presented(scope, method, path, unroutable), rule)
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                raise  # the request is cancelled: nothing to decide, record or allow
+            _log.error("deciding a request failed; denying it", exc_info=True)
+            return Decision(
+                False,
+                "audit_unavailable",
+                "the verifier failed while deciding; nothing is allowed unverified",
+                rule=rule.label if rule is not None else None,
+                scope_required=rule.scope_required if rule is not None else None,
+                note=f"internal error: {type(exc).__name__}",
+            )
+
+    def _presented(
+        self, scope: _Scope, method: str, path: str, unroutable: str | None
+    ) -> Presented:
         token: str | None = None
         count = 0
         xfcc: list[str] = []
@@ -253,17 +372,35 @@ class AxidVerifier:
             if name == _XFCC:
                 xfcc.append(value.decode("latin-1"))
             headers.append((name, value))
-        extensions = scope.get("extensions") or {}
-        tls = extensions.get("tls") if isinstance(extensions, dict) else None
+        extensions = scope.get("extensions")
+        if not isinstance(extensions, dict):
+            extensions = {}
+        tls = extensions.get("tls")
+        # Never scope["scheme"] / scope["client"]: X-Forwarded-Proto/-For rewrite them.
+        transport = _transport(extensions.get(_TRANSPORT))
+        client: Any
+        if transport is not None:
+            client, is_tls = transport
+        else:
+            client, is_tls = scope.get("client"), isinstance(tls, dict)
+            if xfcc and not self._warned_no_transport and self.config.trusted_proxies.has_networks:
+                self._warned_no_transport = True
+                _log.warning(
+                    "x-forwarded-client-cert ignored: no %s scope extension, so the socket "
+                    "peer is unknown and no trusted_proxies IP network can match; serve "
+                    "with --http mtls.uvicorn:H11TLSProtocol (also without TLS)",
+                    _TRANSPORT,
+                )
         chain: list[str | bytes] | None
         if isinstance(tls, dict):
             presented = tls.get("client_cert_chain")
             chain = list(presented) if isinstance(presented, list | tuple) else []
-        elif scope.get("scheme") in ("https", "wss"):
+            if not is_tls:
+                chain = []  # a TLS extension on a plain connection: believe neither
+        elif is_tls:
             chain = []  # TLS without the extension: the client certificate is unknown
         else:
             chain = None
-        client = scope.get("client")
         info = RequestInfo(
             method=method,
             path=path,
@@ -275,11 +412,14 @@ class AxidVerifier:
             method=method,
             path=path,
             tls_chain=chain,
-            client_ip=client[0] if client else None,
+            # Only the socket peer of a plain-TCP connection may be a trusted IP proxy.
+            client_ip=client[0] if transport is not None and client and not is_tls else None,
             token=token,
             token_headers=count,
             xfcc=",".join(xfcc) if xfcc else None,
             info=info,
+            xfcc_headers=len(xfcc),
+            unroutable=unroutable,
         )
 
     # ------------------------------------------------------------------ lifespan
@@ -303,14 +443,49 @@ class AxidVerifier:
         await self.app(scope, receive_hook, send_hook)
 
     async def _ensure_started(self) -> _Runtime:
+        """The runtime, started lazily; raises while startup fails (with a backoff)."""
         runtime = self._runtime
         if runtime is not None:
             return runtime
+        if time.monotonic() < self._start_retry_at:
+            raise _StartBackoff
         async with self._start_lock:
             if self._runtime is None:
-                await self.startup()
+                # Re-checked: the attempt of a request we waited behind may just have failed.
+                if time.monotonic() < self._start_retry_at:
+                    raise _StartBackoff
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    self._start_failed(exc)
+                    raise
+                if self._start_failures:
+                    _log.warning(
+                        "the verifier started after %d failed attempt(s)", self._start_failures
+                    )
+                    self._start_failures = 0
             assert self._runtime is not None
             return self._runtime
+
+    def _start_failed(self, exc: Exception) -> None:
+        self._start_failures += 1
+        exponent = min(self._start_failures - 1, 16)
+        delay = min(_START_BACKOFF_MAX, _START_BACKOFF_MIN * 2**exponent)
+        self._start_retry_at = time.monotonic() + delay
+        if self._start_failures == 1:
+            _log.error(
+                "the verifier could not start; every governed request is denied "
+                "(503 audit_unavailable); next attempt in %g s",
+                delay,
+                exc_info=exc,
+            )
+        else:
+            _log.warning(
+                "the verifier still cannot start (attempt %d: %s); next attempt in %g s",
+                self._start_failures,
+                type(exc).__name__,
+                delay,
+            )
 
     async def startup(self) -> None:
         """Open every resource (idempotent). Raises if one cannot be opened."""
@@ -323,6 +498,13 @@ class AxidVerifier:
             await runtime.close()
             raise
         self._runtime = runtime
+        if self.config.trusted_proxies.has_networks:
+            _log.warning(
+                "trusted_proxies names IP networks: they are matched only against the "
+                "socket peer that mtls.uvicorn's protocol classes record (serve with "
+                "--http mtls.uvicorn:H11TLSProtocol, also for plain TCP); under any other "
+                "server x-forwarded-client-cert from them is ignored"
+            )
 
     async def shutdown(self) -> None:
         """Close what :meth:`startup` opened (idempotent)."""
@@ -350,7 +532,7 @@ class AxidVerifier:
                 bundles = files.bundles
                 if ident.cert is not None and ident.key is not None:
                     client_source = await asyncio.to_thread(
-                        FileSource, ident.cert, ident.key, ident.bundle[0]
+                        FileSource, ident.cert, ident.key, ident.bundle
                     )
                     rt.closers.append(_sync_closer(client_source.close))
 

@@ -13,6 +13,7 @@ returns a :class:`~verifier.decision.Decision`, stopping at the first failure:
    replay.py); no rule at all -> ``scope_insufficient``
 6. not revoked (jti, run, any run of the chain, agent, tenant)     (revocation.py)
 7. custom checks                                                   (checks.py)
+   then, for a ``single_use`` rule, the jti is claimed             (replay.py)
 
 Step 8, committing the decision to the log before the app runs, is the
 middleware's (middleware.py).
@@ -20,8 +21,21 @@ middleware's (middleware.py).
 Verified tokens are cached by their exact text (bounded LRU) so a repeated token
 costs no signature check; each hit is re-checked for time (nbf/exp/iat with
 leeway) and its ``kid`` still being in the current key set, and steps 3-7 always
-run. A single-use token is consumed by the first request that passes step 5,
-even if step 6 or 7 then denies it: it is never usable twice.
+run.
+
+Single use: step 5 only looks whether the jti was used already (``replayed``, so the
+reasons keep DESIGN's order); the jti is claimed last, after steps 6 and 7, so a
+request denied for any other reason (a stale revocation list included) does not
+burn the token. The claim is atomic in the shared table (replay.py): of concurrent
+requests with one token, exactly one claims it and the others are ``replayed``, even
+though each of them may have run the custom checks (a check with side effects, like
+:class:`~verifier.checks.BudgetLedger`, may thus charge a request that then loses
+that race). The claim precedes the log append, so a token the log then fails to
+record (503 ``audit_unavailable``) is spent.
+
+A request the middleware could not match to any rule because its method or path is
+not in normal form (``Presented.unroutable``) is denied ``scope_insufficient`` at
+step 5 (or earlier, by steps 1-4), with that explanation in the note.
 """
 
 from __future__ import annotations
@@ -61,8 +75,13 @@ _MAX_NOTE_PART: Final = 500
 class Presented:
     """What one request presents, as the middleware read it from the ASGI scope.
 
-    ``tls_chain`` is ``None`` for a plain-TCP connection; ``token_headers`` counts
-    the token header lines (more than one is refused as ambiguous).
+    ``tls_chain`` is ``None`` for a plain-TCP connection; ``client_ip`` is the
+    socket peer's address (never a forwarded one; ``None`` when unknown);
+    ``token_headers`` counts the token header lines (more than one is refused as
+    ambiguous), ``xfcc_headers`` the ``X-Forwarded-Client-Cert`` lines (more than
+    one from a trusted proxy is refused as malformed). ``unroutable`` says why the
+    request could not be matched to a route rule (a method or path not in normal
+    form), else ``None``.
     """
 
     method: str
@@ -73,6 +92,8 @@ class Presented:
     token_headers: int
     xfcc: str | None
     info: RequestInfo
+    xfcc_headers: int = 1
+    unroutable: str | None = None
 
 
 class TokenCache:
@@ -263,6 +284,7 @@ class Pipeline:
     async def decide(self, request: Presented, rule: RouteRule | None) -> Decision:
         """Steps 1-7 for a governed request (see the module docstring)."""
         facts = _Facts(rule)
+        facts.note(request.unroutable)  # recorded whichever step denies
         try:
             action = await self._steps(request, rule, facts)
         except _Deny as deny:
@@ -273,7 +295,9 @@ class Pipeline:
     async def _steps(self, req: Presented, rule: RouteRule | None, facts: _Facts) -> VerifiedAction:
         # 1. Peer identity.
         try:
-            peer = self._peers.resolve(req.tls_chain, req.client_ip, req.xfcc)
+            peer = self._peers.resolve(
+                req.tls_chain, req.client_ip, req.xfcc, xfcc_headers=req.xfcc_headers
+            )
         except PeerError as exc:
             facts.peer_cert = exc.peer_cert
             facts.note(exc.note)
@@ -303,6 +327,10 @@ class Pipeline:
 
         # 5. The route rule.
         if rule is None:
+            if req.unroutable is not None:  # already in the note (decide)
+                raise _Deny(
+                    "scope_insufficient", "the request's method or path is not in normal form"
+                )
             raise _Deny("scope_insufficient", "no route rule covers this request")
         if rule.agents is not None and claims.agent not in rule.agents:
             raise _Deny("agent_not_allowed", "this route does not allow the token's agent")
@@ -316,7 +344,7 @@ class Pipeline:
                 note=f"missing {missing}",
             )
         if rule.single_use:
-            await self._claim_once(claims)
+            await self._unused(claims)  # a look only: claimed last, see the module doc
 
         # 6. Not revoked.
         revocations = self._revocations.current()
@@ -332,7 +360,9 @@ class Pipeline:
             try:
                 async with asyncio.timeout(self._check_timeout):
                     result = await check(action, req.info)
-            except Exception as exc:  # a failing check denies: fail closed
+            except (Exception, asyncio.CancelledError) as exc:  # a failing check denies
+                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                    raise  # the request itself is cancelled (client gone, shutdown)
                 raise _Deny(
                     "custom_check_denied",
                     "a custom check failed",
@@ -348,6 +378,10 @@ class Pipeline:
             if not result.allow:
                 raise _Deny("custom_check_denied", "denied by a custom check", note=note or name)
             facts.note(note)
+
+        # Single use: the one consuming step, last (before the middleware's log append).
+        if rule.single_use:
+            await self._claim_once(claims)
         return action
 
     async def _verify_token(self, token: str, facts: _Facts) -> ActionClaims:
@@ -392,12 +426,35 @@ class Pipeline:
             facts.set_signed_payload(token)
         return _Deny(exc.reason, exc.message)
 
-    async def _claim_once(self, claims: ActionClaims) -> None:
+    def _replay_store(self) -> ReplayGuard:
         if self._replay is None:  # a single_use rule without a store: refuse, never allow twice
             raise _Deny("audit_unavailable", "no single-use store is configured")
+        return self._replay
+
+    async def _unused(self, claims: ActionClaims) -> None:
+        """Step 5: deny ``replayed`` if the jti was claimed already (consumes nothing)."""
+        replay = self._replay_store()
+        try:
+            used_by = await asyncio.to_thread(replay.used_by, claims.jti)
+        except (SQLAlchemyError, OSError) as exc:
+            raise _Deny(
+                "audit_unavailable",
+                "the single-use store is unavailable",
+                note=f"replay store: {type(exc).__name__}",
+            ) from None
+        if used_by is not None:
+            raise _Deny(
+                "replayed",
+                "this single-use token was already used",
+                note=f"first used by service {_short(used_by)}",
+            )
+
+    async def _claim_once(self, claims: ActionClaims) -> None:
+        """Claim the jti (atomic across replicas); ``replayed`` if another request did."""
+        replay = self._replay_store()
         try:
             first = await asyncio.to_thread(
-                self._replay.claim, claims.jti, claims.exp, int(self._clock())
+                replay.claim, claims.jti, claims.exp, int(self._clock())
             )
         except (SQLAlchemyError, OSError) as exc:
             raise _Deny(
@@ -407,3 +464,9 @@ class Pipeline:
             ) from None
         if not first:
             raise _Deny("replayed", "this single-use token was already used")
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has been asked to cancel (not a stray CancelledError)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

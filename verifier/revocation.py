@@ -18,6 +18,12 @@ Sources (one interface: ``current()``, ``start()``, ``close()``, ``seq``):
 Fail closed: if the last successful poll is older than ``max_stale`` (or there
 has been none), ``current()`` is ``None`` and the pipeline denies with 503
 ``revocation_unavailable``: "not revoked" cannot be established from stale data.
+A poll is successful only once it has caught up with the feed (its last page was
+short): a poll that stops after ``max_pages`` full pages applies what it read but
+does not refresh the set's freshness, and the background loop polls again at once.
+
+jti revocations are kept for the life of the process: the feed does not say when
+the revoked token expires, so none is pruned.
 """
 
 from __future__ import annotations
@@ -192,7 +198,16 @@ class _Poller:
         max_stale: float,
         name: str,
         monotonic: Callable[[], float] = time.monotonic,
+        page_size: int = _PAGE,
+        max_pages: int = _MAX_PAGES_PER_POLL,
     ) -> None:
+        if type(page_size) is not int or not 1 <= page_size <= _PAGE:
+            raise ValueError(f"page_size must be an int in [1, {_PAGE}]")
+        if type(max_pages) is not int or max_pages < 1:
+            raise ValueError("max_pages must be a positive int")
+        self._page_size = page_size
+        self._max_pages = max_pages
+        self._behind = False  # the last poll stopped before the end of the feed
         self._set = RevocationSet()
         self._interval = interval
         self._max_stale = max_stale
@@ -223,19 +238,42 @@ class _Poller:
             self._set.add(kind, value)
             self._set.seq = seq
 
-    async def _poll_once(self) -> None:
+    async def _page_rows(self, since: int) -> list[tuple[int, str, str]]:
+        """Up to ``page_size`` revocations after ``since``, checked, oldest first."""
         raise NotImplementedError
 
+    async def _poll_once(self) -> bool:
+        """Apply pages until one is short (caught up: True) or ``max_pages`` (False)."""
+        for _ in range(self._max_pages):
+            rows = await self._page_rows(self._set.seq)
+            self._apply(rows)
+            if len(rows) < self._page_size:
+                return True
+        return False
+
     async def poll(self) -> bool:
-        """Poll now; True on success (the set is then fresh)."""
+        """Poll now; True on success (the set is then fresh: caught up with the feed)."""
         async with self._lock:
             started = self._monotonic()
             self.polls += 1
             try:
-                await self._poll_once()
+                caught_up = await self._poll_once()
             except (RevocationError, httpx.HTTPError, SQLAlchemyError, OSError) as exc:
+                self._behind = False
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 _log.warning("revocations from %s: poll failed: %s", self._name, self.last_error)
+                return False
+            self._behind = not caught_up
+            if not caught_up:
+                # More is waiting: what was read is applied, but the set is not complete
+                # as of any moment, so its freshness stays as it was.
+                self.last_error = f"behind: {self._max_pages} full pages read, more remain"
+                _log.warning(
+                    "revocations from %s: still behind after %d pages (seq %d)",
+                    self._name,
+                    self._max_pages,
+                    self._set.seq,
+                )
                 return False
             # Fresh as of when the poll began: anything revoked later is not in it.
             self._fresh_at = started
@@ -244,10 +282,12 @@ class _Poller:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            # Behind the feed: go on at once (yielding to the loop), else wait.
+            await asyncio.sleep(0 if self._behind else self._interval)
             try:
                 await self.poll()
             except Exception:  # never let the poller die silently
+                self._behind = False
                 _log.exception("revocation poller failed")
 
     async def start(self) -> None:
@@ -265,7 +305,8 @@ class _Poller:
 
 class IssuerRevocationPoller(_Poller):
     """Polls ``GET <url>?since=N&limit=1000`` (the issuer's ``/v1/revocations``) with
-    the caller's mTLS ``httpx.AsyncClient`` (not closed here)."""
+    the caller's mTLS ``httpx.AsyncClient`` (not closed here). ``page_size`` (the
+    ``limit``, at most 1000) and ``max_pages`` bound one poll (see the module doc)."""
 
     def __init__(
         self,
@@ -276,14 +317,23 @@ class IssuerRevocationPoller(_Poller):
         max_stale: float = 60.0,
         timeout: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
+        page_size: int = _PAGE,
+        max_pages: int = _MAX_PAGES_PER_POLL,
     ) -> None:
-        super().__init__(interval=interval, max_stale=max_stale, name=url, monotonic=monotonic)
+        super().__init__(
+            interval=interval,
+            max_stale=max_stale,
+            name=url,
+            monotonic=monotonic,
+            page_size=page_size,
+            max_pages=max_pages,
+        )
         self._url = url
         self._client = client
         self._timeout = timeout
 
-    async def _page(self, since: int) -> tuple[list[tuple[int, str, str]], int]:
-        params = {"since": since, "limit": _PAGE}
+    async def _page_rows(self, since: int) -> list[tuple[int, str, str]]:
+        params = {"since": since, "limit": self._page_size}
         async with self._client.stream(
             "GET", self._url, params=params, timeout=self._timeout
         ) as response:
@@ -306,17 +356,12 @@ class IssuerRevocationPoller(_Poller):
             row = _check_row(item, after)
             rows.append(row)
             after = row[0]
+        if len(rows) > self._page_size:
+            raise RevocationError("revocation page is longer than the limit asked for")
         nxt = doc.get("next")
         if isinstance(nxt, bool) or not isinstance(nxt, int) or nxt != after:
             raise RevocationError('"next" is not the last seq of the page')
-        return rows, len(doc["revocations"])
-
-    async def _poll_once(self) -> None:
-        for _ in range(_MAX_PAGES_PER_POLL):
-            rows, count = await self._page(self._set.seq)
-            self._apply(rows)
-            if count < _PAGE:
-                return
+        return rows
 
 
 class DatabaseRevocationSource(_Poller):
@@ -329,9 +374,16 @@ class DatabaseRevocationSource(_Poller):
         interval: float = 5.0,
         max_stale: float = 60.0,
         monotonic: Callable[[], float] = time.monotonic,
+        page_size: int = _PAGE,
+        max_pages: int = _MAX_PAGES_PER_POLL,
     ) -> None:
         super().__init__(
-            interval=interval, max_stale=max_stale, name="database", monotonic=monotonic
+            interval=interval,
+            max_stale=max_stale,
+            name="database",
+            monotonic=monotonic,
+            page_size=page_size,
+            max_pages=max_pages,
         )
         self._url = url
         self._engine: Engine | None = None
@@ -344,7 +396,7 @@ class DatabaseRevocationSource(_Poller):
                 select(t.c.seq, t.c.kind, t.c.value)
                 .where(t.c.seq > since)
                 .order_by(t.c.seq)
-                .limit(_PAGE)
+                .limit(self._page_size)
             ).all()
         rows = []
         after = since
@@ -354,14 +406,10 @@ class DatabaseRevocationSource(_Poller):
             after = row[0]
         return rows
 
-    async def _poll_once(self) -> None:
+    async def _page_rows(self, since: int) -> list[tuple[int, str, str]]:
         if self._engine is None:
             self._engine = await asyncio.to_thread(make_engine, self._url)
-        for _ in range(_MAX_PAGES_PER_POLL):
-            rows = await asyncio.to_thread(self._read, self._set.seq)
-            self._apply(rows)
-            if len(rows) < _PAGE:
-                return
+        return await asyncio.to_thread(self._read, since)
 
     async def close(self) -> None:
         await super().close()
