@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from axid.audit import verify as verify_mod
 from axid.audit.entry import canonical_entry
 from axid.audit.merkle import CompactRange, leaf_hash
 from axid.audit.note import Checkpoint, NoteSigner, NoteVerifier, open_checkpoint, sign_checkpoint
-from axid.audit.verify import ExportDirSource, verify_log
+from axid.audit.store import LogStore, create_schema, make_engine
+from axid.audit.verify import (
+    DatabaseSource,
+    ExportDirSource,
+    VerifyReport,
+    VerifyUsageError,
+    verify_log,
+)
 from axid.cli import app
 
 K = 123  # the victim entry: in the batch 90..149, covered first by checkpoint 150
@@ -662,3 +671,298 @@ def test_vkey_from_file(sfx: LogFx, tmp_path: Path) -> None:
     if os.geteuid() != 0:  # root reads anything
         code, _, _ = verify_cli(*sfx.db_args(), "--vkey", str(f))
         assert code == 2
+
+
+# --------------------------------------------------------------------------- fast path
+# verify_log checks entries a chunk at a time: in this process, in forked
+# workers sent the rows, or in workers that read the database themselves. It
+# goes entry by entry (the code every case above exercises) wherever anything
+# is off. Whatever the mode and the chunk size, the report must be exactly
+# that of the entry-by-entry pass alone.
+
+# (workers, entries per chunk): small chunks put chunk edges everywhere, also
+# between the checkpoints (50, 90, 150, ...) and at K.
+_MODES: list[tuple[int | None, int]] = [(0, 2048), (0, 16), (2, 16), (1, 64), (None, 16)]
+
+
+def _key(rep: VerifyReport) -> tuple[Any, ...]:
+    cp = rep.latest_checkpoint
+    return (
+        rep.ok,
+        rep.entries,
+        rep.checkpoints,
+        rep.first_bad,
+        rep.root,
+        None if cp is None else (cp.size, cp.root),
+        rep.latest_note,
+    )
+
+
+def _modes_agree(
+    monkeypatch: pytest.MonkeyPatch,
+    make_source: Callable[[], Any],
+    vkey: str,
+    trusted: bytes | None = None,
+) -> VerifyReport:
+    """Verify in every mode; all must report what entry-by-entry alone reports."""
+
+    def run(workers: int | None) -> VerifyReport:
+        source = make_source()
+        try:
+            return verify_log(source, vkey=vkey, trusted_checkpoint=trusted, workers=workers)
+        finally:
+            if isinstance(source, DatabaseSource):
+                source.close()
+
+    with monkeypatch.context() as m:
+        m.setattr(verify_mod, "_check_chunk", lambda start, datas: None)  # never fast
+        ref = run(0)
+    for workers, chunk in _MODES:
+        with monkeypatch.context() as m:
+            m.setattr(verify_mod, "_CHUNK", chunk)
+            assert _key(run(workers)) == _key(ref), (workers, chunk)
+    return ref
+
+
+def _db_source(fx: LogFx) -> Callable[[], DatabaseSource]:
+    return lambda: DatabaseSource(fx.url, fx.log)
+
+
+def _export(fx: LogFx, out: Path) -> Path:
+    r = runner.invoke(app, ["audit", "export", *fx.db_args(), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _t_none(fx: LogFx) -> None:
+    pass
+
+
+def _t_byte(fx: LogFx) -> None:
+    data, _ = fx.entry(K)
+    i = data.index(b'"path":"/payments/123"') + len(b'"path":"/payments/12')
+    fx.set_entry(K, data[:i] + b"4" + data[i + 1 :])
+
+
+def _t_field_and_hash(fx: LogFx) -> None:
+    forged = _reencode(fx.entry(K)[0], decision="deny")
+    fx.set_entry(K, forged, leaf_hash(forged))
+
+
+def _t_prev_field(fx: LogFx) -> None:
+    forged = _reencode(fx.entry(K)[0], prev="ab" * 32)
+    fx.set_entry(K, forged, leaf_hash(forged))
+
+
+def _t_seq_field(fx: LogFx) -> None:
+    forged = _reencode(fx.entry(K)[0], seq=K + 7)
+    fx.set_entry(K, forged, leaf_hash(forged))
+
+
+def _t_log_field(fx: LogFx) -> None:
+    forged = _reencode(fx.entry(K)[0], log="other")
+    fx.set_entry(K, forged, leaf_hash(forged))
+
+
+def _t_delete(fx: LogFx) -> None:
+    fx.sql("DELETE FROM axid_audit_entry WHERE log = :log AND seq = :s", s=K)
+
+
+def _t_swap(fx: LogFx) -> None:
+    a, b = fx.entry(K), fx.entry(K + 1)
+    fx.set_entry(K, *b)
+    fx.set_entry(K + 1, *a)
+
+
+def _t_negative_seq(fx: LogFx) -> None:
+    _insert_row(fx, -1, fx.entry(0)[0])  # sorts first: workers reading by seq range miss it
+
+
+def _t_after_end(fx: LogFx) -> None:
+    _insert_row(fx, N_ENTRIES, _forged(fx, N_ENTRIES, fx.entry(N_ENTRIES - 1)[1]))
+
+
+def _t_rechain(fx: LogFx) -> None:
+    _rechain_from(fx, K, _reencode(fx.entry(K)[0], decision="deny"))
+
+
+def _t_cut_entries(fx: LogFx) -> None:
+    fx.sql("DELETE FROM axid_audit_entry WHERE log = :log AND seq >= :s", s=N_ENTRIES - 10)
+
+
+def _t_checkpoint_signature(fx: LogFx) -> None:
+    fx.set_checkpoint(150, _replace_signature(fx.checkpoint(150)))
+
+
+def _t_checkpoint_moved(fx: LogFx) -> None:
+    fx.sql("UPDATE axid_audit_checkpoint SET size = 151 WHERE log = :log AND size = 150")
+
+
+def _t_checkpoint_deleted(fx: LogFx) -> None:
+    fx.sql("DELETE FROM axid_audit_checkpoint WHERE log = :log AND size = 150")
+
+
+def _t_stored_hash(fx: LogFx) -> None:
+    data, lh = fx.entry(K)
+    fx.set_entry(K, data, lh[:-1] + bytes([lh[-1] ^ 1]))
+
+
+def _t_stored_hash_short(fx: LogFx) -> None:
+    data, lh = fx.entry(K)
+    fx.set_entry(K, data, lh[:-1])
+
+
+_TAMPER: dict[str, Callable[[LogFx], None]] = {
+    "intact": _t_none,
+    "byte": _t_byte,
+    "field and leaf hash": _t_field_and_hash,
+    "prev field": _t_prev_field,
+    "seq field": _t_seq_field,
+    "log field": _t_log_field,
+    "delete": _t_delete,
+    "swap": _t_swap,
+    "negative seq": _t_negative_seq,
+    "after the end": _t_after_end,
+    "rechain": _t_rechain,
+    "cut entries": _t_cut_entries,
+    "checkpoint signature": _t_checkpoint_signature,
+    "checkpoint moved": _t_checkpoint_moved,
+    "checkpoint deleted": _t_checkpoint_deleted,
+    "stored leaf hash": _t_stored_hash,
+    "stored leaf hash short": _t_stored_hash_short,
+}
+
+
+@pytest.mark.parametrize("case", list(_TAMPER))
+def test_fast_path_modes_agree(
+    case: str, sfx: LogFx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _TAMPER[case](sfx)
+    ref = _modes_agree(monkeypatch, _db_source(sfx), sfx.vkey)
+    # A middle checkpoint's loss hides nothing: the later ones sign it all.
+    assert ref.ok is (case in ("intact", "checkpoint deleted")), ref.first_bad
+    bundle = _export(sfx, tmp_path / "bundle")
+    _modes_agree(monkeypatch, lambda: ExportDirSource(bundle), sfx.vkey)
+
+
+@pytest.mark.parametrize("case", ["intact", "byte", "delete", "negative seq"])
+def test_fast_path_modes_agree_postgresql(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for pfx in pg_fx(tmp_path):
+        _TAMPER[case](pfx)
+        ref = _modes_agree(monkeypatch, _db_source(pfx), pfx.vkey)
+        assert ref.ok is (case == "intact"), ref.first_bad
+
+
+def test_fast_path_modes_agree_with_trusted_checkpoints(
+    sfx: LogFx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cp180, cp300 = sfx.checkpoint(180), sfx.checkpoint(N_ENTRIES)
+    assert _modes_agree(monkeypatch, _db_source(sfx), sfx.vkey, cp180).ok
+    signer = NoteSigner(f"axid/{sfx.log}", sfx.key)
+    fork = sign_checkpoint(Checkpoint(f"axid/{sfx.log}", 150, leaf_hash(b"other")), signer)
+    assert not _modes_agree(monkeypatch, _db_source(sfx), sfx.vkey, fork).ok
+    _t_rechain(sfx)
+    assert not _modes_agree(monkeypatch, _db_source(sfx), sfx.vkey, cp180).ok
+    sfx.sql("DELETE FROM axid_audit_entry WHERE log = :log AND seq >= 150")
+    sfx.sql("DELETE FROM axid_audit_checkpoint WHERE log = :log AND size > 150")
+    assert not _modes_agree(monkeypatch, _db_source(sfx), sfx.vkey, cp300).ok
+
+
+_BUNDLE_EDITS: dict[str, Callable[[bytes], bytes]] = {
+    "carriage return": lambda b: b.replace(b"\n", b"\r\n", K + 1).replace(b"\r\n", b"\n", K),
+    "empty line": lambda b: b.replace(b"\n", b"\n\n", K + 1).replace(b"\n\n", b"\n", K),
+    "no final newline": lambda b: b[:-1],
+    "line too long": lambda b: b.replace(b"\n", b"x" * (300 * 1024) + b"\n", 1),
+    "truncated mid-line": lambda b: b[: b.index(b"\n", b.index(b'"seq":200,')) - 50],
+    "empty file": lambda b: b"",
+}
+
+
+@pytest.mark.parametrize("case", list(_BUNDLE_EDITS))
+def test_fast_path_modes_agree_on_malformed_bundles(
+    case: str, bundle: Path, sfx: LogFx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = bundle / "entries.jsonl"
+    path.write_bytes(_BUNDLE_EDITS[case](path.read_bytes()))
+    assert not _modes_agree(monkeypatch, lambda: ExportDirSource(bundle), sfx.vkey).ok
+
+
+def test_fast_path_modes_agree_on_unusual_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries the fast grammar takes with escapes, or leaves to parse_entry (long ones)."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = make_engine(url)
+    try:
+        create_schema(engine)
+        signer = NoteSigner("axid/odd", Ed25519PrivateKey.generate())
+        store = LogStore(engine, "odd", signer=signer)
+        store.ensure_log(store.origin, signer.vkey())
+        notes = ["".join(map(chr, range(0x80))), "caf\u00e9 \u2028 \U0001f600", "x" * 8000, None]
+        for batch in (7, 20, 13):
+            store.append_batch(
+                [
+                    {
+                        "decision": "allow",
+                        "reason": "ok",
+                        "note": notes[i % 4],
+                        "path": "/p" * (i % 4 == 2) * 1000,  # with the note: over 8 KiB
+                        "chain": ['"\\'],
+                    }
+                    for i in range(batch)
+                ]
+            )
+    finally:
+        engine.dispose()
+    fx = LogFx(url, "odd", tmp_path / "unused.pem", signer.vkey(), tmp_path)
+    try:
+        assert _modes_agree(monkeypatch, _db_source(fx), fx.vkey).ok
+        data, _ = fx.entry(27)  # the first of the third batch: the control characters
+        assert b"\\u0001" in data
+        fx.set_entry(27, data.replace(b"\\u0001", b"\\u0002"))
+        rep = _modes_agree(monkeypatch, _db_source(fx), fx.vkey)
+        assert rep.first_bad is not None and rep.first_bad.seq == 27
+    finally:
+        fx.close()
+
+
+def test_fast_path_is_taken(sfx: LogFx, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an intact log no entry goes entry by entry, in any mode (the modes are real)."""
+    calls: list[int] = []
+    orig = verify_mod._Pass._take_one
+
+    def counting(self: Any, *row: Any) -> None:
+        calls.append(self.n)
+        orig(self, *row)
+
+    monkeypatch.setattr(verify_mod._Pass, "_take_one", counting)
+    monkeypatch.setattr(verify_mod, "_CHUNK", 16)
+    for workers in (0, 2):
+        rep = verify_log(DatabaseSource(sfx.url, sfx.log), vkey=sfx.vkey, workers=workers)
+        assert rep.ok and rep.entries == N_ENTRIES
+    assert calls == []
+
+
+def test_failing_workers_only_cost_time(sfx: LogFx, monkeypatch: pytest.MonkeyPatch) -> None:
+    _t_byte(sfx)
+    bundle = _export(sfx, sfx.tmp / "bundle")
+    sources: list[Callable[[], Any]] = [_db_source(sfx), lambda: ExportDirSource(bundle)]
+    refs = [_key(verify_log(make(), vkey=sfx.vkey, workers=0)) for make in sources]
+    monkeypatch.setattr(verify_mod, "_CHUNK", 16)
+    monkeypatch.setattr(verify_mod, "_WORKER_TIMEOUT", 0.3)
+    monkeypatch.setattr(verify_mod, "_REAP_GRACE", 0.1)
+    for broken in (
+        lambda conn, reader: None,  # exits at once
+        lambda conn, reader: time.sleep(30),  # hangs (killed at close)
+    ):
+        monkeypatch.setattr(verify_mod, "_worker_loop", broken)
+        for make, ref in zip(sources, refs, strict=True):
+            assert _key(verify_log(make(), vkey=sfx.vkey, workers=2)) == ref
+
+
+def test_workers_argument_is_checked(sfx: LogFx) -> None:
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(VerifyUsageError):
+            verify_log(DatabaseSource(sfx.url, sfx.log), vkey=sfx.vkey, workers=bad)  # type: ignore[arg-type]

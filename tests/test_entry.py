@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import re
 
 import pytest
 import rfc8785
@@ -23,6 +24,7 @@ from axid.audit.entry import (
     format_ts,
     parse_entry,
     parse_ts,
+    scan_entries,
     validate_fields,
 )
 
@@ -471,3 +473,183 @@ def test_parse_ts_round_trips(ms: int) -> None:
 
     dt = datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
     assert int(dt.timestamp()) * 1000 + int(ts[20:23]) == ms
+
+
+# --------------------------------------------------------------------------- scan_entries
+# The verifier's batch fast path. It may decline anything (None: the caller
+# then uses parse_entry), but what it accepts parse_entry's full route must
+# accept too, with the same seq, log and prev.
+
+_strict = entry_mod._parse_entry_strict
+
+
+def _scan_sound(datas: list[bytes]) -> bool:
+    """scan_entries(datas) is None, or every entry parses strictly to what it says."""
+    got = scan_entries(datas)
+    if got is None:
+        return False
+    logs, prevs, seqs = got
+    assert len(logs) == len(prevs) == len(seqs) == len(datas)
+    for data, log, prev, seq in zip(datas, logs, prevs, seqs, strict=True):
+        obj = _strict(data)  # must not raise
+        assert (obj["log"], obj["prev"], obj["seq"]) == (log.decode(), prev.decode(), seq)
+    return True
+
+
+def _same_parse(data: bytes) -> None:
+    """parse_entry (fast route first) and the full route agree: same dict or both refuse."""
+    try:
+        want = _strict(data)
+    except EntryError:
+        with pytest.raises(EntryError):
+            parse_entry(data)
+        return
+    got = parse_entry(data)
+    assert got == want and list(got) == list(want)  # same values, same key order
+
+
+def _needs_escape(s: str) -> bool:
+    return any(c in '"\\' or c < " " for c in s)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    _fast_fields,
+    st.integers(0, 2**53 - 1),
+    st.integers(0, 253402300799999),
+    st.one_of(st.text(min_size=1, max_size=64), _edge_text.filter(bool)),
+)
+def test_scan_accepts_valid_entries(fields: dict[str, object], seq: int, ts: int, log: str) -> None:
+    if any(_has_surrogate(s) for s in [*_strings(fields), log]):
+        return
+    prev = ZERO_HASH_HEX if seq == 0 else PREV
+    data = canonical_entry(fields, seq=seq, prev=prev, log=log, ts=ts)
+    # Declined only where documented: a long entry, an escape in the log name.
+    expect = len(data) <= MAX_STR_LEN and not _needs_escape(log)
+    assert _scan_sound([data]) is expect
+    _same_parse(data)
+
+
+_ESCAPED = _entry(
+    {
+        "decision": "allow",
+        "reason": "ok",
+        "note": "".join(map(chr, range(0x80))),
+        "path": "caf\u00e9 \u2028 \U0001f600",
+        "chain": ['"', "\\", "\x7f"],
+    }
+)
+_MUTATE_BASES = [GOOD, _ESCAPED, _entry(seq=0, prev=ZERO_HASH_HEX)]
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.sampled_from(_MUTATE_BASES),
+    st.integers(0, 10_000),
+    st.sampled_from(["replace", "insert", "delete"]),
+    st.binary(min_size=1, max_size=3),
+)
+def test_scan_never_accepts_what_parse_refuses(
+    base: bytes, where: int, how: str, blob: bytes
+) -> None:
+    pos = where % len(base)
+    if how == "replace":
+        data = base[:pos] + blob + base[pos + len(blob) :]
+    elif how == "insert":
+        data = base[:pos] + blob + base[pos:]
+    else:
+        data = base[:pos] + base[pos + len(blob) :]
+    _scan_sound([data])
+    _same_parse(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_scan_arbitrary_bytes(data: bytes) -> None:
+    _scan_sound([data])
+
+
+def _with(**changes: bytes) -> bytes:
+    """GOOD with raw JSON values substituted (for entries no encoder would write)."""
+    data = GOOD
+    for key, raw in changes.items():
+        value = re.compile(rb'"%s":(null|"(?:[^"\\]|\\.)*"|[^,}]*)' % key.encode())
+        data = value.sub(lambda _m, k=key, r=raw: b'"%s":%s' % (k.encode(), r), data, count=1)
+    return data
+
+
+# Canonical-looking entries that are not: the scan must decline each one (and
+# parse_entry refuse it), whatever grammar shortcut it takes.
+SCAN_NEAR_MISSES: list[tuple[str, bytes]] = [
+    ("escaped solidus", _with(path=b'"\\/p"')),
+    ("escaped DEL", _with(note=b'"\\u007f"')),
+    ("uppercase hex escape", _with(note=b'"\\u001F"')),
+    ("long escape for backspace", _with(note=b'"\\u0008"')),
+    ("escaped non-ASCII", _with(note=b'"caf\\u00e9"')),
+    ("escaped surrogate pair", _with(note=b'"\\ud83d\\ude00"')),
+    ("raw control character", _with(note=b'"a\x01b"')),
+    ("raw newline", _with(note=b'"a\nb"')),
+    ("raw tab", _with(note=b'"a\tb"')),
+    ("encoded surrogate", _with(note=b'"\xed\xa0\x80"')),
+    ("overlong UTF-8", _with(note=b'"\xc0\xaf"')),
+    ("truncated UTF-8", _with(note=b'"\xe2\x82"')),
+    ("seq leading zero", _with(seq=b"01")),
+    ("seq negative zero", _with(seq=b"-0")),
+    ("seq negative", _with(seq=b"-1")),
+    ("seq float", _with(seq=b"1.0")),
+    ("seq too large", _with(seq=b"9007199254740992")),
+    ("seq as string", _with(seq=b'"1"')),
+    ("v 2", _with(v=b"2")),
+    ("v float", _with(v=b"1.0")),
+    ("decision case", _with(decision=b'"Allow"')),
+    ("reason too long", _with(reason=b'"' + b"a" * 65 + b'"')),
+    ("reason uppercase", _with(reason=b'"OK"')),
+    ("reason null", _with(reason=b"null")),
+    ("prev uppercase", _with(prev=b'"' + PREV.upper().encode() + b'"')),
+    ("prev short", _with(prev=b'"' + PREV[:-2].encode() + b'"')),
+    ("prev zero at seq 1", _with(prev=b'"' + ZERO_HASH_HEX.encode() + b'"')),
+    ("prev not zero at seq 0", _with(seq=b"0")),
+    ("ts not a date", _with(ts=b'"2023-02-30T00:00:00.000Z"')),
+    ("ts 24:00", _with(ts=b'"2023-11-14T24:00:00.000Z"')),
+    ("ts leap second", _with(ts=b'"2016-12-31T23:59:60.000Z"')),
+    ("ts before 1970", _with(ts=b'"1969-12-31T23:59:59.999Z"')),
+    ("ts no millis", _with(ts=b'"2023-11-14T22:13:20Z"')),
+    ("log empty", _with(log=b'""')),
+    ("log null", _with(log=b"null")),
+    ("chain null", _with(chain=b"null")),
+    ("chain of null", _with(chain=b"[null]")),
+    ("chain 65 items", _with(chain=b"[" + b",".join([b'"r"'] * 65) + b"]")),
+    ("chain trailing comma", _with(chain=b'["r",]')),
+    ("note number", _with(note=b"1")),
+    ("note true", _with(note=b"true")),
+    ("note object", _with(note=b"{}")),
+    ("whitespace", GOOD.replace(b'"v":1', b'"v": 1')),
+    ("duplicate key", b'{"agent":null,' + GOOD[1:]),
+    ("trailing newline", GOOD + b"\n"),
+    ("string too long", _with(note=b'"' + b"x" * (MAX_STR_LEN + 1) + b'"')),
+]
+
+
+@pytest.mark.parametrize(("desc", "data"), SCAN_NEAR_MISSES, ids=[m[0] for m in SCAN_NEAR_MISSES])
+def test_scan_declines_near_misses(desc: str, data: bytes) -> None:
+    assert data != GOOD, "the substitution did not apply"
+    assert scan_entries([data]) is None
+    assert scan_entries([GOOD, data, GOOD]) is None  # one bad entry spoils the batch
+    with pytest.raises(EntryError):
+        parse_entry(data)
+
+
+def test_scan_batch() -> None:
+    datas = [_entry(seq=i, prev=ZERO_HASH_HEX if i == 0 else PREV) for i in range(5)]
+    got = scan_entries(datas)
+    assert got is not None
+    logs, prevs, seqs = got
+    assert seqs == [0, 1, 2, 3, 4] and set(logs) == {b"payments"}
+    assert prevs == [ZERO_HASH_HEX.encode()] + [PREV.encode()] * 4
+    assert scan_entries([]) == ([], [], [])
+    assert scan_entries([GOOD.decode()]) is None  # type: ignore[list-item]
+    assert scan_entries([bytearray(GOOD)]) is None  # type: ignore[list-item]
+    # Raw DEL, U+2028 and non-ASCII text need no escape: the fast grammar takes them.
+    raw = _entry({"decision": "allow", "reason": "ok", "note": "\x7f\u2028\u00e9"})
+    assert _scan_sound([raw])
+    assert _scan_sound([_ESCAPED])

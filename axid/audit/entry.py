@@ -51,8 +51,9 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import filterfalse
 from json.encoder import encode_basestring as _json_str  # C version when available
 
 import rfc8785
@@ -70,6 +71,7 @@ __all__ = [
     "format_ts",
     "parse_entry",
     "parse_ts",
+    "scan_entries",
     "validate_fields",
 ]
 
@@ -476,6 +478,16 @@ def parse_entry(data: bytes) -> dict[str, object]:
     """Parse entry bytes; they must be exactly the canonical form of a valid entry."""
     if not isinstance(data, bytes):
         raise TypeError(f"entry must be bytes, got {type(data).__name__}")
+    if scan_entries((data,)) is not None:
+        # Proven canonical and valid (see scan_entries): the plain C parser
+        # reads it (the grammar already excludes duplicate keys and floats).
+        obj: dict[str, object] = json.loads(data.decode("utf-8"))
+        return obj
+    return _parse_entry_strict(data)
+
+
+def _parse_entry_strict(data: bytes) -> dict[str, object]:
+    """parse_entry for any input: full parse, validation and re-encoding, precise errors."""
     if len(data) > MAX_ENTRY_SIZE:
         raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
     try:
@@ -514,3 +526,103 @@ def _ts_str(ts: object) -> str:
     if not isinstance(ts, str):
         raise EntryError("field 'ts' must be str")
     return ts
+
+
+# --------------------------------------------------------------------------- fast scan
+
+# The exact grammar of the bytes _fast_jcs writes for a valid entry, as one
+# regular expression over the fixed template. A JCS string: raw UTF-8 except
+# quote, backslash and U+0000-U+001F; those only as the two-character escapes
+# (\" \\ \b \f \n \r \t) or, for the other controls, \u00xx with lowercase
+# hex. Every string it admits therefore decodes and re-encodes to the same
+# bytes, as do the other values (``null``, ``seq`` in plain decimal, ``v``).
+_SCAN_STR = (
+    rb'"[^"\\\x00-\x1f]*+(?:\\(?:["\\bfnrt]|u00(?:0[0-7bef]|1[0-9a-f]))[^"\\\x00-\x1f]*+)*+"'
+)
+# The same without escapes: a string of bytes that need none (a positive
+# byte class, which the regex engine matches faster). Nearly every entry
+# matches this one; the others are matched against the full grammar.
+_SCAN_STR_PLAIN = rb'"[ !#-\[\]-\xff]*+"'
+
+
+def _scan_re(s: bytes, log: bytes) -> re.Pattern[bytes]:
+    values: dict[str, bytes] = {
+        "v": b"%d" % ENTRY_VERSION,
+        "seq": rb"(0|[1-9][0-9]{0,15})",
+        "ts": rb'"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z)"',
+        # A log name with an escape is valid but left to the full parser: the
+        # caller gets the name's bytes as they stand.
+        "log": b'"(' + log + b')"',
+        "prev": rb'"([0-9a-f]{64})"',
+        "decision": rb'"(?:' + b"|".join(sorted(d.encode() for d in _DECISIONS)) + rb')"',
+        "reason": b'"' + _REASON_RE.pattern.encode() + b'"',
+        "chain": rb"\[(?:" + s + rb"(?:," + s + rb"){0,%d})?\]" % (MAX_CHAIN - 1),
+        **{f: rb"(?:null|" + s + rb")" for f in _OPTIONAL_STR},
+    }
+    if values.keys() != _ENTRY_KEYS:  # pragma: no cover - a field without a grammar
+        raise RuntimeError("scan grammar does not cover ENTRY_FIELDS")
+    return re.compile(
+        rb"\{" + b",".join(b'"%s":%s' % (k.encode(), values[k]) for k in _SORTED_FIELDS) + rb"\}"
+    )
+
+
+_SCAN_RE = _scan_re(_SCAN_STR, rb'[^"\\\x00-\x1f]++')
+_SCAN_RE_PLAIN = _scan_re(_SCAN_STR_PLAIN, rb"[ !#-\[\]-\xff]++")
+# scan_entries unpacks the capture groups in this (template) order.
+if tuple(f for f in _SORTED_FIELDS if f in ("log", "prev", "seq", "ts")) != (
+    "log",
+    "prev",
+    "seq",
+    "ts",
+):  # pragma: no cover
+    raise RuntimeError("scan groups out of order")
+_ZERO_HEX_B = ZERO_HASH_HEX.encode()
+
+
+def scan_entries(datas: Sequence[bytes]) -> tuple[list[bytes], list[bytes], list[int]] | None:
+    """Batch fast path of :func:`parse_entry`: prove many entries valid at once.
+
+    Returns, per entry, its ``log`` (UTF-8 bytes), ``prev`` (ASCII hex bytes)
+    and ``seq`` when EVERY entry is one :func:`parse_entry` accepts, with
+    those values; None when any is not, or is merely outside the fast path
+    (an escape in the log name, an entry longer than :data:`MAX_STR_LEN`
+    bytes): the caller then uses :func:`parse_entry`, for the verdict and a
+    precise error. It never accepts what :func:`parse_entry` refuses:
+
+    - the template and value grammar (``_SCAN_RE``) admit exactly the
+      canonical encodings of the allowed types (so no duplicate, missing or
+      reordered key, no whitespace, no float, no non-canonical escape) and
+      the decision, reason, prev, ts and version formats;
+    - ``len(data) <= MAX_STR_LEN`` bounds every decoded string to
+      :data:`MAX_STR_LEN` characters (escapes only shrink) and the entry to
+      :data:`MAX_ENTRY_SIZE`; the ``{0,63}`` repeat bounds ``chain``;
+    - non-ASCII entries must decode as UTF-8 (which refuses surrogates);
+    - ``_SCAN_RE_PLAIN``, tried first, is that grammar minus escapes;
+    - the remaining rules are checked here: ``seq`` range, real calendar
+      timestamps, and the zero ``prev`` exactly at seq 0.
+    """
+    if not datas:
+        return [], [], []
+    if set(map(type, datas)) != {bytes} or max(map(len, datas)) > MAX_STR_LEN:
+        return None
+    plain, full = _SCAN_RE_PLAIN.fullmatch, _SCAN_RE.fullmatch
+    try:
+        for data in filterfalse(bytes.isascii, datas):
+            data.decode("utf-8")
+        rows = [(plain(d) or full(d)).groups() for d in datas]  # type: ignore[union-attr]
+    except (UnicodeDecodeError, AttributeError):  # AttributeError: no match (None)
+        return None
+    logs, prevs, seq_b, tss = (list(col) for col in zip(*rows, strict=True))
+    seqs = list(map(int, seq_b))  # plain ASCII decimal (the grammar)
+    if max(seqs) > _MAX_SEQ:
+        return None
+    try:
+        for ts in set(tss):
+            _parse_ts_cached(ts.decode("ascii"))
+    except EntryError:
+        return None
+    if (0 in seqs or _ZERO_HEX_B in prevs) and any(
+        (s == 0) != (p == _ZERO_HEX_B) for s, p in zip(seqs, prevs, strict=True)
+    ):
+        return None
+    return logs, prevs, seqs

@@ -31,6 +31,8 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,7 +62,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlmodel import Field, SQLModel
 
 from axid.audit.entry import ZERO_HASH_HEX, encode_entry, format_ts, validate_fields
@@ -444,6 +446,19 @@ class _AppendSQL:
         )
 
 
+def _compile_for(engine: Engine, stmt: Any) -> _DriverStmt:
+    """A read statement as driver SQL with positional parameters (as _AppendSQL's)."""
+    dialect = engine.dialect
+    if dialect.paramstyle != "qmark":
+        dialect = type(dialect)(paramstyle="format")
+    c = stmt.compile(dialect=dialect)
+    return _DriverStmt(str(c), tuple(c.positiontup or ()), dict(c.construct_params(_check=False)))
+
+
+_MAX_BIGINT = 2**63 - 1
+_COL0, _COL1, _COL2 = itemgetter(0), itemgetter(1), itemgetter(2)
+
+
 def _b(value: Any) -> bytes:
     # Drivers may hand back memoryview/bytearray for binary columns.
     return bytes(value)
@@ -464,6 +479,7 @@ class LogStore:
         self._signer = signer
         self._signer_vkey = signer.vkey() if signer is not None else None
         self._sql = _AppendSQL.for_engine(engine)
+        self._entries_sql: _DriverStmt | None = None
         # Head after our last commit: (size, last leaf hash, compact range hashes).
         # Reused only when the locked database head still has that size.
         self._head_cache: tuple[int, bytes, tuple[bytes, ...]] | None = None
@@ -701,22 +717,69 @@ class LogStore:
         Reads page by page, each in its own short transaction, so a long
         export does not pin a database snapshot.
         """
-        if start < 0 or (end is not None and end < start) or batch < 1:
+        if start < 0:
             raise ValueError("invalid entries range")
-        nxt = start
-        while end is None or nxt < end:
-            q = select(_ENTRY_T.c.seq, _ENTRY_T.c.data, _ENTRY_T.c.leaf_hash).where(
-                _ENTRY_T.c.log == self.log, _ENTRY_T.c.seq >= nxt
-            )
-            if end is not None:
-                q = q.where(_ENTRY_T.c.seq < end)
+        return chain.from_iterable(self.entry_pages(start, end, batch))
+
+    def entry_pages(
+        self, start: int = 0, end: int | None = None, batch: int = 10000
+    ) -> Iterator[list[tuple[int, bytes, bytes]]]:
+        """:meth:`entries` a page (a list of up to ``batch`` rows) at a time.
+
+        One statement per page on the driver's own cursor: rows arrive as the
+        driver's tuples, with no per-row SQLAlchemy work (verification reads
+        every entry of the log this way). Driver errors are raised as
+        SQLAlchemy's, as from the rest of this class. ``start`` may be
+        negative: no log writes such a seq, but verification must see a row
+        stored there.
+        """
+        if (end is not None and end < start) or batch < 1:
+            raise ValueError("invalid entries range")
+        return self._entry_pages(start, _MAX_BIGINT if end is None else end, batch)
+
+    def _entry_pages(
+        self, nxt: int, end: int, batch: int
+    ) -> Iterator[list[tuple[int, bytes, bytes]]]:
+        stmt = self._read_sql()
+        dialect = self._engine.dialect
+        db_error: type[Exception] = dialect.loaded_dbapi.Error
+        while nxt < end:
+            params = stmt.params(log=self.log, lo=nxt, hi=end, n=batch)
             with self._engine.connect() as conn:
-                rows = conn.execute(q.order_by(_ENTRY_T.c.seq).limit(batch)).all()
-            for r in rows:
-                yield int(r.seq), _b(r.data), _b(r.leaf_hash)
+                cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cur.execute(stmt.sql, params)
+                    rows: list[Any] = cur.fetchall()
+                except db_error as e:
+                    raise DBAPIError.instance(stmt.sql, params, e, db_error, dialect=dialect) from e
+                finally:
+                    cur.close()
+            if not rows:
+                return
+            # The drivers give int and bytes; anything else (a value of another
+            # type written into a column behind our back) is converted as before.
+            if (
+                set(map(type, map(_COL0, rows))) != {int}
+                or set(map(type, map(_COL1, rows))) != {bytes}
+                or set(map(type, map(_COL2, rows))) != {bytes}
+            ):
+                rows = [(int(q), _b(d), _b(h)) for q, d, h in rows]
+            yield rows
             if len(rows) < batch:
                 return
-            nxt = int(rows[-1].seq) + 1
+            nxt = rows[-1][0] + 1
+
+    def _read_sql(self) -> _DriverStmt:
+        if self._entries_sql is None:
+            t = _ENTRY_T.c
+            q = (
+                select(t.seq, t.data, t.leaf_hash)
+                .where(t.log == bindparam("log"), t.seq >= bindparam("lo"), t.seq < bindparam("hi"))
+                .order_by(t.seq)
+                .limit(bindparam("n"))
+            )
+            self._entries_sql = _compile_for(self._engine, q)
+        return self._entries_sql
 
     def query(
         self,
@@ -911,15 +974,19 @@ def _passphrase() -> bytes | None:
 def load_log_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """Load the log's Ed25519 key (PEM PKCS#8, passphrase from ``AXID_KEY_PASSPHRASE``).
 
-    Refuses a key file that group or others can access, or that is not a
-    regular file.
+    Refuses a key file that group or others can access, that is not a
+    regular file, or that is a symbolic link (``O_NOFOLLOW``).
     """
+    import errno  # here: this function is all that needs it
+
     p = os.fspath(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise LogKeyError(f"log key file not found: {p}") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LogKeyError(f"log key file {p} is a symbolic link") from None
         raise LogKeyError(f"cannot open log key file {p}: {e.strerror}") from None
     try:
         st = os.fstat(fd)  # of the opened file: no check-then-open race

@@ -16,11 +16,19 @@ bundle directory or the database) and checks, in order of the log:
   not exceed the log (else the log was truncated or rolled back) and its root
   must equal the recomputed root at its size (else the log forked).
 
-Memory is O(log n) (a compact Merkle range) plus the checkpoint at hand.
+Memory is O(log n) (a compact Merkle range) plus the chunks at hand.
 The report names the FIRST bad seq. A broken chain link between two entries
 is attributed with one entry of look-ahead: if entry ``k`` was altered, its
 hash no longer matches ``prev`` of ``k + 1`` while ``k`` itself still links to
 ``k - 1``; if ``k``'s own ``prev`` was altered, both of its links break.
+
+Speed: entries are checked a chunk at a time (:func:`~axid.audit.entry.scan_entries`
+proves a whole chunk canonical and valid with one regular expression per
+entry; the chain links of the chunk are compared at once; its Merkle subtrees
+are hashed level by level), and a chunk with anything off is gone through
+entry by entry by the reference code, which alone makes findings: the report
+is the same either way. On Linux with several CPUs, forked workers check
+chunks in parallel (with a database, each reads its chunks itself).
 
 This module imports neither FastAPI nor the verifier: an auditor needs only it,
 the pure modules and (for :class:`DatabaseSource`) the storage layer.
@@ -28,16 +36,34 @@ the pure modules and (for :class:`DatabaseSource`) the storage layer.
 
 from __future__ import annotations
 
+import binascii
+import contextlib
+import gc
+import hashlib
 import hmac
+import multiprocessing
 import os
 import re
-from collections.abc import Callable, Iterator
+import signal
+import sys
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, chain, islice, pairwise
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
-from axid.audit.entry import MAX_ENTRY_SIZE, ZERO_HASH_HEX, EntryError, parse_entry
-from axid.audit.merkle import CompactRange, leaf_hash
+from axid.audit.entry import (
+    MAX_ENTRY_SIZE,
+    ZERO_HASH_HEX,
+    EntryError,
+    parse_entry,
+    scan_entries,
+)
+from axid.audit.merkle import HASH_SIZE, CompactRange, leaf_hash
 from axid.audit.note import (
     MAX_NOTE_SIZE,
     Checkpoint,
@@ -65,6 +91,25 @@ _PROGRESS_EVERY = 1024
 # broken chain link and to let an entry-level finding explain a root mismatch.
 _WINDOW = 2
 _MAX_VKEY_FILE = 4096
+
+# The fast path checks entries a chunk at a time (scan_entries, the leaf
+# hashes, the chain links, the chunk's Merkle subtrees) and goes entry by
+# entry, through the reference code above, for any chunk where anything is
+# off: findings come from that code alone. A power of two, so that every
+# chunk starts at a multiple of its size and its subtrees are tree nodes.
+_CHUNK = 2048
+_ZERO32 = bytes(HASH_SIZE)
+# Worker processes (workers=None): one per usable CPU, started once the log
+# has proved long enough to repay the fork (so many chunks read).
+_POOL_AFTER_CHUNKS = 8
+_MAX_WORKERS = 8
+# A worker's answer on one chunk takes milliseconds; past this, the worker
+# is taken for hung and this process checks its chunks itself.
+_WORKER_TIMEOUT = 30.0
+_REAP_GRACE = 1.0  # seconds a worker has to leave once told, before SIGKILL
+_DB_PAGE = 8192  # rows per database read
+_BUNDLE_BLOCK = 4 * MAX_ENTRY_SIZE  # bytes of entries.jsonl per read: whole lines, mostly
+_CAN_FORK = sys.platform == "linux" and hasattr(os, "fork")
 
 
 class LogSource(Protocol):
@@ -214,6 +259,7 @@ class _Pass:
         trusted: Checkpoint | None,
         findings: _Findings,
         progress: Callable[[int], None] | None,
+        workers: int | None,
     ) -> None:
         self.source = source
         self.verifier = verifier
@@ -222,7 +268,14 @@ class _Pass:
         self.trusted = trusted
         self.f = findings
         self.progress = progress
-        self.cr = CompactRange()
+        # (number of workers, from which chunk): workers=None waits to see a long log.
+        if workers is None:
+            n = _usable_cpus()
+            self._pool_plan = (n if n >= 2 else 0, _POOL_AFTER_CHUNKS)
+        else:
+            self._pool_plan = (workers, 0)
+        self._pool: _Pool | None = None
+        self.cr = _Edge()
         self.n = 0  # entries read so far == current tree size
         self.last_good = 0  # size of the last checkpoint that fully verified
         self.max_cp = -1  # largest checkpoint size seen (good or bad)
@@ -234,6 +287,11 @@ class _Pass:
         self._last_cp_size = -1
         self.stop_at: int | None = None  # last position to read once something is found
         self.aborted = False  # a source stream broke off: skip end-of-log checks
+        # The entry-by-entry state (see _take_one).
+        self._prev_hash: bytes | None = None
+        self._prev_own_ok = True
+        self._pending: int | None = None  # position whose link to its predecessor broke
+        self._expected_log = log_name
 
     # ---- checkpoints stream
 
@@ -348,108 +406,295 @@ class _Pass:
         if self._has_global():
             return False
 
-        prev_hash: bytes | None = None
-        prev_own_ok = True
-        pending: int | None = None  # position whose link to its predecessor broke
-        expected_log = self.log_name
-        entries = iter(self.source.entries())
-        while True:
-            if self.stop_at is not None and self.n > self.stop_at:
-                break
-            try:
-                item = next(entries, None)
-            except SourceFormatError as e:
-                self._source_error(e)
-                self.aborted = True
-                break
-            if item is None:
-                break
-            stored_seq, data, stored_lh = item
-            p = self.n
-            lh = leaf_hash(data)
-            own_ok = True
-            if stored_seq != p:
-                own_ok = False
-                if stored_seq > p:
-                    self.f.add_exact(
-                        p, f"entry {p} is missing: the next stored entry is seq {stored_seq}"
-                    )
-                else:
-                    self.f.add_exact(
-                        stored_seq,
-                        f"stored seq {stored_seq} appears again after seq {p - 1} "
-                        "(duplicated or out of order)",
-                    )
-            entry: dict[str, Any] | None = None
-            try:
-                entry = parse_entry(data)
-            except EntryError as e:
-                own_ok = False
-                self.f.add_exact(p, f"entry {p} is malformed: {e}")
-            link_ok = True
-            if entry is not None:
-                want = ZERO_HASH_HEX if prev_hash is None else prev_hash.hex()
-                link_ok = hmac.compare_digest(str(entry["prev"]), want)
-                fseq = entry["seq"]
-                if fseq != p:
-                    own_ok = False
-                    if link_ok and prev_hash is not None:
-                        # It still links to entry p - 1: in place, its seq field was edited.
-                        self.f.add_exact(
-                            p, f"entry {p} carries seq {fseq} (its seq field was altered)"
-                        )
-                    elif fseq > p:
-                        self.f.add_exact(
-                            p,
-                            f"entry at seq {p} carries seq {fseq}: an entry was deleted "
-                            "or entries were reordered",
-                        )
-                    else:
-                        self.f.add_exact(
-                            fseq,
-                            f"seq {fseq} appears again at position {p}: an entry was "
-                            "inserted, duplicated or moved",
-                        )
-                log_field = entry["log"]
-                if expected_log is None:
-                    expected_log = log_field
-                if log_field != expected_log:
-                    own_ok = False
-                    self.f.add_exact(
-                        p, f"entry {p} belongs to log {log_field!r}, not {expected_log!r}"
-                    )
-            if stored_lh is not None and not hmac.compare_digest(stored_lh, lh):
-                own_ok = False
-                self.f.add_exact(
-                    p,
-                    f"entry {p} was altered: its bytes hash to {_short(lh)} but the stored "
-                    f"leaf hash is {_short(stored_lh)}",
-                )
-            if pending is not None:
-                self._resolve_link(pending, own_ok, link_ok)
-                pending = None
-            if own_ok and not link_ok and prev_own_ok:
-                if p == 0:
-                    self.f.add_exact(0, "entry 0 does not start the chain (prev is not zero)")
-                else:
-                    pending = p
-            if not own_ok:
-                self._found(p)
+        try:
+            self._take_entries()
+        finally:
+            if self._pool is not None:
+                self._pool.close()
 
-            self.cr.append(lh)
-            self.n += 1
-            prev_hash = lh
-            prev_own_ok = own_ok
-            if self.progress is not None and self.n % _PROGRESS_EVERY == 0:
-                self.progress(self.n)
-            self._check_checkpoints_at_size()
-
-        if pending is not None:
-            self._resolve_link(pending, False, False)
+        if self._pending is not None:
+            self._resolve_link(self._pending, False, False)
         if self.progress is not None:
             self.progress(self.n)
         ended = self.stop_at is None or self.n <= self.stop_at
         return ended and not self.aborted
+
+    def _stopped(self) -> bool:
+        return self.stop_at is not None and self.n > self.stop_at
+
+    # ---- the fast path: chunks
+
+    def _take_entries(self) -> None:
+        """Take every entry, in chunks; stop where the pass stops."""
+        start = 0
+        end = self._ranged_end()
+        if end is not None:
+            for chunk in self._ranged_chunks(end):
+                taken = self._take_ranged(chunk)
+                if taken is None:  # needs a closer look: entry by entry from here
+                    break
+                if not taken:
+                    return
+            start = self.n
+        source: Any = self.source
+        entries = source.entries() if start == 0 else source._entries_from(start)
+        for chunk in self._chunks(iter(entries), start):
+            if not self._take(chunk):
+                return
+
+    def _ranged_end(self) -> int | None:
+        """With workers on a database, they read the entries themselves: ``end_seq``, else None.
+
+        Worker ``k`` reads the rows with seq in ``[k * _CHUNK, (k + 1) * _CHUNK)``,
+        which are the rows at those positions of the log's seq-ordered stream
+        as long as every row before had seq == position (each chunk taken
+        proves it for the next) and no seq is negative (checked here). The
+        first chunk that does not prove it, this process reads from there.
+        """
+        workers, after = self._pool_plan
+        src = self.source
+        if not workers or not isinstance(src, DatabaseSource) or src.min_seq < 0:
+            return None
+        if src.end_seq < after * _CHUNK:
+            return None  # a small log: not worth a fork
+        self._pool = _Pool.start(workers, src._read_range)
+        return src.end_seq if self._pool is not None else None
+
+    def _ranged_chunks(self, end: int) -> Iterator[_Chunk]:
+        pool = self._pool
+        assert pool is not None
+        starts = iter(range(0, end, _CHUNK))
+        nxt = next(starts, None)
+
+        def fetch() -> _Chunk | None:
+            nonlocal nxt
+            if nxt is None:
+                return None
+            chunk = _Chunk(nxt, None, None, min(_CHUNK, end - nxt))
+            nxt = next(starts, None)
+            return chunk
+
+        yield from _in_order(pool, fetch, pool.submit_range)
+
+    def _take_ranged(self, chunk: _Chunk) -> bool | None:
+        """Take a chunk a worker read and checked; None: not taken (read it here)."""
+        checked = chunk.checked
+        if checked is None or self.stop_at is not None or self._pending is not None:
+            return None
+        if not self._accept(chunk.start, checked):
+            return None
+        return self._take_checked(chunk.start, chunk.count, checked[2])
+
+    def _chunks(self, entries: Iterator[Any], start: int) -> Iterator[_Chunk]:
+        """The entries from position ``start``, in chunks of _CHUNK; with workers, checked.
+
+        Reading runs ahead of the pass (with workers, a few chunks are in
+        flight), so what reading raises is kept with its chunk and acted on
+        only where the entry-by-entry pass would have met it.
+        """
+
+        def read() -> _Chunk:
+            nonlocal start
+            rows: list[Any] = []
+            exc: Exception | None = None
+            try:
+                for row in islice(entries, _CHUNK):
+                    rows.append(row)
+            except Exception as e:  # kept: raised where the pass reaches it
+                exc = e
+            chunk = _Chunk(start, rows, exc, len(rows))
+            start += len(rows)
+            return chunk
+
+        workers, after = self._pool_plan
+        k = 0
+        while self._pool is None:
+            if workers and k >= after:
+                self._pool = _Pool.start(workers)
+                workers = 0  # started, or no fork here: this process goes on alone
+                continue
+            chunk = read()
+            yield chunk
+            if chunk.last:
+                return
+            k += 1
+        ended = False
+
+        def fetch() -> _Chunk | None:
+            nonlocal ended
+            if ended:
+                return None
+            chunk = read()
+            ended = chunk.last
+            return chunk
+
+        yield from _in_order(self._pool, fetch, self._pool.submit_rows)
+
+    def _take(self, chunk: _Chunk) -> bool:
+        """Take one chunk of rows into the pass; False when the pass stops here."""
+        rows = chunk.rows or []
+        if rows and self.stop_at is None and self._pending is None:
+            checked = chunk.check()
+            cols = chunk.columns()
+            if (
+                checked is not None
+                and cols is not None
+                and _stored_ok(chunk.start, cols[0], cols[2], checked[2][0])
+                and self._accept(chunk.start, checked)
+            ):
+                if not self._take_checked(chunk.start, len(rows), checked[2]):
+                    return False
+                rows = []
+        for row in rows:
+            if self._stopped():
+                return False
+            stored_seq, data, stored_lh = row
+            self._take_one(stored_seq, data, stored_lh)
+            if self.progress is not None and self.n % _PROGRESS_EVERY == 0:
+                self.progress(self.n)
+        if chunk.exc is not None:
+            if self._stopped():
+                return False
+            if isinstance(chunk.exc, SourceFormatError):
+                self._source_error(chunk.exc)
+                self.aborted = True
+                return False
+            raise chunk.exc
+        return not self._stopped()
+
+    def _accept(self, start: int, checked: _Checked) -> bool:
+        """Whether a chunk that checked clean also continues the pass: position, link, log."""
+        log_b, first_prev, _layers = checked
+        if start != self.n or not hmac.compare_digest(first_prev, self._prev_hash or _ZERO32):
+            return False
+        log = log_b.decode("utf-8")  # scan_entries checked it is UTF-8
+        if self._expected_log is None:
+            self._expected_log = log
+        return log == self._expected_log
+
+    def _take_checked(self, start: int, m: int, layers: list[bytes]) -> bool:
+        """Take ``m`` checked entries from ``start``, stopping at every checkpoint size.
+
+        Exactly what entry-by-entry would do for entries that are all
+        correct: only sizes with a (trusted) checkpoint need a root, and once
+        a checkpoint fails, only up to ``stop_at``. False when the pass stops.
+        """
+        end = start + m
+        pos = start
+        while pos < end:
+            if self._stopped():
+                return False
+            cut = end
+            if self._next_cp is not None and self._next_cp[0] < cut:
+                cut = self._next_cp[0]
+            if self.trusted is not None and pos < self.trusted.size < cut:
+                cut = self.trusted.size
+            if self.stop_at is not None and self.stop_at + 1 < cut:
+                cut = self.stop_at + 1
+            if cut <= pos:  # pragma: no cover - sizes below n were all checked
+                raise AssertionError("checkpoint stream behind the entries")
+            self._add_subtrees(layers, start, pos, cut)
+            pos = self.n = cut
+            i = (cut - 1 - start) * HASH_SIZE
+            self._prev_hash = layers[0][i : i + HASH_SIZE]
+            self._check_checkpoints_at_size()
+        if self.progress is not None:
+            self.progress(self.n)
+        return not self._stopped()
+
+    def _add_subtrees(self, layers: list[bytes], base: int, lo: int, hi: int) -> None:
+        """Append leaves ``[lo, hi)`` of the chunk at ``base`` as their largest subtrees."""
+        a, b = lo - base, hi - base
+        while a < b:
+            level = (a & -a).bit_length() - 1 if a else len(layers) - 1
+            while 1 << level > b - a:
+                level -= 1
+            i = (a >> level) * HASH_SIZE
+            self.cr.add(level, layers[level][i : i + HASH_SIZE])
+            a += 1 << level
+
+    # ---- entry by entry: the reference path, and the one that names what is wrong
+
+    def _take_one(self, stored_seq: Any, data: Any, stored_lh: Any) -> None:
+        p = self.n
+        prev_hash = self._prev_hash
+        lh = leaf_hash(data)
+        own_ok = True
+        if stored_seq != p:
+            own_ok = False
+            if stored_seq > p:
+                self.f.add_exact(
+                    p, f"entry {p} is missing: the next stored entry is seq {stored_seq}"
+                )
+            elif stored_seq < 0:
+                self.f.add_exact(
+                    stored_seq, f"a row is stored at seq {stored_seq}: no log writes a negative seq"
+                )
+            else:
+                self.f.add_exact(
+                    stored_seq,
+                    f"stored seq {stored_seq} appears again after seq {p - 1} "
+                    "(duplicated or out of order)",
+                )
+        entry: dict[str, Any] | None = None
+        try:
+            entry = parse_entry(data)
+        except EntryError as e:
+            own_ok = False
+            self.f.add_exact(p, f"entry {p} is malformed: {e}")
+        link_ok = True
+        if entry is not None:
+            want = ZERO_HASH_HEX if prev_hash is None else prev_hash.hex()
+            link_ok = hmac.compare_digest(str(entry["prev"]), want)
+            fseq = entry["seq"]
+            if fseq != p:
+                own_ok = False
+                if link_ok and prev_hash is not None:
+                    # It still links to entry p - 1: in place, its seq field was edited.
+                    self.f.add_exact(p, f"entry {p} carries seq {fseq} (its seq field was altered)")
+                elif fseq > p:
+                    self.f.add_exact(
+                        p,
+                        f"entry at seq {p} carries seq {fseq}: an entry was deleted "
+                        "or entries were reordered",
+                    )
+                else:
+                    self.f.add_exact(
+                        fseq,
+                        f"seq {fseq} appears again at position {p}: an entry was "
+                        "inserted, duplicated or moved",
+                    )
+            log_field = entry["log"]
+            if self._expected_log is None:
+                self._expected_log = log_field
+            if log_field != self._expected_log:
+                own_ok = False
+                self.f.add_exact(
+                    p, f"entry {p} belongs to log {log_field!r}, not {self._expected_log!r}"
+                )
+        if stored_lh is not None and not hmac.compare_digest(stored_lh, lh):
+            own_ok = False
+            self.f.add_exact(
+                p,
+                f"entry {p} was altered: its bytes hash to {_short(lh)} but the stored "
+                f"leaf hash is {_short(stored_lh)}",
+            )
+        if self._pending is not None:
+            self._resolve_link(self._pending, own_ok, link_ok)
+            self._pending = None
+        if own_ok and not link_ok and self._prev_own_ok:
+            if p == 0:
+                self.f.add_exact(0, "entry 0 does not start the chain (prev is not zero)")
+            else:
+                self._pending = p
+        if not own_ok:
+            self._found(p)
+
+        self.cr.add(0, lh)
+        self.n += 1
+        self._prev_hash = lh
+        self._prev_own_ok = own_ok
+        self._check_checkpoints_at_size()
 
     def _has_global(self) -> bool:
         return any(c.kind == "global" for c in self.f._items)
@@ -517,6 +762,353 @@ class _Pass:
             )
 
 
+# --------------------------------------------------------------------------- fast path
+
+
+class _Edge:
+    """The right edge of the tree being rebuilt, as in :class:`CompactRange`
+    (one perfect subtree hash per set bit of ``size``, largest first), but
+    also taking whole perfect subtrees: a chunk costs one call, not one per leaf."""
+
+    __slots__ = ("hashes", "size")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.hashes: list[bytes] = []
+
+    def add(self, level: int, h: bytes) -> None:
+        """Append the subtree of ``2**level`` leaves starting at ``size`` (a multiple of it)."""
+        size = self.size
+        if size & ((1 << level) - 1):  # pragma: no cover - chunks are aligned
+            raise AssertionError("unaligned subtree")
+        bit = 1 << level
+        hashes = self.hashes
+        while size & bit:  # each set bit from ``level`` up is a left sibling to merge
+            h = hashlib.sha256(b"\x01" + hashes.pop() + h).digest()
+            bit <<= 1
+        hashes.append(h)
+        self.size = size + (1 << level)
+
+    def root(self) -> bytes:
+        return CompactRange(self.size, self.hashes).root()
+
+
+# A clean chunk: (its log's name in UTF-8, the prev of its first entry, its
+# Merkle layers: layers[k] concatenates the hashes of its perfect subtrees of
+# 2**k leaves, left to right; layers[0] the leaf hashes).
+_Checked = tuple[bytes, bytes, list[bytes]]
+
+
+def _check_chunk(start: int, datas: Sequence[bytes]) -> _Checked | None:
+    """The fast verdict on entries from position ``start``: not None only when
+    every entry is one :func:`parse_entry` accepts (:func:`scan_entries`),
+    its ``seq`` field is its position, its ``prev`` the leaf hash of the
+    entry before it (the first's is returned, for the caller to match) and
+    all name one log. Pure, so that a worker process can run it."""
+    scan = scan_entries(datas)
+    if scan is None or not datas:
+        return None
+    logs, prevs, seqs = scan
+    if seqs != list(range(start, start + len(datas))) or logs.count(logs[0]) != len(logs):
+        return None
+    sha256 = hashlib.sha256
+    lhs = [sha256(b"\x00" + d).digest() for d in datas]
+    layer0 = b"".join(lhs)
+    # Every link at once: the prev values (64 lowercase hex each, by the
+    # grammar) decoded end to end, against the leaf hashes shifted by one.
+    links = binascii.unhexlify(b"".join(prevs))
+    if not hmac.compare_digest(links[HASH_SIZE:], layer0[:-HASH_SIZE]):
+        return None
+    layers = [layer0]
+    layer = lhs
+    while len(layer) > 1:
+        pairs = iter(layer)  # an odd last node has no sibling yet: zip drops it
+        layer = [sha256(b"\x01" + a + b).digest() for a, b in zip(pairs, pairs, strict=False)]
+        layers.append(b"".join(layer))
+    return logs[0], links[:HASH_SIZE], layers
+
+
+def _stored_ok(start: int, seqs: Sequence[Any], stored: Sequence[Any], layer0: bytes) -> bool:
+    """Stored seqs are the positions from ``start``; stored leaf hashes (if any) match."""
+    m = len(seqs)
+    if list(seqs) != list(range(start, start + m)):
+        return False  # a gap, a duplicate or a swap
+    if stored.count(None) == m:  # a source without stored hashes (a bundle)
+        return True
+    if set(map(type, stored)) != {bytes} or set(map(len, stored)) != {HASH_SIZE}:
+        return False
+    return hmac.compare_digest(b"".join(stored), layer0)
+
+
+def _check_rows(start: int, rows: list[Any]) -> _Checked | None:
+    """:func:`_check_chunk` plus :func:`_stored_ok` on ``(seq, data, leaf_hash)`` rows."""
+    try:
+        seqs, datas, stored = zip(*rows, strict=True)
+    except (TypeError, ValueError):
+        return None
+    checked = _check_chunk(start, datas)
+    if checked is None or not _stored_ok(start, seqs, stored, checked[2][0]):
+        return None
+    return checked
+
+
+_UNSET: Any = object()
+
+
+class _Chunk:
+    """Up to _CHUNK consecutive entries: the rows read (None when a worker read
+    them), what reading raised after them, and the fast verdict."""
+
+    __slots__ = ("_cols", "checked", "count", "done", "exc", "rows", "start", "worker")
+
+    def __init__(self, start: int, rows: list[Any] | None, exc: Exception | None, count: int):
+        self.start = start
+        self.rows = rows
+        self.exc = exc
+        self.count = count
+        self.worker: int | None = None  # the worker checking it
+        self.done = False
+        self.checked: _Checked | None = None
+        self._cols: Any = _UNSET
+
+    @property
+    def last(self) -> bool:
+        return self.exc is not None or self.count < _CHUNK
+
+    def columns(self) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]] | None:
+        """``(stored seqs, datas, stored leaf hashes)``; None if the rows are not triples."""
+        if self._cols is _UNSET:
+            try:
+                seqs, datas, stored = zip(*(self.rows or ()), strict=True)
+                self._cols = (seqs, datas, stored)
+            except (TypeError, ValueError):
+                self._cols = None
+        return self._cols  # type: ignore[no-any-return]
+
+    def check(self) -> _Checked | None:
+        """The fast verdict (a worker's, or computed here)."""
+        if not self.done:
+            cols = self.columns()
+            if cols is not None:
+                self.checked = _check_chunk(self.start, cols[1])
+            self.done = True
+        return self.checked
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _in_order(
+    pool: _Pool, fetch: Callable[[], _Chunk | None], submit: Callable[[_Chunk], None]
+) -> Iterator[_Chunk]:
+    """The chunks ``fetch`` gives, in order, each checked by a worker where one took it.
+
+    Keeps the workers fed: chunks are fetched and submitted while a worker is
+    free (up to ``pool.window`` in flight), and the next in order is yielded
+    once its verdict is in. Chunks left in flight when the consumer stops
+    are collected (freeing their workers) and dropped.
+    """
+    inflight: deque[_Chunk] = deque()
+    try:
+        while True:
+            while len(inflight) < pool.window and pool.room():
+                chunk = fetch()
+                if chunk is None:
+                    break
+                submit(chunk)  # a chunk no worker takes is checked here
+                inflight.append(chunk)
+            if not inflight:
+                return
+            if inflight[0].worker is not None:
+                pool.collect_some()
+                continue
+            yield inflight.popleft()
+    finally:
+        while any(c.worker is not None for c in inflight):
+            pool.collect_some()
+
+
+class _Pool:
+    """Forked worker processes that check chunks: rows sent to them, or (with a
+    ``reader``) the rows they read themselves.
+
+    ``os.fork`` directly, not multiprocessing's bootstrap: the child only
+    serves its socket and leaves with ``os._exit``, never running this
+    process's cleanup, and disables the garbage collector so that nothing
+    inherited (a database connection, say) is finalised in it. If a worker
+    fails, hangs or dies, this process checks the chunks itself: workers only
+    ever save time, and what they say is only a "this chunk is clean".
+
+    Verdicts are collected as workers finish (a worker is fed again at once),
+    while the pass takes chunks in order: up to ``window`` chunks are in flight.
+    """
+
+    def __init__(self, depth: int) -> None:
+        self._conns: list[Connection] = []
+        self._pids: list[int] = []
+        self._depth = depth  # tasks a worker may hold: its own and one queued
+        self._queues: list[deque[_Chunk]] = []  # per worker: its chunks, in order
+        self.window = 0
+        self.broken = False
+
+    @classmethod
+    def start(cls, n: int, reader: Callable[[int, int], list[Any]] | None = None) -> _Pool | None:
+        """``n`` workers. Given a ``reader`` (tasks are then small), each also
+        holds a second task, so that it never waits for the next."""
+        if not _CAN_FORK or n <= 0:
+            return None
+        pool = cls(1 if reader is None else 2)
+        try:
+            for _ in range(min(n, _MAX_WORKERS)):
+                ours, theirs = multiprocessing.Pipe()
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the worker (coverage does not follow forks)
+                    try:
+                        gc.disable()
+                        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends us
+                        ours.close()
+                        for c in pool._conns:
+                            c.close()
+                        _worker_loop(theirs, reader)
+                    finally:
+                        os._exit(0)
+                theirs.close()
+                pool._conns.append(ours)
+                pool._pids.append(pid)
+                pool._queues.append(deque())
+        except OSError:
+            pool.close()
+            return None
+        pool.window = 2 * len(pool._conns) * pool._depth
+        return pool
+
+    def _free_worker(self) -> int | None:
+        if self.broken:
+            return None
+        w = min(range(len(self._queues)), key=lambda i: len(self._queues[i]))
+        return w if len(self._queues[w]) < self._depth else None
+
+    def room(self) -> bool:
+        """Whether a chunk can be taken in now (by a worker, or here if workers are gone)."""
+        return self.broken or self._free_worker() is not None
+
+    def submit_rows(self, chunk: _Chunk) -> None:
+        """Send a chunk's entries to a free worker (if they can go: else checked here)."""
+        cols = chunk.columns()
+        if cols is None or not chunk.rows:
+            return
+        datas = cols[1]
+        if set(map(type, datas)) != {bytes}:
+            return
+        lens = array("Q", map(len, datas)).tobytes()
+        self._send(chunk, ("rows", chunk.start, lens), b"".join(datas))
+
+    def submit_range(self, chunk: _Chunk) -> None:
+        """Have a free worker read and check the chunk's rows itself."""
+        self._send(chunk, ("range", chunk.start, chunk.count), None)
+
+    def _send(self, chunk: _Chunk, task: tuple[str, int, Any], blob: bytes | None) -> None:
+        w = self._free_worker()
+        if w is None:
+            return
+        conn = self._conns[w]
+        try:
+            conn.send(task)
+            if blob is not None:
+                conn.send_bytes(blob)
+        except (OSError, ValueError):
+            self._break()
+            return
+        chunk.worker = w
+        self._queues[w].append(chunk)
+
+    def collect_some(self) -> None:
+        """Wait for at least one verdict (or for the workers to be given up)."""
+        busy = [self._conns[w] for w, q in enumerate(self._queues) if q]
+        if self.broken or not busy:
+            return
+        try:
+            ready = multiprocessing.connection.wait(busy, _WORKER_TIMEOUT)
+            if not ready:
+                self._break()
+                return
+            for conn in ready:
+                status, checked = conn.recv()  # type: ignore[union-attr]
+                chunk = self._queues[self._conns.index(conn)].popleft()  # type: ignore[arg-type]
+                chunk.worker = None
+                if status == "ok":
+                    chunk.checked = checked
+                    chunk.done = True
+        except (EOFError, OSError, ValueError):
+            self._break()
+
+    def _break(self) -> None:
+        self.broken = True
+        for q in self._queues:
+            for chunk in q:
+                chunk.worker = None  # checked here, then
+            q.clear()
+        self.close()
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)  # a polite stop; closing is enough for a busy worker
+            conn.close()
+        deadline = time.monotonic() + _REAP_GRACE
+        for pid in self._pids:
+            _reap(pid, deadline)
+        self._pids = []
+
+
+def _reap(pid: int, deadline: float) -> None:
+    try:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)  # our own child, stuck: it holds nothing
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.002)
+    except ChildProcessError:  # already reaped (e.g. by an asyncio child watcher)
+        pass
+
+
+def _worker_loop(
+    conn: Connection, reader: Callable[[int, int], list[Any]] | None
+) -> None:  # pragma: no cover - runs in the worker
+    while True:
+        try:
+            task = conn.recv()
+            if task is None:
+                return
+            kind, start, arg = task
+            blob = conn.recv_bytes() if kind == "rows" else b""
+        except (EOFError, OSError):
+            return
+        try:
+            checked: _Checked | None = None
+            if kind == "rows":
+                sizes = array("Q")
+                sizes.frombytes(arg)
+                datas = [blob[a:b] for a, b in pairwise(accumulate(sizes, initial=0))]
+                checked = _check_chunk(start, datas)
+            elif reader is not None:
+                rows = reader(start, arg)
+                if len(rows) == arg:
+                    checked = _check_rows(start, rows)
+            out: tuple[str, Any] = ("ok", checked)
+        except Exception:  # the parent redoes the chunk itself (and so sees a bug)
+            out = ("error", None)
+        try:
+            conn.send(out)
+        except OSError:  # the parent stopped reading (it found what it needed)
+            return
+
+
 def _origin_log_name(origin: str) -> str | None:
     return origin[len(_ORIGIN_PREFIX) :] if origin.startswith(_ORIGIN_PREFIX) else None
 
@@ -527,6 +1119,7 @@ def verify_log(
     vkey: str | None = None,
     trusted_checkpoint: bytes | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> VerifyReport:
     """Verify a whole log in one streaming pass; see the module docstring.
 
@@ -534,11 +1127,18 @@ def verify_log(
     with the log is used (and a warning says so: such a key is only as
     trustworthy as the log). Raises :class:`VerifyUsageError` for unreadable
     sources and bad arguments; tampering is reported, never raised.
+
+    ``workers``: processes that check entries in parallel with this one
+    (forked, Linux only). ``None``: one per usable CPU when there are several,
+    once the log has shown itself long (tens of thousands of entries); ``0``:
+    none. They change the speed only: findings and the report are the same.
     """
+    if workers is not None and (type(workers) is not int or workers < 0):
+        raise VerifyUsageError(f"workers must be an int >= 0, got {workers!r}")
     findings = _Findings()
     warnings: list[str] = []
     try:
-        return _verify(source, vkey, trusted_checkpoint, progress, findings, warnings)
+        return _verify(source, vkey, trusted_checkpoint, progress, workers, findings, warnings)
     except OSError as e:
         raise VerifyUsageError(f"cannot read the log: {e}") from e
 
@@ -548,6 +1148,7 @@ def _verify(
     vkey: str | None,
     trusted_checkpoint: bytes | None,
     progress: Callable[[int], None] | None,
+    workers: int | None,
     findings: _Findings,
     warnings: list[str],
 ) -> VerifyReport:
@@ -646,7 +1247,7 @@ def _verify(
             )
             return report(key=verifier.vkey())
 
-    run = _Pass(source, verifier, origin, log_name, trusted, findings, progress)
+    run = _Pass(source, verifier, origin, log_name, trusted, findings, progress, workers)
     ended = run.run()
     if ended and not run._has_global():
         run.finish()
@@ -727,39 +1328,69 @@ class ExportDirSource:
         return count
 
     def entries(self) -> Iterator[tuple[int, bytes, bytes | None]]:
+        return chain.from_iterable(self._entry_pages())
+
+    def _entry_pages(self) -> Iterator[list[tuple[int, bytes, None]]]:
+        """The lines a block at a time; a block with anything unusual in it, and
+        everything after, line by line (which then says exactly what is wrong)."""
         try:
             f = self._entries.open("rb")
         except OSError as e:
             raise VerifyUsageError(f"cannot read {self._entries}: {e}") from e
         with f:
             seq = 0
+            pos = 0  # offset of the first line not yet yielded
             while True:
                 try:
-                    line = f.readline(MAX_ENTRY_SIZE + 2)
+                    f.seek(pos)
+                    block = f.read(_BUNDLE_BLOCK)
                 except OSError as e:
                     raise VerifyUsageError(f"cannot read {self._entries}: {e}") from e
-                if not line:
-                    return
-                if not line.endswith(b"\n"):
-                    if len(line) > MAX_ENTRY_SIZE:
-                        raise SourceFormatError(
-                            f"entries.jsonl line {seq + 1} is longer than an entry can be",
-                            seq=seq,
-                        )
+                end = block.rfind(b"\n")
+                if end < 0:  # the end of the file, or a line longer than a block
+                    break
+                head = block[:end]
+                lines = head.split(b"\n")
+                if b"\r" in head or b"" in lines or max(map(len, lines)) > MAX_ENTRY_SIZE + 1:
+                    break
+                yield [(seq + i, line, None) for i, line in enumerate(lines)]
+                seq += len(lines)
+                pos += end + 1
+            try:
+                f.seek(pos)
+            except OSError as e:
+                raise VerifyUsageError(f"cannot read {self._entries}: {e}") from e
+            for row in self._lines(f, seq):
+                yield [row]
+
+    def _lines(self, f: Any, seq: int) -> Iterator[tuple[int, bytes, None]]:
+        while True:
+            try:
+                line = f.readline(MAX_ENTRY_SIZE + 2)
+            except OSError as e:
+                raise VerifyUsageError(f"cannot read {self._entries}: {e}") from e
+            if not line:
+                return
+            if not line.endswith(b"\n"):
+                if len(line) > MAX_ENTRY_SIZE:
                     raise SourceFormatError(
-                        f"entries.jsonl line {seq + 1} does not end with a newline "
-                        "(truncated or edited file)",
+                        f"entries.jsonl line {seq + 1} is longer than an entry can be",
                         seq=seq,
                     )
-                body = line[:-1]
-                if b"\r" in body:
-                    raise SourceFormatError(
-                        f"entries.jsonl line {seq + 1} contains a carriage return", seq=seq
-                    )
-                if not body:
-                    raise SourceFormatError(f"entries.jsonl line {seq + 1} is empty", seq=seq)
-                yield seq, body, None
-                seq += 1
+                raise SourceFormatError(
+                    f"entries.jsonl line {seq + 1} does not end with a newline "
+                    "(truncated or edited file)",
+                    seq=seq,
+                )
+            body = line[:-1]
+            if b"\r" in body:
+                raise SourceFormatError(
+                    f"entries.jsonl line {seq + 1} contains a carriage return", seq=seq
+                )
+            if not body:
+                raise SourceFormatError(f"entries.jsonl line {seq + 1} is empty", seq=seq)
+            yield seq, body, None
+            seq += 1
 
     def checkpoints(self) -> Iterator[tuple[int, bytes]]:
         sizes: list[int] = []
@@ -889,15 +1520,18 @@ class DatabaseSource:
         q = select(
             select(func.max(ent.c.seq)).where(ent.c.log == store.log).scalar_subquery(),
             select(func.max(cps.c.size)).where(cps.c.log == store.log).scalar_subquery(),
+            select(func.min(ent.c.seq)).where(ent.c.log == store.log).scalar_subquery(),
         )
         try:
             with store.engine.connect() as conn:
-                max_seq, max_cp = conn.execute(q).one()
+                max_seq, max_cp, min_seq = conn.execute(q).one()
         except SQLAlchemyError as e:
             raise VerifyUsageError(f"cannot read the database: {_db_error(e)}") from e
         # Upper bounds of the cut: entries with seq < end_seq, checkpoints <= max_cp.
         self.end_seq = 0 if max_seq is None else int(max_seq) + 1
         self.max_cp = -1 if max_cp is None else int(max_cp)
+        self.min_seq = 0 if min_seq is None else int(min_seq)  # < 0 only if tampered with
+        self._reader_pid = os.getpid()
 
     def _guard(self, it: Iterator[Any]) -> Iterator[Any]:
         try:
@@ -909,7 +1543,27 @@ class DatabaseSource:
         return self.end_seq
 
     def entries(self) -> Iterator[tuple[int, bytes, bytes | None]]:
-        return self._guard(iter(self.store.entries(0, self.end_seq)))
+        # From the lowest stored seq: a row an attacker stored at a negative
+        # seq (no log writes one) is seen, and reported, too.
+        return self._entries_from(min(self.min_seq, 0))
+
+    def _entries_from(self, seq: int) -> Iterator[tuple[int, bytes, bytes | None]]:
+        """The stored entries with ``seq`` or above, up to the cut."""
+        # A page at a time through the guard: no Python frame per row.
+        pages = self.store.entry_pages(seq, max(seq, self.end_seq), _DB_PAGE)
+        return chain.from_iterable(self._guard(pages))
+
+    def _read_range(self, start: int, count: int) -> list[Any]:
+        """In a forked worker: the rows with seq in ``[start, start + count)``."""
+        if self._reader_pid != os.getpid():
+            # The connections in the pool are the parent's: leave them alone
+            # (not even closed) and open our own (SQLAlchemy's fork recipe).
+            self.store.engine.dispose(close=False)
+            self._reader_pid = os.getpid()
+        end = min(start + count, self.end_seq)
+        for page in self.store.entry_pages(start, end, max(1, end - start)):
+            return page
+        return []
 
     def checkpoints(self) -> Iterator[tuple[int, bytes]]:
         def upto() -> Iterator[tuple[int, bytes]]:

@@ -373,7 +373,7 @@ def show(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"decision log {source.log_name}", show_lines=False)
+    table = Table(title=_cell(f"decision log {source.log_name}"), show_lines=False)
     for col in _COLUMNS:
         table.add_column(col, overflow="fold", no_wrap=col in ("seq", "decision"))
     for r in rows:
@@ -381,7 +381,7 @@ def show(
             *(
                 ""
                 if r.get(c) is None
-                else str(r[c])
+                else _cell(r[c])
                 if c != "decision"
                 else ("[green]allow[/]" if r[c] == "allow" else "[red]deny[/]")
                 for c in _COLUMNS
@@ -391,6 +391,18 @@ def show(
     console.print(table)
     more = f" (limit {limit}; --limit 0 for all)" if limit and len(rows) == limit else ""
     console.print(f"{len(rows)} entries{more}")
+
+
+# C0 and C1 controls and DEL: shown as \xNN, never sent to the terminal.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _cell(value: object) -> Any:
+    """A stored value as literal text: rich markup (``[/]``, ``[conceal]``), emoji
+    codes and terminal control characters in it are shown, never interpreted."""
+    from rich.text import Text
+
+    return Text(_UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
 
 
 # --------------------------------------------------------------------------- proof, vkey
