@@ -76,7 +76,7 @@ from mtls.spiffeid import SpiffeId
 from mtls.tlsconfig import client_context
 from verifier.checks import RequestInfo
 from verifier.config import JwksConfig, RevocationConfig, VerifierConfig
-from verifier.decision import Decision
+from verifier.decision import Decision, VerifiedAction
 from verifier.identity import BundleFiles, PeerResolver
 from verifier.jwks import FileJwks, HttpJwks, JwksSource, StaticJwks
 from verifier.observability import VerifierMetrics, annotate_span, log_decision
@@ -165,6 +165,23 @@ def _being_cancelled() -> bool:
     """Whether the current task has been asked to cancel (not a stray CancelledError)."""
     task = asyncio.current_task()
     return task is None or task.cancelling() > 0
+
+
+def _with_seq(action: VerifiedAction, seq: int | None) -> VerifiedAction:
+    """``action`` with its log position (dataclasses.replace, without its per-call
+    field introspection: this runs once per allowed request)."""
+    return VerifiedAction(
+        action.spiffe_id,
+        action.tenant,
+        action.agent,
+        action.run,
+        action.spawn_parent,
+        action.chain,
+        action.scope,
+        action.jti,
+        action.claims,
+        seq,
+    )
 
 
 class _StartBackoff(Exception):
@@ -329,7 +346,7 @@ class AxidVerifier:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["axid"] = dataclasses.replace(decision.action, log_seq=seq)
+        state["axid"] = _with_seq(decision.action, seq)
         await self.app(scope, receive, send)
 
     async def _decide(

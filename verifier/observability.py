@@ -120,9 +120,16 @@ class VerifierMetrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        # Label children by (decision, reason): labels() validates and locks per call.
+        # Bounded: reason codes are a fixed set.
+        self._children: dict[tuple[str, str], Any] = {}
 
     def observe(self, decision: Decision, seconds: float) -> None:
-        self.decisions.labels(decision.decision, decision.reason).inc()
+        key = (decision.decision, decision.reason)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.decisions.labels(*key)
+        child.inc()
         self.latency.observe(seconds)
 
     def count(self, decision: str, reason: str) -> float:

@@ -3,11 +3,15 @@
 Many concurrent callers ``await log.append(fields)``; one batcher task per
 :class:`DecisionLog` collects their entries and closes a batch when
 ``max_batch`` entries are waiting, when as many are waiting as went into the
-previous batch, or when ``max_delay`` seconds have passed since the first of
-them arrived. (The middle rule is adaptive group commit: under steady load the
-callers of one batch are back, with their next decisions, by the time it has
-committed, so waiting out ``max_delay`` would only idle the database; a batch
-that is still filling, e.g. as load ramps up, waits at most ``max_delay``.)
+previous batch plus those that queued while it committed, or when
+``max_delay`` seconds have passed since the first of them arrived. (The middle
+rule is adaptive group commit: under steady load the callers of one batch are
+back, with their next decisions, soon after it has committed, so waiting out
+``max_delay`` would only idle the database; counting the callers that queued
+meanwhile too merges such cohorts into one batch, so that a commit's fixed
+cost, checkpoint signature and fsync, is paid once for all of them. A batch
+that is still filling, e.g. as load ramps up or drops, waits at most
+``max_delay``.)
 Each caller's fields are checked when it calls :meth:`DecisionLog.append`, so
 a malformed entry fails that caller alone; the batch only completes and
 serialises them. The batch is committed by :meth:`LogStore.append_batch
@@ -269,6 +273,11 @@ class DecisionLog:
                 batch = [p for p in batch if not p.future.done()]
                 if batch:
                     await self._commit(batch)
+                    # Callers that queued while this batch committed are the next
+                    # cohort; this one's callers come back soon after. Aiming at
+                    # both merges cohorts into one batch (bounded by max_delay):
+                    # the commit's fixed cost is paid once for both.
+                    self._target = min(self._max_batch, len(batch) + len(self._pending))
         finally:
             # Never leave a caller waiting forever, whatever stopped the batcher.
             self._closing = True
