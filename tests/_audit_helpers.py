@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pg import PG_URL, require_pg  # noqa: F401  (PG_URL re-exported to tests)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, text
 from typer.testing import CliRunner
@@ -26,7 +27,7 @@ from axid.cli import app
 BATCHES: tuple[int, ...] = (50, 40, 60, 30, 50, 60, 10)
 N_ENTRIES = sum(BATCHES)
 CP_SIZES: tuple[int, ...] = tuple(sum(BATCHES[: i + 1]) for i in range(len(BATCHES)))
-PG_URL = os.environ.get("AXID_TEST_DATABASE_URL")
+
 AXID_BIN = str(Path(sys.executable).parent / "axid")
 
 runner = CliRunner()
@@ -179,12 +180,11 @@ def _vkey_of(url: str, log: str) -> str:
 
 def pg_fx(tmp: Path) -> Iterator[LogFx]:
     """A fresh log with a unique name in the shared PostgreSQL test database."""
-    if not PG_URL:
-        pytest.skip("AXID_TEST_DATABASE_URL is not set")
+    url = require_pg()
     log = f"t-{uuid.uuid4().hex[:16]}"
     key = tmp / "pg-log.pem"
-    vkey = build_log(PG_URL, log, key)
-    fx = LogFx(PG_URL, log, key, vkey, tmp)
+    vkey = build_log(url, log, key)
+    fx = LogFx(url, log, key, vkey, tmp)
     try:
         yield fx
     finally:

@@ -11,28 +11,23 @@ import os
 import uuid
 from dataclasses import dataclass
 
-import pytest
+from _pg import PG_URL, require_pg
 
 from axid.audit.entry import ZERO_HASH_HEX, parse_entry
 from axid.audit.merkle import CompactRange, leaf_hash, verify_consistency
 from axid.audit.note import NoteVerifier, open_checkpoint
 from axid.audit.store import LogStore
 
-PG_ENV = "AXID_TEST_DATABASE_URL"
-
 
 def pg_url() -> str | None:
-    return os.environ.get(PG_ENV) or None
+    return PG_URL
 
 
 def db_url(kind: str, tmp_path: os.PathLike[str]) -> str:
     """``sqlite`` -> a fresh file under tmp_path; ``pg`` -> the test server (or skip)."""
     if kind == "sqlite":
         return f"sqlite:///{os.fspath(tmp_path)}/audit/axid.db"
-    url = pg_url()
-    if url is None:
-        pytest.skip(f"{PG_ENV} is not set")
-    return url
+    return require_pg()
 
 
 def fresh_log(prefix: str = "t") -> str:

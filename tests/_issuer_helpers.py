@@ -8,7 +8,6 @@ entries (revoking tenant ``acme`` there would otherwise leak into other tests).
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
+from _pg import PG_URL, require_pg
 from _tls_helpers import ServerThread
 
 from axid.audit.entry import parse_entry
@@ -33,7 +32,6 @@ from mtls.spiffeid import SpiffeIdPattern
 from mtls.tlsconfig import client_context
 from mtls.uvicorn import uvicorn_config
 
-PG_ENV = "AXID_TEST_DATABASE_URL"
 ISS = "https://issuer.axid.test"
 EXTRA_WORKLOADS = {
     "admin": "/admin/ops",
@@ -49,16 +47,13 @@ def uid() -> str:
 
 
 def pg_url() -> str | None:
-    return os.environ.get(PG_ENV) or None
+    return PG_URL
 
 
 def db_url(kind: str, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path}/state/axid.db"
-    url = pg_url()
-    if url is None:
-        pytest.skip(f"{PG_ENV} is not set")
-    return url
+    return require_pg()
 
 
 class FakeClock:

@@ -4,7 +4,6 @@ axid.tokens, ASGI scopes shaped like mtls.uvicorn's, and reading decision logs."
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import uuid
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _pg import PG_URL, require_pg  # noqa: F401  (re-exported to tests)
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -23,7 +23,6 @@ from mtls.devpki import DevPki, IssuedSvid, init_dev_pki
 from mtls.x509svid import x5t_s256
 
 ISSUER = "https://issuer.example.org"
-PG_URL = os.environ.get("AXID_TEST_DATABASE_URL")
 
 
 class FakeClock:

@@ -47,7 +47,7 @@ import httpx
 import pytest
 import yaml
 from _tls_helpers import ServerThread
-from _verifier_helpers import PG_URL, Pki, log_entries, make_pki
+from _verifier_helpers import PG_URL, Pki, log_entries, make_pki, require_pg
 from fastapi import FastAPI, Request
 
 from axid.audit.note import NoteSigner
@@ -556,13 +556,13 @@ def _pg_ensure_up(version: str, cluster: str, host: str, port: int) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.skipif(PG_URL is None, reason="AXID_TEST_DATABASE_URL is not set")
 async def test_postgresql_restart_mid_load(stack: Stack) -> None:
     """The decision log on PostgreSQL; the server is restarted (fast shutdown:
     sessions terminated, connections refused until it is back) under 32 clients.
     In the gap the answer is 503 ``audit_unavailable``, never a 2xx without its
     committed entry; the same service process allows again by itself (its pool
     re-connects); the log verifies."""
+    require_pg()
     version, cluster, host, port = _pg_target()
     assert PG_URL is not None
     log_name = f"rel-pg-{uid()[:10]}"

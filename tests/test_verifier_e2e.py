@@ -38,7 +38,7 @@ import pytest
 import uvicorn
 import yaml
 from _tls_helpers import WAIT, ServerThread, wait_for
-from _verifier_helpers import PG_URL, Pki, log_entries, make_pki
+from _verifier_helpers import PG_URL, Pki, log_entries, make_pki, require_pg
 from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import FastAPI, Request
 
@@ -295,8 +295,8 @@ def _permissive_config(app: Any, pki: Pki) -> uvicorn.Config:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     kind = request.param
-    if kind == "postgresql" and PG_URL is None:
-        pytest.skip("AXID_TEST_DATABASE_URL is not set")
+    if kind == "postgresql":
+        require_pg()
     tmp = tmp_path_factory.mktemp(f"e2e-{kind}")
     pki = make_pki(tmp)
     clock = OffsetClock()

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _verifier_helpers import PG_URL, new_signing_key
+from _verifier_helpers import new_signing_key, require_pg
 
 from axid.issuer.store import IssuerStore
 from axid.tokens import ActionClaims, mint, verify
@@ -102,9 +102,7 @@ def test_static_revocations() -> None:
 def _db(kind: str, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path}/issuer.db"
-    if PG_URL is None:
-        pytest.skip("AXID_TEST_DATABASE_URL is not set")
-    return PG_URL
+    return require_pg()
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
