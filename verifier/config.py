@@ -67,10 +67,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import yaml
-from yaml.constructor import ConstructorError
-from yaml.nodes import MappingNode
-
+from axid import _yaml
 from axid.audit.store import StoreError, validate_log_name
 from axid.keys import DEFAULT_PUBLISH_LEAD, KeySet
 from axid.tokens import MAX_LEEWAY
@@ -92,7 +89,6 @@ __all__ = [
 ]
 
 DEFAULT_HEADER: Final = "X-Waxell-AXID"
-MAX_YAML_BYTES: Final = 1024 * 1024
 _HEADER_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _SERVICE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}")
 
@@ -124,60 +120,12 @@ _REPLAY_KEYS: Final = ("database_url", "lock_timeout")
 # --------------------------------------------------------------------------- strict YAML
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader without aliases, merge keys or duplicate mapping keys: a reviewer and
-    the program must read the same security configuration."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise ConstructorError(
-                None, None, "aliases (*name) are not allowed", self.peek_event().start_mark
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, MappingNode):
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    raise ConstructorError(
-                        None, None, "merge keys (<<) are not allowed", key_node.start_mark
-                    )
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                except TypeError:
-                    raise ConstructorError(
-                        None, None, "mapping key is not a scalar", key_node.start_mark
-                    ) from None
-                if duplicate:
-                    raise ConstructorError(
-                        None, None, f"duplicate key {str(key)[:60]!r}", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_yaml(text: str | bytes, *, what: str = "verifier config") -> Any:
-    """Parse one strict YAML document; every failure is a :class:`ConfigError`."""
-    if isinstance(text, bytes):
-        if len(text) > MAX_YAML_BYTES:
-            raise ConfigError(f"{what} is larger than {MAX_YAML_BYTES} bytes")
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{what} is not UTF-8") from None
-    if len(text) > MAX_YAML_BYTES:
-        raise ConfigError(f"{what} is larger than {MAX_YAML_BYTES} bytes")
+    """Parse one strict YAML document (:mod:`axid._yaml`); failures are :class:`ConfigError`."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or "syntax error"
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{what}: {problem}{where}") from None
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise ConfigError(f"{what}: invalid value ({type(exc).__name__})") from None
+        return _yaml.load_yaml(text, what=what)
+    except _yaml.YamlError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- value checks
@@ -727,11 +675,9 @@ class VerifierConfig:
         """Load a YAML file strictly (:class:`ConfigError` on any problem)."""
         p = Path(path)
         try:
-            with p.open("rb") as handle:
-                data = handle.read(MAX_YAML_BYTES + 1)
-        except OSError as exc:
-            raise ConfigError(f"cannot read {p}: {exc.strerror or exc}") from None
-        doc = load_yaml(data, what=f"config file {p}")
+            doc = _yaml.read_yaml_file(p, what=f"config file {p}")
+        except _yaml.YamlError as exc:
+            raise ConfigError(str(exc)) from None
         if doc is None:
             raise ConfigError(f"config file {p} is empty")
         config = cls.from_dict(doc, base_dir=p.parent, **code)

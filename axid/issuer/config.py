@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from axid._yaml import YamlError, read_yaml_file
 from axid.audit.store import StoreError, validate_log_name
-from axid.issuer._yaml import YamlError, read_yaml_file
 from axid.keys import DEFAULT_PUBLISH_LEAD
 from axid.tokens import MAX_TTL
 from mtls.spiffeid import SpiffeIdError, SpiffeIdPattern

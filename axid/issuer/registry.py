@@ -46,7 +46,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from axid.issuer._yaml import YamlError, load_yaml, read_yaml_file
+from axid._yaml import YamlError, load_yaml, read_yaml_file
 from mtls.spiffeid import SpiffeId, SpiffeIdError, SpiffeIdPattern
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Strict YAML loading for the issuer's configuration and registration files.
+"""Strict YAML loading for AXID's security configuration (issuer, registrations, verifier).
 
 PyYAML's ``safe_load`` is not strict enough for security configuration: it keeps
 the last of duplicate keys (so a reviewer and the program can read different
