@@ -28,6 +28,7 @@ import base64
 import binascii
 import contextlib
 import enum
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -63,6 +64,8 @@ __all__ = [
     "b64url_encode",
     "jwk_thumbprint",
     "public_jwk",
+    "read_private_key_file",
+    "write_private_key_file",
 ]
 
 DEFAULT_KEYS_DIR: Final = Path(".axid/keys")
@@ -414,24 +417,46 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _write_new_private_file(path: Path, data: bytes) -> None:
-    # O_EXCL: never overwrite an existing key; mode 0600 from creation on.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    """Create ``path`` (0600) holding ``data``; never replaces an existing file.
+
+    Written to a private temporary file and hard-linked into place, so a concurrent
+    reader never sees a partial key and an existing key is never overwritten.
+    """
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        os.fchmod(fd, 0o600)  # the umask cannot widen it, but be explicit
-        os.write(fd, data)
-        os.fsync(fd)
+        fd = os.open(tmp, flags, 0o600)
+    except OSError as exc:
+        raise KeyringError(f"{path}: cannot create ({exc.strerror})") from None
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic, and fails if path exists
+        except FileExistsError:
+            raise KeyringError(f"{path}: exists; refusing to overwrite a key") from None
+        except OSError as exc:
+            raise KeyringError(f"{path}: cannot create ({exc.strerror})") from None
     finally:
-        os.close(fd)
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
 def _read_private_file(path: Path, max_bytes: int, forbidden_bits: int = 0o077) -> bytes:
     """Read a secret-holding file, refusing symlinks, non-regular files, group/other bits."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise KeyringError(f"{path}: missing") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KeyringError(f"{path}: is a symbolic link; refusing") from None
         raise KeyringError(f"{path}: cannot open ({exc.strerror})") from None
     try:
         info = os.fstat(fd)
@@ -482,6 +507,27 @@ def _decode_private_key(pem: bytes, passphrase: bytes | None, path: Path) -> Ed2
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyringError(f"{path}: not an Ed25519 private key")
     return key
+
+
+def read_private_key_file(
+    path: str | os.PathLike[str], *, passphrase: bytes | Any | None = _FROM_ENV
+) -> Ed25519PrivateKey:
+    """Load one Ed25519 private key file (PEM PKCS8; passphrase from ``AXID_KEY_PASSPHRASE``
+    unless given). Refuses symlinks, non-regular files and any group/other access."""
+    p = Path(path)
+    pem = _read_private_file(p, _MAX_KEY_FILE_BYTES)
+    return _decode_private_key(pem, _resolve_passphrase(passphrase), p)
+
+
+def write_private_key_file(
+    path: str | os.PathLike[str],
+    private_key: Ed25519PrivateKey,
+    *,
+    passphrase: bytes | Any | None = _FROM_ENV,
+) -> None:
+    """Write a new key file (0600, encrypted when a passphrase is set); never overwrites."""
+    p = Path(path)
+    _write_new_private_file(p, _encode_private_key(private_key, _resolve_passphrase(passphrase)))
 
 
 class Keyring:

@@ -26,8 +26,6 @@ import functools
 import hmac
 import os
 import re
-import secrets
-import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,13 +35,6 @@ from pathlib import Path
 from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    BestAvailableEncryption,
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    load_pem_private_key,
-)
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -79,6 +70,7 @@ from axid.audit.merkle import (
     inclusion_proof as _merkle_inclusion_proof,
 )
 from axid.audit.note import Checkpoint, NoteSigner, sign_checkpoint
+from axid.keys import KeyringError, read_private_key_file, write_private_key_file
 
 __all__ = [
     "KEY_PASSPHRASE_ENV",
@@ -111,7 +103,6 @@ KEY_PASSPHRASE_ENV = "AXID_KEY_PASSPHRASE"  # noqa: S105 - an env var name, not 
 PROOF_HEADER = "c2sp.org/tlog-proof@v1"
 _ORIGIN_PREFIX = "axid/"
 _IMMEDIATE = "axid_sqlite_immediate"  # execution option: BEGIN IMMEDIATE on SQLite
-_MAX_KEY_FILE = 64 * 1024
 # Serialises concurrent create_schema() calls on one PostgreSQL database
 # (CREATE TABLE IF NOT EXISTS races on the catalog otherwise).
 _PG_SCHEMA_LOCK = 0x41584944_41554454  # "AXIDAUDT"
@@ -966,118 +957,26 @@ def proof_text(seq: int, proof: Sequence[bytes], note: bytes) -> str:
 # --------------------------------------------------------------------------- log keys
 
 
-def _passphrase() -> bytes | None:
-    pw = os.environ.get(KEY_PASSPHRASE_ENV)
-    return pw.encode("utf-8") if pw else None
-
-
 def load_log_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """Load the log's Ed25519 key (PEM PKCS#8, passphrase from ``AXID_KEY_PASSPHRASE``).
 
-    Refuses a key file that group or others can access, that is not a
-    regular file, or that is a symbolic link (``O_NOFOLLOW``).
+    The same file rules as the token keys (:func:`axid.keys.read_private_key_file`):
+    refuses a symbolic link, a non-regular file, and any group/other access.
     """
-    import errno  # here: this function is all that needs it
-
-    p = os.fspath(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise LogKeyError(f"log key file not found: {p}") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise LogKeyError(f"log key file {p} is a symbolic link") from None
-        raise LogKeyError(f"cannot open log key file {p}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)  # of the opened file: no check-then-open race
-        if not stat.S_ISREG(st.st_mode):
-            raise LogKeyError(f"log key file {p} is not a regular file")
-        if st.st_mode & 0o077:
-            raise LogKeyError(
-                f"log key file {p} is accessible by group/others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
-            )
-        chunks: list[bytes] = []
-        total = 0
-        while total <= _MAX_KEY_FILE:
-            chunk = os.read(fd, _MAX_KEY_FILE + 1 - total)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        data = b"".join(chunks)
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_KEY_FILE:
-        raise LogKeyError(f"log key file {p} is too large")
-    pw = _passphrase()
-    try:
-        key = load_pem_private_key(data, password=pw)
-    except TypeError:
-        # cryptography: encrypted key without a password, or a password for a plain key.
-        if pw is None:
-            raise LogKeyError(f"log key file {p} is encrypted: set {KEY_PASSPHRASE_ENV}") from None
-        raise LogKeyError(
-            f"log key file {p} is not encrypted but {KEY_PASSPHRASE_ENV} is set"
-        ) from None
-    except ValueError:
-        # Wrong passphrase or not a PEM private key; never echo either.
-        raise LogKeyError(
-            f"cannot load log key file {p}: not a PEM PKCS#8 key, or wrong passphrase"
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise LogKeyError(f"log key file {p} does not hold an Ed25519 private key")
-    return key
+        return read_private_key_file(path)
+    except KeyringError as e:
+        raise LogKeyError(f"log key {e}") from None
 
 
 def generate_log_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    """Create a new Ed25519 log key at ``path`` (mode 0600, never overwriting).
-
-    Encrypted with ``AXID_KEY_PASSPHRASE`` when that is set. The key is written
-    to a private temporary file and hard-linked into place, so a concurrent
-    reader never sees a partial file and an existing key is never replaced.
-    """
+    """Create a new Ed25519 log key at ``path`` (mode 0600, never overwriting),
+    encrypted with ``AXID_KEY_PASSPHRASE`` when that is set."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if os.path.lexists(p):
-        raise LogKeyError(f"refusing to overwrite existing key file {p}")
     key = Ed25519PrivateKey.generate()
-    pw = _passphrase()
-    enc = BestAvailableEncryption(pw) if pw else NoEncryption()
-    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, enc)
-    tmp = p.with_name(f".{p.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(tmp, flags, 0o600)
-    except OSError as e:
-        raise LogKeyError(f"cannot create log key file {p}: {e.strerror}") from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact
-            view = memoryview(pem)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, p)  # atomic, and fails if p exists
-        except FileExistsError:
-            raise LogKeyError(f"refusing to overwrite existing key file {p}") from None
-        except OSError as e:
-            raise LogKeyError(f"cannot create log key file {p}: {e.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(p.parent)
+        write_private_key_file(p, key)
+    except KeyringError as e:
+        raise LogKeyError(f"log key {e}") from None
     return key
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return  # best effort: not every platform can open a directory
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
