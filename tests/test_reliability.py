@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
+from _pg import unavailable
 from _tls_helpers import ServerThread
 from _verifier_helpers import PG_URL, Pki, log_entries, make_pki, require_pg
 from fastapi import FastAPI, Request
@@ -509,17 +510,17 @@ def _pg_target() -> tuple[str, str, str, int]:
     parts = urlsplit(PG_URL)
     host, port = parts.hostname or "", parts.port or 5432
     if host not in ("127.0.0.1", "localhost", "::1"):
-        pytest.skip(f"AXID_TEST_DATABASE_URL names {host!r}: only a loopback server is restarted")
+        unavailable(f"AXID_TEST_DATABASE_URL names {host!r}: only a loopback server is restarted")
     if shutil.which("pg_ctlcluster") is None or shutil.which("pg_isready") is None:
-        pytest.skip("pg_ctlcluster/pg_isready (postgresql-common) are not installed")
+        unavailable("pg_ctlcluster/pg_isready (postgresql-common) are not installed")
     if os.geteuid() != 0:
-        pytest.skip("restarting the PostgreSQL cluster needs root (pg_ctlcluster)")
+        unavailable("restarting the PostgreSQL cluster needs root (pg_ctlcluster)")
     versions = sorted(
         (p.name for p in Path("/etc/postgresql").glob("*") if (p / "main").is_dir()),
         key=lambda v: [int(x) if x.isdigit() else 0 for x in v.split(".")],
     )
     if not versions:
-        pytest.skip("no PostgreSQL cluster 'main' under /etc/postgresql")
+        unavailable("no PostgreSQL cluster 'main' under /etc/postgresql")
     return versions[-1], "main", host, port
 
 
@@ -613,9 +614,9 @@ def _small_tmpfs(directory: Path, size: str) -> Iterator[Path]:
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except FileNotFoundError:
-        pytest.skip("no mount(8) here: cannot make a small filesystem for the disk-full test")
+        unavailable("no mount(8) here: cannot make a small filesystem for the disk-full test")
     if r.returncode != 0:
-        pytest.skip(
+        unavailable(
             "cannot mount a size-limited tmpfs here (needs root or CAP_SYS_ADMIN): "
             + (r.stderr.strip() or f"mount exited {r.returncode}")
         )
