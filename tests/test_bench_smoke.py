@@ -146,40 +146,48 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def _checkout_copy(root: Path, *, without: tuple[str, ...] = ()) -> Path:
-    """A copy of the source layout (packages + bench/) minus the files named."""
-    for part in ("axid", "mtls", "verifier", "bench"):
+def _layout(root: Path, parts: tuple[str, ...], *, without: tuple[str, ...] = ()) -> Path:
+    """A copy of some top-level parts of the source tree, minus the files named."""
+    for part in parts:
         shutil.copytree(REPO / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
     for rel in without:
         (root / rel).unlink()
     return root
 
 
-def test_bench_missing_module_is_skipped_with_reason(tmp_path: Path) -> None:
-    # A checkout whose bench/issuer.py is missing still reports the other figures and
-    # names the missing one with its reason, instead of failing the whole run.
-    site = _checkout_copy(tmp_path / "site", without=("bench/issuer.py", "bench/verifier.py"))
-    out = tmp_path / "out.json"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from axid.cli import main; main()",
-            "bench",
-            "--quick",
-            "--only",
-            "issuer.mint_http,token.mint",
-            "--iterations",
-            "50",
-            "--json",
-            str(out),
-        ],
-        cwd=tmp_path,
+def _axid_from(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the CLI with only ``site`` on the import path (not the installed checkout)."""
+    return subprocess.run(
+        [sys.executable, "-c", "from axid.cli import main; main()", *args],
+        cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(site)},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+    )
+
+
+def test_bench_missing_module_is_skipped_with_reason(tmp_path: Path) -> None:
+    # A checkout whose bench/issuer.py is missing still reports the other figures and
+    # names the missing one with its reason, instead of failing the whole run.
+    site = _layout(
+        tmp_path / "site",
+        ("axid", "mtls", "verifier", "bench"),
+        without=("bench/issuer.py", "bench/verifier.py"),
+    )
+    out = tmp_path / "out.json"
+    p = _axid_from(
+        site,
+        "bench",
+        "--quick",
+        "--only",
+        "issuer.mint_http,token.mint",
+        "--iterations",
+        "50",
+        "--json",
+        str(out),
+        cwd=tmp_path,
     )
     assert p.returncode == 0, p.stderr
     doc = json.loads(out.read_text())
@@ -197,18 +205,7 @@ def test_bench_unknown_name_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_bench_without_source_checkout_exits_2(tmp_path: Path) -> None:
     # An installed layout: the packages without bench/ beside them.
-    site = tmp_path / "site"
-    for pkg in ("axid", "mtls", "verifier"):
-        if (REPO / pkg).is_dir():
-            shutil.copytree(REPO / pkg, site / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    p = subprocess.run(
-        [sys.executable, "-c", "from axid.cli import main; main()", "bench", "--quick"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(site)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    site = _layout(tmp_path / "site", ("axid", "mtls", "verifier"))
+    p = _axid_from(site, "bench", "--quick", cwd=tmp_path)
     assert p.returncode == 2, p.stderr
     assert "bench/" in p.stderr and "source checkout" in p.stderr
