@@ -355,7 +355,7 @@ def test_sigkill_mid_append_leaves_a_verifiable_log(
     # The log is still appendable after the crash and continues the chain.
     signer_store = _prepare(url, log, key_path)
     got = signer_store.append_batch([fields(0)])
-    assert got[0][0] == chk.size
+    assert got[0].seq == chk.size
     assert check_log(signer_store, store.vkey(), consistency_checks=10).size == chk.size + 1
     store.engine.dispose()
     signer_store.engine.dispose()

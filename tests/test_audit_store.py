@@ -33,6 +33,7 @@ from axid.audit.merkle import (
     verify_inclusion,
 )
 from axid.audit.note import Checkpoint, NoteSigner, NoteVerifier, open_checkpoint
+from axid.audit.receipt import Receipt
 from axid.audit.store import (
     PROOF_HEADER,
     DatabaseURLError,
@@ -70,8 +71,8 @@ def _new_store(engine: Engine, log: str | None = None) -> tuple[LogStore, str]:
     return s, signer.vkey()
 
 
-def _fill(s: LogStore, batches: list[int]) -> list[tuple[int, bytes]]:
-    out: list[tuple[int, bytes]] = []
+def _fill(s: LogStore, batches: list[int]) -> list[Receipt]:
+    out: list[Receipt] = []
     i = 0
     for n in batches:
         out += s.append_batch([fields(i + k) for k in range(n)])
@@ -86,12 +87,12 @@ def test_append_batches_build_one_chain(engine: Engine) -> None:
     s, vkey = _new_store(engine)
     got = _fill(s, BATCHES)
     n = sum(BATCHES)
-    assert [seq for seq, _ in got] == list(range(n))
+    assert [r.seq for r in got] == list(range(n))
     entries = list(s.entries())
     assert [e[0] for e in entries] == list(range(n))
     prev = "0" * 64
-    for (seq, data, lh), (rseq, rlh) in zip(entries, got, strict=True):
-        assert (seq, lh) == (rseq, rlh)
+    for (seq, data, lh), r in zip(entries, got, strict=True):
+        assert (seq, lh, data) == (r.seq, r.leaf_hash, r.entry)
         assert lh == leaf_hash(data)
         e = parse_entry(data)
         assert e["prev"] == prev
@@ -128,7 +129,7 @@ def test_checkpoint_after_every_batch_verifies(engine: Engine) -> None:
     for n in BATCHES:
         got = s.append_batch([fields(total + k) for k in range(n)])
         total += n
-        hashes += [lh for _, lh in got]
+        hashes += [r.leaf_hash for r in got]
         note = s.latest_checkpoint()
         assert note is not None
         cp = open_checkpoint(note, [verifier], origin=s.origin)
@@ -290,7 +291,7 @@ def test_validated_batches(engine: Engine) -> None:
     s, vkey = _new_store(engine)
     plain = s.append_batch([fields(0), fields(1)])
     got = s.append_batch([validate_fields(fields(i)) for i in (2, 3)], validated=True)
-    assert [seq for seq, _ in plain + got] == [0, 1, 2, 3]
+    assert [r.seq for r in plain + got] == [0, 1, 2, 3]
     chk = check_log(s, vkey)
     for i in range(4):
         for k, v in fields(i).items():
@@ -310,7 +311,7 @@ def test_failed_batch_commits_nothing(engine: Engine) -> None:
     assert s.size() == 2
     assert [size for size, _ in s.checkpoints()] == [2]
     # The next batch continues the chain where the last commit left it.
-    assert [seq for seq, _ in s.append_batch([fields(2), fields(3)])] == [2, 3]
+    assert [r.seq for r in s.append_batch([fields(2), fields(3)])] == [2, 3]
     assert check_log(s, vkey).size == 4
 
 

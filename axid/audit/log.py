@@ -41,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from axid.audit.entry import validate_fields
 from axid.audit.note import NoteSigner
+from axid.audit.receipt import Receipt
 from axid.audit.store import (
     LogKeyError,
     LogStore,
@@ -59,15 +60,6 @@ _log = logging.getLogger(__name__)
 
 class AuditUnavailable(Exception):
     """The decision log could not commit: callers must deny (503 ``audit_unavailable``)."""
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """Proof of commit: the entry's position, its leaf hash and the checkpoint covering it."""
-
-    seq: int
-    leaf_hash: bytes
-    checkpoint_size: int
 
 
 @dataclass(slots=True)
@@ -309,10 +301,9 @@ class DecisionLog:
             for p in batch:
                 _fail(p.future, AuditUnavailable("decision log stopped"))
             raise
-        size = results[-1][0] + 1
-        for p, (seq, lh) in zip(batch, results, strict=True):
+        for p, receipt in zip(batch, results, strict=True):
             if not p.future.done():
-                p.future.set_result(Receipt(seq, lh, size))
+                p.future.set_result(receipt)
 
 
 def _fail(fut: asyncio.Future[Any], err: BaseException) -> None:

@@ -70,6 +70,7 @@ from axid.audit.merkle import (
     inclusion_proof as _merkle_inclusion_proof,
 )
 from axid.audit.note import Checkpoint, NoteSigner, sign_checkpoint
+from axid.audit.receipt import Receipt
 from axid.keys import KeyringError, read_private_key_file, write_private_key_file
 
 __all__ = [
@@ -88,6 +89,7 @@ __all__ = [
     "LogStore",
     "NotFound",
     "StoreError",
+    "consistency_text",
     "create_schema",
     "generate_log_key",
     "list_logs",
@@ -522,8 +524,8 @@ class LogStore:
 
     def append_batch(
         self, items: Sequence[Mapping[str, object]], *, validated: bool = False
-    ) -> list[tuple[int, bytes]]:
-        """Append entries in one transaction; return ``(seq, leaf_hash)`` per item.
+    ) -> list[Receipt]:
+        """Append entries in one transaction; return a :class:`Receipt` per item.
 
         The transaction takes the log lock, reads the head, inserts the entries,
         the perfect nodes they complete and the signed checkpoint of the new
@@ -564,14 +566,14 @@ class LogStore:
 
     def _append_locked(
         self, conn: Connection, cur: Any, valid: list[dict[str, object]], signer: NoteSigner
-    ) -> tuple[list[tuple[int, bytes]], tuple[int, bytes, tuple[bytes, ...]]]:
-        """:meth:`append_batch` inside its transaction; returns (results, new head)."""
+    ) -> tuple[list[Receipt], tuple[int, bytes, tuple[bytes, ...]]]:
+        """:meth:`append_batch` inside its transaction; returns (receipts, new head)."""
         self._lock_and_check_key(cur)
         size, prev, cr = self._read_head(conn, cur)
         log = self.log
         ts = _now_ms()
         ts_str = format_ts(ts)
-        out: list[tuple[int, bytes]] = []
+        out: list[tuple[int, bytes, bytes]] = []
         entry_rows: list[tuple[object, ...]] = []
         node_rows: list[tuple[object, ...]] = []
         for fields in valid:
@@ -594,7 +596,7 @@ class LogStore:
                     fields["run"],
                 )
             )
-            out.append((size, lh))
+            out.append((size, lh, data))
             prev = lh
             size += 1
         note = sign_checkpoint(Checkpoint(self.origin, size, cr.root()), signer)
@@ -603,7 +605,7 @@ class LogStore:
         if node_rows:
             cur.executemany(sql.node.sql, node_rows)
         cur.execute(sql.checkpoint.sql, (log, size, note, _now_ms()))
-        return out, (size, prev, cr.hashes)
+        return [Receipt(q, lh, data, note) for q, lh, data in out], (size, prev, cr.hashes)
 
     def _lock_and_check_key(self, cur: Any) -> None:
         # Takes the log's lock on PostgreSQL (see _AppendSQL).
@@ -940,18 +942,36 @@ def proof_text(seq: int, proof: Sequence[bytes], note: bytes) -> str:
     """
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise ValueError(f"invalid entry index {seq!r}")
-    lines = [PROOF_HEADER, f"index {seq}"]
-    for i, h in enumerate(proof):
-        if not isinstance(h, bytes) or len(h) != HASH_SIZE:
-            raise ValueError(f"proof[{i}] is not a {HASH_SIZE}-byte hash")
-        lines.append(base64.b64encode(h).decode("ascii"))
+    lines = [PROOF_HEADER, f"index {seq}", *(_b64_hash(h, i) for i, h in enumerate(proof))]
+    return "\n".join(lines) + "\n\n" + _note_text(note)
+
+
+def consistency_text(old: int, proof: Sequence[bytes], note: bytes) -> str:
+    """A consistency proof in the C2SP tlog-witness ``add-checkpoint`` request form.
+
+    ``old M``, the RFC 9162 consistency proof from size M to the checkpoint's
+    size (one base64 hash a line), an empty line, the signed checkpoint verbatim.
+    """
+    if not isinstance(old, int) or isinstance(old, bool) or old < 0:
+        raise ValueError(f"invalid old size {old!r}")
+    lines = [f"old {old}", *(_b64_hash(h, i) for i, h in enumerate(proof))]
+    return "\n".join(lines) + "\n\n" + _note_text(note)
+
+
+def _b64_hash(h: object, i: int) -> str:
+    if not isinstance(h, bytes) or len(h) != HASH_SIZE:
+        raise ValueError(f"proof[{i}] is not a {HASH_SIZE}-byte hash")
+    return base64.b64encode(h).decode("ascii")
+
+
+def _note_text(note: bytes) -> str:
     try:
         cp = note.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError("checkpoint note is not UTF-8") from e
     if not cp.endswith("\n"):
         raise ValueError("checkpoint note must end with a newline")
-    return "\n".join(lines) + "\n\n" + cp
+    return cp
 
 
 # --------------------------------------------------------------------------- log keys
