@@ -32,6 +32,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -40,6 +41,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from axid.audit.entry import validate_fields
+from axid.audit.head import IntegrityFailure, read_head_file, write_head_file
 from axid.audit.note import NoteSigner
 from axid.audit.receipt import Receipt
 from axid.audit.store import (
@@ -81,6 +83,7 @@ class DecisionLog:
         max_batch: int,
         max_delay: float,
         vkey: str,
+        head: _HeadFile | None,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -88,6 +91,7 @@ class DecisionLog:
         self._max_batch = max_batch
         self._max_delay = max_delay
         self._vkey = vkey
+        self._head = head
         self._loop = asyncio.get_running_loop()
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()  # something is pending (or we are closing)
@@ -112,6 +116,8 @@ class DecisionLog:
         max_batch: int = 512,
         max_delay: float = 0.002,
         lock_timeout: float = 30.0,
+        head: str | os.PathLike[str] | None = None,
+        head_required: bool = False,
     ) -> DecisionLog:
         """Open (creating tables and the log row if needed) a decision log.
 
@@ -120,6 +126,13 @@ class DecisionLog:
         log that exists under another key fails
         (:class:`~axid.audit.store.LogKeyMismatch`). ``lock_timeout`` bounds
         the wait for the database lock per batch before it fails.
+
+        ``head`` is the head file (default ``<key's directory>/<log>.head``; with
+        a key object and no ``head``, the authenticated head is kept in memory
+        only). Opening proves the database extends it (see
+        :mod:`axid.audit.head`); if it does not, the log opens but every append
+        raises :class:`AuditUnavailable`. ``head_required``: a missing head file
+        is such a failure, not a first use.
         """
         validate_log_name(log)
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
@@ -148,6 +161,8 @@ class DecisionLog:
                 )
                 store = LogStore(engine, log, signer=signer)
                 await loop.run_in_executor(executor, _setup, engine, store, origin, vkey)
+                head_file = _HeadFile.for_log(head, key, log)
+                await loop.run_in_executor(executor, _authenticate, store, head_file, head_required)
             except (SQLAlchemyError, OSError) as e:
                 raise AuditUnavailable(f"decision log {log!r}: database unavailable") from e
             return cls(
@@ -157,6 +172,7 @@ class DecisionLog:
                 max_batch=max_batch,
                 max_delay=float(max_delay),
                 vkey=vkey,
+                head=head_file,
             )
         except BaseException:
             if engine is not None:
@@ -180,6 +196,8 @@ class DecisionLog:
                 "decision log %s: batcher failed", self._store.log, exc_info=self._task.exception()
             )
         try:
+            if self._head is not None:
+                await self._head.flush()
             await self._loop.run_in_executor(self._executor, self._engine.dispose)
         finally:
             self._executor.shutdown(wait=False)
@@ -209,6 +227,11 @@ class DecisionLog:
     @property
     def store(self) -> LogStore:
         return self._store
+
+    @property
+    def integrity_failures(self) -> int:
+        """Integrity failures seen (0 or 1: the first one stops every append)."""
+        return self._store.integrity_failures
 
     # ------------------------------------------------------------------ append
 
@@ -283,6 +306,12 @@ class DecisionLog:
             results = await self._loop.run_in_executor(
                 self._executor, functools.partial(self._store.append_batch, items, validated=True)
             )
+        except IntegrityFailure as e:
+            for p in batch:
+                err = AuditUnavailable(f"decision log integrity check failed: {e.check}")
+                err.__cause__ = e
+                _fail(p.future, err)
+            return
         except Exception as e:
             # Whole batch failed; nothing of it is reported as committed.
             # Type only: driver messages can quote the entries' values.
@@ -304,6 +333,8 @@ class DecisionLog:
         for p, receipt in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(receipt)
+        if self._head is not None:
+            self._head.offer(results[-1].checkpoint)
 
 
 def _fail(fut: asyncio.Future[Any], err: BaseException) -> None:
@@ -325,3 +356,75 @@ def _load_key(path: str | os.PathLike[str], create: bool) -> Ed25519PrivateKey:
 def _setup(engine: Engine, store: LogStore, origin: str, vkey: str) -> None:
     create_schema(engine)
     store.ensure_log(origin, vkey)
+
+
+def _authenticate(store: LogStore, head: _HeadFile | None, required: bool) -> None:
+    """Prove the database extends the head file; a failure is logged and kept by the store."""
+    try:
+        note = None if head is None else read_head_file(head.path)
+    except IntegrityFailure as e:
+        store.refuse(e)
+        return
+    try:
+        if note is None and head is not None:
+            _log.warning(
+                "decision log %s: no head file at %s: trusting the database's latest "
+                "checkpoint after checking it (first use)",
+                store.log,
+                head.path,
+            )
+        latest = store.authenticate(note, required=required and head is not None)
+    except IntegrityFailure:
+        return  # logged once by the store; every append now raises
+    if head is not None and latest is not None and latest != note:
+        write_head_file(head.path, latest)
+
+
+class _HeadFile:
+    """Writes the head file after commits, off the callers' path, newest note last.
+
+    Callers get their receipts as soon as the database committed; the file
+    follows (a crash in between leaves the database one batch ahead of the
+    file: consistent, so accepted on restart). Writes coalesce: while one is
+    under way, only the newest note offered meanwhile is written next.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axid-audit-head")
+        self._latest: bytes | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_log(
+        cls,
+        head: str | os.PathLike[str] | None,
+        key: str | os.PathLike[str] | Ed25519PrivateKey,
+        log: str,
+    ) -> _HeadFile | None:
+        if head is not None:
+            return cls(Path(head))
+        if isinstance(key, Ed25519PrivateKey):
+            return None
+        return cls(Path(key).parent / f"{log}.head")
+
+    def offer(self, note: bytes) -> None:
+        self._latest = note
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._latest is not None:
+            note, self._latest = self._latest, None
+            try:
+                await loop.run_in_executor(self._executor, write_head_file, self.path, note)
+            except OSError as e:
+                # The database stays the running writer's truth (its in-memory
+                # head); the file is retried with the next commit.
+                _log.warning("decision log head file %s not written: %s", self.path, e)
+
+    async def flush(self) -> None:
+        if self._task is not None:
+            await asyncio.wait({self._task})
+        self._executor.shutdown(wait=False)

@@ -22,8 +22,10 @@ Invariants the code keeps:
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hmac
+import logging
 import os
 import re
 import time
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import (
@@ -57,6 +59,13 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlmodel import Field, SQLModel
 
 from axid.audit.entry import ZERO_HASH_HEX, encode_entry, format_ts, validate_fields
+from axid.audit.head import (
+    IntegrityFailure,
+    check_complete,
+    check_extends,
+    check_last_leaf,
+    check_signed,
+)
 from axid.audit.merkle import (
     HASH_SIZE,
     CompactRange,
@@ -69,7 +78,7 @@ from axid.audit.merkle import (
 from axid.audit.merkle import (
     inclusion_proof as _merkle_inclusion_proof,
 )
-from axid.audit.note import Checkpoint, NoteSigner, sign_checkpoint
+from axid.audit.note import Checkpoint, NoteError, NoteSigner, open_checkpoint, sign_checkpoint
 from axid.audit.receipt import Receipt
 from axid.keys import KeyringError, read_private_key_file, write_private_key_file
 
@@ -109,6 +118,8 @@ _IMMEDIATE = "axid_sqlite_immediate"  # execution option: BEGIN IMMEDIATE on SQL
 # (CREATE TABLE IF NOT EXISTS races on the catalog otherwise).
 _PG_SCHEMA_LOCK = 0x41584944_41554454  # "AXIDAUDT"
 _PLACEHOLDER_HASH = bytes(HASH_SIZE)  # what a proof's dry run sees (see _prefetched)
+_ZERO_HASH = bytes.fromhex(ZERO_HASH_HEX)
+_log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- errors
@@ -404,6 +415,7 @@ class _AppendSQL:
     checkpoint: _DriverStmt
     lock_log: _DriverStmt
     head: _DriverStmt
+    latest_cp: _DriverStmt
 
     @classmethod
     def for_engine(cls, engine: Engine) -> _AppendSQL:
@@ -436,6 +448,12 @@ class _AppendSQL:
             checkpoint=compiled(insert(_CP_T), _CP_COLS),
             lock_log=compiled(lock),
             head=compiled(head),
+            latest_cp=compiled(
+                select(_CP_T.c.note)
+                .where(_CP_T.c.log == bindparam("log"))
+                .order_by(_CP_T.c.size.desc())
+                .limit(1)
+            ),
         )
 
 
@@ -457,6 +475,30 @@ def _b(value: Any) -> bytes:
     return bytes(value)
 
 
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """A trusted head: a checkpoint signed or verified by this store, and its tail.
+
+    ``last_leaf`` and ``edge`` (the compact range) are known for heads this
+    store computed itself; a head read from the head file has neither.
+    """
+
+    note: bytes
+    cp: Checkpoint
+    last_leaf: bytes | None
+    edge: tuple[bytes, ...]
+
+
+def _sqlite_file_id(engine: Engine) -> tuple[int, int] | None:
+    if not _is_sqlite(engine) or not engine.url.database:
+        return None
+    try:
+        st = os.stat(engine.url.database)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class LogStore:
     """One log in a database: append batches, read entries, checkpoints and proofs."""
 
@@ -473,9 +515,13 @@ class LogStore:
         self._signer_vkey = signer.vkey() if signer is not None else None
         self._sql = _AppendSQL.for_engine(engine)
         self._entries_sql: _DriverStmt | None = None
-        # Head after our last commit: (size, last leaf hash, compact range hashes).
-        # Reused only when the locked database head still has that size.
-        self._head_cache: tuple[int, bytes, tuple[bytes, ...]] | None = None
+        self._verifier = signer.verifier() if signer is not None else None
+        # The authenticated head (see axid.audit.head): the last checkpoint this
+        # store signed or verified. Every batch proves the database extends it.
+        self._trusted: _Head | None = None
+        self._failure: IntegrityFailure | None = None  # sticky: until restart
+        self.integrity_failures = 0
+        self._file_id = _sqlite_file_id(engine)
 
     @property
     def engine(self) -> Engine:
@@ -548,28 +594,98 @@ class LogStore:
             if validated
             else [validate_fields(f) for f in items]
         )
+        if self._failure is not None:
+            raise self._failure
+        self._reconnect_if_replaced()
+        # The driver's own cursor, inside SQLAlchemy's transaction: per statement,
+        # SQLAlchemy's result and parameter handling cost more than SQLite's work.
+        # (Driver errors propagate as they are.) If the commit fails, the trusted
+        # head stays: a commit that did happen is then proven like another writer's.
+        with self._locked() as (conn, cur):
+            out, head = self._append_locked(conn, cur, valid, self._signer)
+        self._trusted = head
+        return out
+
+    def authenticate(self, head_note: bytes | None, *, required: bool = False) -> bytes | None:
+        """Prove, under the log lock, that the database extends ``head_note``.
+
+        ``head_note`` is the head file's signed checkpoint (None: no file yet,
+        a first use, unless ``required``). On success the database's latest
+        checkpoint becomes the trusted head and is returned (to be written to
+        the head file). On failure every later append raises
+        :class:`~axid.audit.head.IntegrityFailure`.
+        """
+        if self._verifier is None:
+            raise StoreError("this LogStore has no signing key: cannot authenticate")
+        if self._failure is not None:
+            raise self._failure
+        if head_note is None and required:
+            self._fail(IntegrityFailure("head", "the head file is missing (head_required)"))
+        if head_note is not None:
+            try:
+                cp = open_checkpoint(head_note, [self._verifier], origin=self.origin)
+            except NoteError as e:
+                self._fail(IntegrityFailure("head", f"the head file does not verify: {e}"))
+            self._trusted = _Head(head_note, cp, None, ())
+        with self._locked() as (conn, cur):
+            self._lock_and_check_key(cur)
+            head = self._authenticated_head(conn, cur)
+        self._trusted = head
+        return None if head is None else head.note
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[tuple[Connection, Any]]:
+        """A write transaction and the driver's cursor; integrity failures become sticky."""
         try:
             with _write_conn(self._engine) as conn, conn.begin():
-                # The driver's own cursor, inside SQLAlchemy's transaction: per
-                # statement, SQLAlchemy's result and parameter handling cost more
-                # than SQLite's work. (Driver errors propagate as they are.)
                 cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
                 try:
-                    out, head = self._append_locked(conn, cur, valid, self._signer)
+                    yield conn, cur
                 finally:
                     cur.close()
-        except BaseException:
-            self._head_cache = None  # the commit may or may not have happened
-            raise
-        self._head_cache = head
-        return out
+        except IntegrityFailure as e:
+            self._fail(e)
+
+    def refuse(self, e: IntegrityFailure) -> None:
+        """Record an integrity failure found outside the store (e.g. a bad head file)."""
+        with contextlib.suppress(IntegrityFailure):
+            self._fail(e)
+
+    def _fail(self, e: IntegrityFailure) -> NoReturn:
+        if self._failure is None:
+            self._failure = e
+            self.integrity_failures += 1
+            _log.error(
+                "decision log %s: integrity check %r failed: %s; nothing is signed or "
+                "appended until an operator has looked and restarted the process",
+                self.log,
+                e.check,
+                e.detail,
+            )
+        raise self._failure
+
+    def _reconnect_if_replaced(self) -> None:
+        # A SQLite file replaced under a running writer (a restored copy): pooled
+        # connections would go on writing to the old file. Reconnect, so that the
+        # head checks see what is at the path now.
+        if self._file_id is None:
+            return
+        now = _sqlite_file_id(self._engine)
+        if now != self._file_id:
+            _log.warning("decision log %s: the database file was replaced; reconnecting", self.log)
+            self._engine.dispose()
+            self._file_id = now
 
     def _append_locked(
         self, conn: Connection, cur: Any, valid: list[dict[str, object]], signer: NoteSigner
-    ) -> tuple[list[Receipt], tuple[int, bytes, tuple[bytes, ...]]]:
+    ) -> tuple[list[Receipt], _Head]:
         """:meth:`append_batch` inside its transaction; returns (receipts, new head)."""
         self._lock_and_check_key(cur)
-        size, prev, cr = self._read_head(conn, cur)
+        head = self._authenticated_head(conn, cur)
+        if head is None:
+            size, prev, cr = 0, _ZERO_HASH, CompactRange()
+        else:
+            size, prev, cr = head.cp.size, head.last_leaf, CompactRange(head.cp.size, head.edge)
         log = self.log
         ts = _now_ms()
         ts_str = format_ts(ts)
@@ -599,13 +715,15 @@ class LogStore:
             out.append((size, lh, data))
             prev = lh
             size += 1
-        note = sign_checkpoint(Checkpoint(self.origin, size, cr.root()), signer)
+        cp = Checkpoint(self.origin, size, cr.root())
+        note = sign_checkpoint(cp, signer)
         sql = self._sql
         cur.executemany(sql.entry.sql, entry_rows)
         if node_rows:
             cur.executemany(sql.node.sql, node_rows)
         cur.execute(sql.checkpoint.sql, (log, size, note, _now_ms()))
-        return [Receipt(q, lh, data, note) for q, lh, data in out], (size, prev, cr.hashes)
+        receipts = [Receipt(q, lh, data, note) for q, lh, data in out]
+        return receipts, _Head(note, cp, prev, cr.hashes)
 
     def _lock_and_check_key(self, cur: Any) -> None:
         # Takes the log's lock on PostgreSQL (see _AppendSQL).
@@ -619,19 +737,48 @@ class LogStore:
             # Checkpoints signed with another key would not verify: refuse to write.
             raise LogKeyMismatch(f"log {self.log!r} is registered with another key")
 
-    def _read_head(self, conn: Connection, cur: Any) -> tuple[int, bytes, CompactRange]:
-        """Size, last leaf hash and compact range of the committed tree (lock held)."""
-        stmt = self._sql.head
-        cur.execute(stmt.sql, stmt.params(log=self.log))
+    def _authenticated_head(self, conn: Connection, cur: Any) -> _Head | None:
+        """The database's head, proven to extend the trusted head (lock held).
+
+        None for an empty log. Raises :class:`~axid.audit.head.IntegrityFailure`.
+        O(log n) node reads; the signature is verified only when the latest
+        checkpoint is not the one this store signed or verified last.
+        """
+        assert self._verifier is not None
+        sql = self._sql
+        cur.execute(sql.head.sql, sql.head.params(log=self.log))
         last = cur.fetchone()
-        if last is None:
-            return 0, bytes.fromhex(ZERO_HASH_HEX), CompactRange()
-        size, prev = int(last[0]) + 1, _b(last[1])
-        cached = self._head_cache
-        if cached is not None and cached[0] == size and hmac.compare_digest(cached[1], prev):
-            return size, prev, CompactRange(size, cached[2])
-        # Right edge: one perfect node per set bit of size, largest first.
-        want: list[tuple[int, int]] = []
+        stored_size, last_leaf = (0, _ZERO_HASH) if last is None else (last[0] + 1, _b(last[1]))
+        cur.execute(sql.latest_cp.sql, sql.latest_cp.params(log=self.log))
+        row = cur.fetchone()
+        note = None if row is None else _b(row[0])
+        t = self._trusted
+        if t is not None and note is not None and hmac.compare_digest(note, t.note):
+            cp: Checkpoint | None = t.cp
+        else:
+            cp = check_signed(note, self._verifier, stored_size)
+        if cp is None:
+            check_extends(t.cp if t is not None else None, None, [])
+            return None
+        edge: list[bytes] = []
+        check_complete(cp, stored_size, lambda: self._stored_root(conn, cp, last_leaf, edge))
+        own_tail = t is not None and t.cp.size == cp.size and t.last_leaf is not None
+        if cp.size % 2 == 0 and not (own_tail and hmac.compare_digest(t.last_leaf, last_leaf)):
+            # Odd sizes: the last leaf is on the right edge, covered by the root.
+            n = cp.size
+            proof = self._proof(conn, lambda g: _merkle_inclusion_proof(n - 1, n, g))
+            check_last_leaf(cp, last_leaf, proof)
+        proof = []
+        if t is not None and 0 < t.cp.size < cp.size:
+            m, n = t.cp.size, cp.size
+            proof = self._proof(conn, lambda g: _merkle_consistency_proof(m, n, g))
+        check_extends(t.cp if t is not None else None, cp, proof)
+        return _Head(note, cp, last_leaf, tuple(edge))
+
+    def _stored_root(self, conn: Connection, cp: Checkpoint, last_leaf: bytes, out: list) -> bytes:
+        """The root of the stored tree of size ``cp.size`` from its right-edge nodes."""
+        size = cp.size
+        want: list[tuple[int, int]] = []  # one perfect node per set bit, largest first
         pos = 0
         for level in range(size.bit_length() - 1, -1, -1):
             if size >> level & 1:
@@ -639,15 +786,23 @@ class LogStore:
                 pos += 1 << level
         got: dict[tuple[int, int], bytes] = {}
         if size & 1:
-            got[(0, size - 1)] = prev  # the lowest edge node is the last leaf itself
+            got[(0, size - 1)] = last_leaf  # the lowest edge node is the last leaf itself
         upper = [(lv, i) for lv, i in want if lv > 0]
         if upper:
             for r in self._read_nodes(conn, upper):
                 got[(int(r.level), int(r.idx))] = _b(r.hash)
-        missing = [c for c in want if c not in got]
+        missing = [c for c in want if c not in got or len(got[c]) != HASH_SIZE]
         if missing:
-            raise StoreError(f"log {self.log!r} storage is inconsistent: nodes {missing} missing")
-        return size, prev, CompactRange(size, [got[c] for c in want])
+            raise IntegrityFailure("complete", f"stored tree nodes {missing} are missing")
+        out.extend(got[c] for c in want)
+        return CompactRange(size, out).root()
+
+    def _proof(self, conn: Connection, plan: Callable[[NodeGetter], list[bytes]]) -> list[bytes]:
+        """A proof from the stored nodes; a missing or malformed node is an integrity failure."""
+        try:
+            return plan(self._prefetched(conn, plan))
+        except (KeyError, StoreError) as e:
+            raise IntegrityFailure("complete", f"stored tree node missing: {e}") from None
 
     # ------------------------------------------------------------------ reads
 
