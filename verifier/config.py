@@ -40,6 +40,8 @@ named; relative paths in a file are resolved against the file's directory::
       max_batch: 512
       max_delay: 0.002
       lock_timeout: 5
+      head: .axid/keys/payments.head   # the authenticated head (default: beside the key)
+      head_required: false             # true: a missing head file is an integrity failure
     replay:                            # single_use jti store; default: the log's database
       database_url: sqlite:///.axid/axid.db
     rules:                             # first match wins; see verifier.rules
@@ -113,7 +115,17 @@ _TOP_KEYS: Final = (
 _IDENTITY_KEYS: Final = ("bundle", "cert", "key", "workload_api")
 _JWKS_KEYS: Final = ("file", "url", "cache_ttl", "refetch_min_interval", "max_stale", "timeout")
 _REVOCATION_KEYS: Final = ("url", "database_url", "interval", "max_stale", "timeout")
-_LOG_KEYS: Final = ("url", "name", "key", "create_key", "max_batch", "max_delay", "lock_timeout")
+_LOG_KEYS: Final = (
+    "url",
+    "name",
+    "key",
+    "create_key",
+    "max_batch",
+    "max_delay",
+    "lock_timeout",
+    "head",
+    "head_required",
+)
 _REPLAY_KEYS: Final = ("database_url", "lock_timeout")
 
 
@@ -384,9 +396,16 @@ class LogConfig:
     max_batch: int = 512
     max_delay: float = 0.002
     lock_timeout: float = 5.0
+    head: Path | None = None  # default: <key's directory>/<log>.head
+    head_required: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", _db_url(self.url, "log.url"))
+        if self.head is not None:
+            if not isinstance(self.head, str | os.PathLike) or not str(self.head):
+                raise ConfigError("must be the path of the log's head file", key="log.head")
+            object.__setattr__(self, "head", Path(self.head))
+        _bool(self.head_required, "log.head_required")
         if not isinstance(self.key, str | os.PathLike) or not str(self.key):
             raise ConfigError("must be the path of the log's key file", key="log.key")
         object.__setattr__(self, "key", Path(self.key))
@@ -646,6 +665,8 @@ class VerifierConfig:
                 raise ConfigError("is required", key=f"log.{required}")
         lkw = dict(log)
         lkw["key"] = path(log["key"], "log.key")
+        if "head" in log:
+            lkw["head"] = path(log["head"], "log.head")
         lkw["url"] = _db_value(log["url"], base)
         kwargs["log"] = LogConfig(**lkw)
 

@@ -83,7 +83,7 @@ _TOP_KEYS: Final = (
     "tokens",
 )
 _SVID_KEYS: Final = ("cert", "key", "bundle", "workload_api")
-_AUDIT_KEYS: Final = ("log", "key", "database_url")
+_AUDIT_KEYS: Final = ("log", "key", "database_url", "head", "head_required")
 _TOKEN_KEYS: Final = ("default_ttl", "max_ttl", "publish_lead")
 _HOST_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
@@ -139,6 +139,8 @@ class IssuerConfig:
     log_name: str = DEFAULT_LOG_NAME
     log_key: Path = DEFAULT_LOG_KEY
     audit_database_url: str | None = None
+    log_head: Path | None = None  # default: <log key's directory>/<log>.head
+    log_head_required: bool = False
     default_ttl: int = DEFAULT_DEFAULT_TTL
     max_ttl: int = MAX_TTL
     publish_lead: float = DEFAULT_PUBLISH_LEAD
@@ -170,7 +172,9 @@ class IssuerConfig:
                 "the issuer's SVID is needed: cert, key and bundle files, or workload_api",
                 key="svid",
             )
-        for name in ("registrations", "keys_dir", "log_key", "cert", "key", "bundle"):
+        if not isinstance(self.log_head_required, bool):
+            raise ConfigError("must be true or false", key="audit.head_required")
+        for name in ("registrations", "keys_dir", "log_key", "log_head", "cert", "key", "bundle"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -289,6 +293,10 @@ class IssuerConfig:
                 kwargs["log_key"] = path(audit["key"], "audit.key")
             if audit.get("database_url") is not None:
                 kwargs["audit_database_url"] = text(audit["database_url"], "audit.database_url")
+            if "head" in audit:
+                kwargs["log_head"] = path(audit["head"], "audit.head")
+            if "head_required" in audit:
+                kwargs["log_head_required"] = audit["head_required"]
         tokens = doc.get("tokens")
         if tokens is not None:
             if not isinstance(tokens, Mapping):
