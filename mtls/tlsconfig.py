@@ -1,7 +1,10 @@
 """``ssl.SSLContext`` builders for SPIFFE mTLS, fed by an :class:`~mtls.sources.X509Source`.
 
 Server (:func:`server_context`): TLS >= 1.2, a client certificate is required and
-must chain (OpenSSL, RFC 5280) to one of the source's bundles. OpenSSL checks the chain
+must chain (OpenSSL, RFC 5280) to one of the source's bundles. With
+``client_cert="optional"`` (the issuer: its JWKS and log are public) the server still
+asks for one and a client may send none; one that is sent must chain to the bundles
+all the same, or the handshake fails. OpenSSL checks the chain
 against *all* bundles at once; the per-trust-domain rule and the X509-SVID leaf rules
 are the verifier's job (:func:`mtls.x509svid.verify_svid` on the chain the ASGI TLS
 extension carries).
@@ -34,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from mtls.sources import SourceError, SvidMaterial, X509Source
 from mtls.spiffeid import SpiffeId, SpiffeIdPattern
@@ -43,6 +46,7 @@ from mtls.x509svid import SvidError, verify_svid
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "ClientCertMode",
     "client_context",
     "peer_chain_der",
     "peer_chain_pem",
@@ -55,6 +59,12 @@ _log = logging.getLogger(__name__)
 _X509_V_ERR_APPLICATION_VERIFICATION = 50
 
 ServerIdMatcher = SpiffeId | SpiffeIdPattern | Callable[[SpiffeId], bool]
+# "required": no client certificate, no handshake; "optional": asked for, verified if sent.
+ClientCertMode = Literal["required", "optional"]
+_VERIFY_MODES: dict[str, ssl.VerifyMode] = {
+    "required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL,
+}
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -223,9 +233,16 @@ def server_context(
     *,
     alpn: Sequence[str] = ("http/1.1",),
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    client_cert: ClientCertMode = "required",
 ) -> ssl.SSLContext:
     """A server ``SSLContext`` requiring a client certificate chained to the source's
     bundles, presenting the source's current SVID and following its rotations.
+
+    ``client_cert="optional"`` asks for a client certificate without requiring one
+    (``ssl.CERT_OPTIONAL``): a client that sends none completes the handshake (the
+    ASGI TLS extension then has an empty ``client_cert_chain``, and the app must
+    refuse what needs an identity); one that sends a certificate is verified against
+    the bundles exactly as in ``"required"`` mode.
 
     ``handshake_timeout`` (seconds, ``None``: none of ours) bounds a TLS handshake on
     an asyncio or uvloop server: a handshake that is still running when its next
@@ -235,12 +252,16 @@ def server_context(
     does not let its callers set). Blocking ``wrap_socket`` servers are not covered.
     """
     alpn = tuple(alpn)
+    verify_mode = _VERIFY_MODES.get(client_cert) if isinstance(client_cert, str) else None
+    if verify_mode is None:
+        raise ValueError(f"client_cert must be 'required' or 'optional', not {client_cert!r}")
     if handshake_timeout is not None and not 0 < handshake_timeout < math.inf:
         raise ValueError(f"handshake_timeout must be positive and finite, not {handshake_timeout}")
 
     def build(material: SvidMaterial, bundles: BundleSet) -> ssl.SSLContext:
         ctx = _SpiffeServerContext(ssl.PROTOCOL_TLS_SERVER)
         _base_context(ctx, material, bundles)
+        ctx.verify_mode = verify_mode
         ctx._axid_handshake_timeout = handshake_timeout
         if alpn:
             ctx.set_alpn_protocols(list(alpn))

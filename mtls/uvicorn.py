@@ -90,7 +90,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mtls.sources import X509Source
-from mtls.tlsconfig import DEFAULT_HANDSHAKE_TIMEOUT, peer_chain_der, server_context
+from mtls.tlsconfig import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    ClientCertMode,
+    peer_chain_der,
+    server_context,
+)
 
 __all__ = [
     "TRANSPORT_EXTENSION",
@@ -488,11 +493,14 @@ def uvicorn_config(
     source: X509Source,
     http: Literal["h11", "httptools"] = "h11",
     limits: HttpLimits | None = None,
+    client_cert: ClientCertMode = "required",
     **kwargs: Any,
 ) -> uvicorn.Config:
     """A ``uvicorn.Config`` serving ``app`` over mTLS from ``source`` with the TLS
     extension filled and ``limits`` (default :class:`HttpLimits()`) enforced. Extra
-    keyword arguments go to ``uvicorn.Config``.
+    keyword arguments go to ``uvicorn.Config``. ``client_cert`` is
+    :func:`~mtls.tlsconfig.server_context`'s (``"optional"``: the app gets requests
+    without a client certificate, with an empty ``client_cert_chain``).
 
     uvicorn's proxy headers are off (``proxy_headers=False``; passing ``True`` is a
     ``TypeError``): ``scope["client"]`` and ``scope["scheme"]`` stay the socket's, not
@@ -517,9 +525,11 @@ def uvicorn_config(
     if limits != base.limits:
         protocol = type(base.__name__, (base,), {"limits": limits, "__module__": __name__})
     handshake_timeout = limits.handshake_timeout
+    if client_cert not in ("required", "optional"):
+        raise ValueError(f"client_cert must be 'required' or 'optional', not {client_cert!r}")
 
     def factory(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-        return server_context(source, handshake_timeout=handshake_timeout)
+        return server_context(source, handshake_timeout=handshake_timeout, client_cert=client_cert)
 
     return uvicorn.Config(
         app,
