@@ -5,6 +5,8 @@ One request, from the socket to the log entry::
     uvicorn (mtls.uvicorn) fills scope["extensions"]["tls"]["client_cert_chain"]
                            and scope["extensions"]["axid.transport"] (socket peer, TLS?)
       -> AxidVerifier.__call__
+           GET /.well-known/axid/log/{checkpoint,proof,consistency}
+                             -> answered here (verifier.logroutes): ungoverned, unrecorded
            method or path not in normal form?  -> no rule matches (see below)
            rule = first route rule matching (method, path)
            ungoverned rule?  -> the app, unchecked and unrecorded
@@ -16,6 +18,12 @@ One request, from the socket to the log entry::
            metrics, span attributes, one log line
            deny  -> 401/403/503 application/problem+json + WWW-Authenticate
            allow -> scope["state"]["axid"] = VerifiedAction; the app runs
+
+Every recorded decision's response, deny or allow, carries ``AXID-Receipt:
+<Receipt.header_value()>`` (seq, leaf hash, entry bytes, signed checkpoint): on a
+deny in the problem+json answer, on an allow appended to the app's
+``http.response.start`` headers. A 503 ``audit_unavailable`` (nothing committed) has
+none, and neither has a WebSocket deny (a close frame carries no headers).
 
 Use it as ``app.add_middleware(AxidVerifier, config=...)`` (FastAPI, Starlette) or
 wrap any ASGI app: ``AxidVerifier(app, config=...)``.
@@ -71,6 +79,7 @@ from typing import Any, Final
 import httpx
 
 from axid.audit.log import DecisionLog
+from axid.audit.receipt import RECEIPT_HEADER, Receipt
 from mtls.sources import FileSource, WorkloadApiSource
 from mtls.spiffeid import SpiffeId
 from mtls.tlsconfig import client_context
@@ -79,6 +88,7 @@ from verifier.config import JwksConfig, RevocationConfig, VerifierConfig
 from verifier.decision import Decision, VerifiedAction
 from verifier.identity import BundleFiles, PeerResolver
 from verifier.jwks import FileJwks, HttpJwks, JwksSource, StaticJwks
+from verifier.logroutes import LOG_ROUTES, LogRoute, serve_log_route
 from verifier.observability import VerifierMetrics, annotate_span, log_decision
 from verifier.pipeline import Pipeline, Presented
 from verifier.replay import ReplayGuard
@@ -108,6 +118,7 @@ _START_BACKOFF_MAX: Final = 30.0
 _PURGE_EVERY: Final = 600.0
 _PURGE_MARGIN: Final = 3600
 _ISSUER_PATH: Final = "/axid/issuer"
+_RECEIPT_NAME: Final = RECEIPT_HEADER.lower().encode("ascii")
 
 
 def problem_body(decision: Decision) -> bytes:
@@ -304,6 +315,10 @@ class AxidVerifier:
             return
         method = scope.get("method", "GET") if kind == "http" else "GET"
         path = scope.get("path", "")
+        log_route = LOG_ROUTES.get(path) if kind == "http" else None
+        if log_route is not None:  # the log's public read routes: ungoverned, unrecorded
+            await self._serve_log_route(scope, send, log_route)
+            return
         # Checked before matching: such a request never matches any rule, ungoverned
         # ones included, and is denied (recorded) at step 5.
         unroutable = _unroutable(method, path, scope.get("raw_path"))
@@ -315,39 +330,59 @@ class AxidVerifier:
         began = time.perf_counter()
         logged_method = _clip(method, _MAX_METHOD)
         logged_path = _clip(path, _MAX_LOGGED_PATH)
-        seq: int | None = None
-        try:
-            runtime = await self._ensure_started()
-        except Exception:  # logged by _ensure_started, once per outage
-            decision = Decision(
-                False, "audit_unavailable", "the verifier could not open its decision log"
-            )
-        else:
-            assert runtime.pipeline is not None and runtime.log is not None
-            decision = await self._decide(runtime.pipeline, scope, method, path, rule, unroutable)
-            fields = decision.log_fields(
-                method=logged_method, path=logged_path, service=self.config.service
-            )
-            try:
-                receipt = await runtime.log.append(fields)  # committed when this returns
-            except Exception as exc:  # AuditUnavailable, or an entry the log refused
-                _log.warning("decision log append failed (%s): denying", type(exc).__name__)
-                decision = _unrecorded(decision)
-            else:
-                seq = receipt.seq
-
+        decision, receipt = await self._decide_and_record(
+            scope, method, path, rule, unroutable, logged=(logged_method, logged_path)
+        )
+        seq = receipt.seq if receipt is not None else None
         self.metrics.observe(decision, time.perf_counter() - began)
         annotate_span(decision)
         log_decision(decision, method=logged_method, path=logged_path, seq=seq)
+        # Only a committed decision has a receipt (not a 503 audit_unavailable).
+        header = _receipt_header(receipt)
         if not decision.allow:
-            await _refuse(scope, send, decision)
+            await _refuse(scope, send, decision, header)
             return
         assert decision.action is not None
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
         state["axid"] = _with_seq(decision.action, seq)
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, _send_with(send, header) if header else send)
+
+    async def _decide_and_record(
+        self,
+        scope: _Scope,
+        method: str,
+        path: str,
+        rule: RouteRule | None,
+        unroutable: str | None,
+        *,
+        logged: tuple[str, str],
+    ) -> tuple[Decision, Receipt | None]:
+        """Steps 1-8: the decision and, once it is committed, its receipt (else None,
+        and the decision is a 503 ``audit_unavailable`` deny)."""
+        try:
+            runtime = await self._ensure_started()
+        except Exception:  # logged by _ensure_started, once per outage
+            reason = "the verifier could not open its decision log"
+            return Decision(False, "audit_unavailable", reason), None
+        assert runtime.pipeline is not None and runtime.log is not None
+        decision = await self._decide(runtime.pipeline, scope, method, path, rule, unroutable)
+        fields = decision.log_fields(method=logged[0], path=logged[1], service=self.config.service)
+        try:
+            return decision, await runtime.log.append(fields)  # committed when this returns
+        except Exception as exc:  # AuditUnavailable, or an entry the log refused
+            _log.warning("decision log append failed (%s): denying", type(exc).__name__)
+            return _unrecorded(decision), None
+
+    async def _serve_log_route(self, scope: _Scope, send: _Send, route: LogRoute) -> None:
+        """A public read route of this service's own log (see :mod:`verifier.logroutes`)."""
+        try:
+            runtime = await self._ensure_started()
+        except Exception:  # logged by _ensure_started, once per outage
+            runtime = None
+        store = runtime.log.store if runtime is not None and runtime.log is not None else None
+        await serve_log_route(scope, send, route, store)
 
     async def _decide(
         self,
@@ -562,6 +597,8 @@ class AxidVerifier:
             max_batch=config.log.max_batch,
             max_delay=config.log.max_delay,
             lock_timeout=config.log.lock_timeout,
+            head=config.log.head,
+            head_required=config.log.head_required,
         )
         rt.closers.append(rt.log.close)
 
@@ -660,10 +697,33 @@ def _revocation_source(revs: Any, client: httpx.AsyncClient | None) -> Revocatio
     )
 
 
-async def _refuse(scope: _Scope, send: _Send, decision: Decision) -> None:
-    """Answer a deny: problem+json with ``WWW-Authenticate: AXID error="<reason>"``."""
+def _receipt_header(receipt: Receipt | None) -> tuple[bytes, bytes] | None:
+    """The ``AXID-Receipt`` response header of a committed decision."""
+    if receipt is None:
+        return None
+    return _RECEIPT_NAME, receipt.header_value().encode("ascii")
+
+
+def _send_with(send: _Send, header: tuple[bytes, bytes]) -> _Send:
+    """``send``, adding ``header`` to the app's ``http.response.start``."""
+
+    async def send_with_header(message: _Message) -> None:
+        if message["type"] == "http.response.start":
+            # A new list: the app may reuse the one it sent.
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return send_with_header
+
+
+async def _refuse(
+    scope: _Scope, send: _Send, decision: Decision, receipt: tuple[bytes, bytes] | None
+) -> None:
+    """Answer a deny: problem+json with ``WWW-Authenticate: AXID error="<reason>"`` and,
+    when the deny was recorded, its ``AXID-Receipt``."""
     if scope["type"] == "websocket":
-        # Closing before accepting makes the server refuse the handshake (HTTP 403).
+        # Closing before accepting makes the server refuse the handshake (HTTP 403);
+        # a close carries no headers, so no receipt either.
         await send({"type": "websocket.close", "code": 1008, "reason": decision.reason})
         return
     body = problem_body(decision)
@@ -673,5 +733,7 @@ async def _refuse(scope: _Scope, send: _Send, decision: Decision) -> None:
         (b"cache-control", b"no-store"),
         (b"www-authenticate", f'AXID error="{decision.reason}"'.encode("ascii")),
     ]
+    if receipt is not None:
+        headers.append(receipt)
     await send({"type": "http.response.start", "status": decision.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
