@@ -24,13 +24,13 @@ from axid.audit.entry import parse_entry
 from axid.audit.store import LogStore, make_engine
 from axid.issuer.app import create_app
 from axid.issuer.config import IssuerConfig
+from axid.issuer.server import issuer_uvicorn_config
 from axid.keys import KeySet
 from axid.tokens import ActionClaims, verify
 from mtls.devpki import DevPki, init_dev_pki
 from mtls.sources import FileSource
 from mtls.spiffeid import SpiffeIdPattern
 from mtls.tlsconfig import client_context
-from mtls.uvicorn import uvicorn_config
 
 ISS = "https://issuer.axid.test"
 EXTRA_WORKLOADS = {
@@ -229,10 +229,11 @@ def world_config(w: World, **changes: Any) -> IssuerConfig:
 
 @contextmanager
 def running(w: World, *, http: str = "h11", **config_changes: Any) -> Iterator[World]:
-    """Serve the world's issuer on 127.0.0.1:0 over mTLS for the block."""
+    """Serve the world's issuer on 127.0.0.1:0 over TLS for the block (client
+    certificate optional, as `axid serve` does)."""
     config = world_config(w, **config_changes)
     app = create_app(config, clock=w.clock)
-    uv = uvicorn_config(
+    uv = issuer_uvicorn_config(  # as `axid serve`: client certificate optional
         app,
         source=app.state.components.source,
         http=http,  # type: ignore[arg-type]

@@ -143,14 +143,21 @@ def test_jwks_route(world: World) -> None:
     assert jwk["kid"] == minted(world.mint("planner", **world.root_body()))["kid"]
 
 
-def test_no_client_cert_refused_at_handshake(world: World) -> None:
+def test_no_client_cert_public_routes_only(world: World) -> None:
+    """The issuer's TLS asks for a client certificate without requiring one: an
+    anonymous client completes the handshake, reads the public routes, and gets 401
+    no_peer_cert (unrecorded) anywhere else. (More in test_public_routes.py.)"""
     ctx = ssl.create_default_context(cafile=str(world.pki.bundle))
     ctx.check_hostname = False
-    with (
-        httpx.Client(base_url=world.url, verify=ctx, trust_env=False) as c,
-        pytest.raises(httpx.TransportError),
-    ):
-        c.get("/healthz")
+    with httpx.Client(base_url=world.url, verify=ctx, trust_env=False) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/.well-known/jwks.json").json()["keys"]
+        r = c.post("/v1/tokens", json=world.root_body())
+        problem(r, 401, "no_peer_cert")
+        assert r.headers["www-authenticate"] == 'AXID error="no_peer_cert"'
+        problem(c.get("/v1/revocations"), 401, "no_peer_cert")
+        problem(c.get("/metrics"), 401, "no_peer_cert")
+    assert world.entries() == []
 
 
 @pytest.mark.parametrize("name", ["stranger", "payments"])

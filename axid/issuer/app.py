@@ -4,15 +4,26 @@ Routes (DESIGN.md, "Issuer service"):
 
 ==============================  =========================  ================================
 ``POST /v1/tokens``             registered agent SVIDs     201 ``{token, jti, kid, expires_at}``
-``GET /.well-known/jwks.json``  any mTLS peer              current + next + retired keys
+``GET /.well-known/jwks.json``  anyone                     current + next + retired keys
 ``POST /v1/revocations``        admin SPIFFE IDs           201 ``{seq, kind, value, reason,
                                                            created_at, cascaded: [...]}``
 ``GET /v1/revocations``         SVIDs of the issuer's      ``{"revocations": [...], "next": N}``
   ``?since=N&limit=M``          own trust domain           (``seq > N``, at most M <= 1000)
-``GET /v1/audit/checkpoint``    any mTLS peer              the log's latest signed checkpoint
-``GET /healthz``                any mTLS peer              ``{"status": "ok"}``
+``GET /v1/audit/checkpoint``    anyone                     the log's latest signed checkpoint
+``GET /v1/audit/proof``         anyone                     C2SP tlog-proof of entry N in the
+  ``?seq=N[&size=S]``                                      checkpoint of size S (default latest)
+``GET /v1/audit/consistency``   anyone                     consistency proof from size M, in
+  ``?old=M[&size=N]``                                      the tlog-witness add-checkpoint form
+``GET /healthz``                anyone                     ``{"status": "ok"}``
 ``GET /metrics``                any mTLS peer              Prometheus text (own registry)
 ==============================  =========================  ================================
+
+"Anyone": the issuer's TLS asks for a client certificate without requiring one. A
+request without one reaches only the routes above marked "anyone"; everything else
+is answered 401 ``no_peer_cert`` by :class:`~axid.issuer.anonymous.AnonymousGate`,
+unrecorded, counted in ``axid_issuer_anonymous_refusals_total``. The audit read
+routes share :mod:`verifier.logroutes` with every verifier (same texts, same 400
+``bad_request`` / 404 ``not_found`` rules).
 
 The caller's identity comes only from its certificate: the chain uvicorn put in
 ``scope["extensions"]["tls"]["client_cert_chain"]`` (see :mod:`mtls.uvicorn`) is
@@ -22,9 +33,10 @@ bundles (401 ``no_peer_cert`` without one, 401 ``peer_untrusted`` /
 
 Every mint and every refusal of ``POST /v1/tokens``, and every revocation
 request, is appended to the issuer's own decision log and committed before the
-answer is sent; if that fails the answer is 503 ``audit_unavailable`` (and no
-token). A revocation is stored before it is logged: if the log then fails the
-revocation stands (the safe direction) and the answer is still 503.
+answer is sent, and the answer carries its receipt (``AXID-Receipt``, see
+:mod:`axid.audit.receipt`); if that fails the answer is 503 ``audit_unavailable``
+(no token, no receipt). A revocation is stored before it is logged: if the log
+then fails the revocation stands (the safe direction) and the answer is still 503.
 
 Errors are RFC 9457 problem+json: see :mod:`axid.issuer.problems` for the codes.
 """
@@ -36,14 +48,13 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import anyio.to_thread
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,11 +65,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from axid.audit.log import AuditUnavailable, DecisionLog
+from axid.audit.receipt import RECEIPT_HEADER, Receipt
+from axid.issuer.anonymous import AnonymousGate
 from axid.issuer.config import DEFAULT_LOG_KEY, DEFAULT_LOG_NAME, IssuerConfig
 from axid.issuer.problems import Refusal, problem_response
 from axid.issuer.registry import Registry
@@ -76,6 +88,7 @@ from mtls.sources import FileSource, SourceError, WorkloadApiSource, X509Source
 from mtls.spiffeid import SpiffeIdPattern
 from mtls.x509bundle import BundleSet
 from mtls.x509svid import SvidError, verify_svid
+from verifier.logroutes import LogReadError, LogRoute, read_log
 
 __all__ = ["IssuerComponents", "create_app", "load_or_init_keyring"]
 
@@ -114,6 +127,8 @@ class IssuerComponents:
     audit_url: str
     log_name: str = DEFAULT_LOG_NAME
     log_key: Path | Ed25519PrivateKey = DEFAULT_LOG_KEY
+    log_head: Path | None = None
+    log_head_required: bool = False
     admins: tuple[SpiffeIdPattern, ...] = ()
     default_ttl: int = 120
     max_ttl: int = 300
@@ -150,6 +165,8 @@ class IssuerComponents:
             audit_url=config.audit_url,
             log_name=config.log_name,
             log_key=config.log_key,
+            log_head=config.log_head,
+            log_head_required=config.log_head_required,
             admins=config.admins,
             default_ttl=config.default_ttl,
             max_ttl=config.max_ttl,
@@ -208,6 +225,11 @@ class _Metrics:
             "axid_issuer_decisions",
             "Decisions of the issuer (mints, refusals, revocations) by route and reason.",
             ["route", "decision", "reason"],
+            registry=self.registry,
+        )
+        self.anonymous_refusals = Counter(
+            "axid_issuer_anonymous_refusals",
+            "Requests without a client certificate refused (401 no_peer_cert, unrecorded).",
             registry=self.registry,
         )
         self.mint_seconds = Histogram(
@@ -274,6 +296,8 @@ def create_app(
                 log=components.log_name,
                 key=components.log_key,
                 create_key=True,
+                head=components.log_head,
+                head_required=components.log_head_required,
             )
             try:
                 yield
@@ -294,6 +318,8 @@ def create_app(
     app.state.issuer = service
     app.state.components = components
     app.state.metrics_registry = metrics.registry
+    # Outermost of the app's own middleware: anonymous requests end here, unrouted.
+    app.add_middleware(AnonymousGate, on_refusal=metrics.anonymous_refusals.inc)
 
     # ------------------------------------------------------------------ errors
 
@@ -328,11 +354,13 @@ def create_app(
     async def refuse(rec: DecisionRecord, route: str, refusal: Refusal) -> Response:
         """Log a deny, then answer it (503 audit_unavailable if the log failed)."""
         try:
-            await service.record(rec, "deny", refusal.reason)
+            receipt = await service.record(rec, "deny", refusal.reason)
         except Exception as exc:  # AuditUnavailable, or a field the log refused
             return _audit_down(route, exc)
         metrics.decisions.labels(route, "deny", refusal.reason).inc()
-        return problem_response(refusal.status, refusal.reason, refusal.detail)
+        return problem_response(
+            refusal.status, refusal.reason, refusal.detail, headers=_receipt_headers(receipt)
+        )
 
     def _audit_down(route: str, exc: Exception) -> Response:
         if not isinstance(exc, AuditUnavailable):
@@ -358,15 +386,14 @@ def create_app(
             _log.exception("mint failed unexpectedly")
             return await refuse(rec, "tokens", Refusal(500, "internal_error", "internal error"))
         try:
-            await service.record(rec, "allow", "ok")
+            receipt = await service.record(rec, "allow", "ok")
         except Exception as exc:
             return _audit_down("tokens", exc)  # the token is dropped: never issued unrecorded
         metrics.decisions.labels("tokens", "allow", "ok").inc()
         metrics.mint_seconds.observe(time.perf_counter() - started)
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
         return JSONResponse(
-            minted.to_json(),
-            status_code=201,
-            headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+            minted.to_json(), status_code=201, headers=_receipt_headers(receipt, headers)
         )
 
     # A plain Starlette route: the handler reads and checks its own body, so FastAPI's
@@ -396,13 +423,14 @@ def create_app(
                 rec, "revocations", Refusal(500, "internal_error", "internal error")
             )
         try:
-            await service.record(rec, "allow", "ok")
+            receipt = await service.record(rec, "allow", "ok")
         except Exception as exc:
             return _audit_down("revocations", exc)
         metrics.decisions.labels("revocations", "allow", "ok").inc()
         body = revocation.to_json()
         body["cascaded"] = [r.to_json() for r in cascaded]
-        return JSONResponse(body, status_code=201, headers={"Cache-Control": "no-store"})
+        headers = _receipt_headers(receipt, {"Cache-Control": "no-store"})
+        return JSONResponse(body, status_code=201, headers=headers)
 
     @app.get("/v1/revocations")
     async def get_revocations(request: Request) -> Response:
@@ -418,18 +446,22 @@ def create_app(
             headers={"Cache-Control": "no-store"},
         )
 
-    @app.get("/v1/audit/checkpoint")
-    async def get_checkpoint() -> Response:
-        log = service.log
-        if log is None:
-            raise Refusal(503, "audit_unavailable", "the decision log is not open")
-        try:
-            note = await anyio.to_thread.run_sync(log.store.latest_checkpoint)
-        except SQLAlchemyError:
-            raise Refusal(503, "audit_unavailable", "the decision log is unavailable") from None
-        if note is None:
-            raise Refusal(404, "not_found", "the decision log has no checkpoint yet")
-        return PlainTextResponse(note.decode("utf-8"), headers={"Cache-Control": "no-cache"})
+    def audit_route(route: LogRoute) -> Callable[[Request], Awaitable[Response]]:
+        async def read(request: Request) -> Response:
+            log = service.log
+            if log is None:
+                raise Refusal(503, "audit_unavailable", "the decision log is not open")
+            try:
+                text = await read_log(log.store, route, request.scope.get("query_string", b""))
+            except LogReadError as exc:
+                raise Refusal(exc.status, exc.reason, exc.detail) from None
+            return PlainTextResponse(text, headers={"Cache-Control": "no-cache"})
+
+        return read
+
+    audit_reads: tuple[LogRoute, ...] = ("checkpoint", "proof", "consistency")
+    for name in audit_reads:
+        app.add_route(f"/v1/audit/{name}", audit_route(name), methods=["GET"])
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -440,6 +472,11 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _receipt_headers(receipt: Receipt, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """``headers`` plus the ``AXID-Receipt`` of the decision the answer reports."""
+    return {**(headers or {}), RECEIPT_HEADER: receipt.header_value()}
 
 
 def _query_int(request: Request, name: str, default: int, hi: int, *, lo: int = 0) -> int:

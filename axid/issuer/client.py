@@ -14,6 +14,15 @@ Refusals become :class:`IssuerError` with the problem's ``status``, ``reason`` a
 ``detail``; a connection or TLS failure has ``status=None`` and reason
 ``issuer_unreachable``, an answer that is not what the API promises reason
 ``bad_response``.
+
+Receipts: the issuer answers every recorded decision with an ``AXID-Receipt``
+header (:class:`~axid.audit.receipt.Receipt`). :meth:`IssuerClient.mint` returns it
+as ``MintResult.receipt`` (``None`` only from an issuer that sends none; a malformed
+one is a ``bad_response``: evidence the caller keeps must hold together), and a
+recorded refusal's is ``IssuerError.receipt`` (``None`` if absent or malformed: the
+refusal is raised either way). Parsing checks the form and that the leaf is the
+entry's hash, not the checkpoint's signature: that is the auditor's
+(``axid audit receipt check``).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from axid.audit.receipt import RECEIPT_HEADER, Receipt, ReceiptError
 from axid.keys import KeySet
 from mtls.sources import X509Source
 from mtls.spiffeid import SpiffeId, SpiffeIdError, SpiffeIdPattern
@@ -51,28 +61,34 @@ _URL_CHARS: Final = re.compile(r"[\x21-\x5b\x5d-\x7e]+")
 
 
 class IssuerError(Exception):
-    """The issuer refused, or could not be reached. ``reason`` is a stable code."""
+    """The issuer refused, or could not be reached. ``reason`` is a stable code;
+    ``receipt`` is the recorded refusal's receipt, when the issuer sent one."""
 
     status: int | None
     reason: str
     detail: str
+    receipt: Receipt | None
 
-    def __init__(self, status: int | None, reason: str, detail: str) -> None:
+    def __init__(
+        self, status: int | None, reason: str, detail: str, *, receipt: Receipt | None = None
+    ) -> None:
         prefix = "" if status is None else f"{status} "
         super().__init__(f"{prefix}{reason}: {detail}")
         self.status = status
         self.reason = reason
         self.detail = detail
+        self.receipt = receipt
 
 
 @dataclass(frozen=True)
 class MintResult:
-    """A minted token (``repr`` leaves the token out)."""
+    """A minted token (``repr`` leaves the token out) and the receipt of its mint."""
 
     token: str = field(repr=False)
     jti: str
     kid: str
     expires_at: int
+    receipt: Receipt | None = field(default=None, repr=False)
 
 
 def check_issuer_url(url: str) -> str:
@@ -160,6 +176,16 @@ def _json(response: httpx.Response) -> Any:
         raise IssuerError(response.status_code, "bad_response", "answer is not JSON") from None
 
 
+def _receipt(response: httpx.Response) -> Receipt | None:
+    """The answer's ``AXID-Receipt``, strictly parsed; None if it has none."""
+    values = response.headers.get_list(RECEIPT_HEADER)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ReceiptError(f"more than one {RECEIPT_HEADER} header")
+    return Receipt.from_header(values[0])
+
+
 def _check(response: httpx.Response, *expected: int) -> httpx.Response:
     if response.status_code in expected:
         return response
@@ -172,7 +198,11 @@ def _check(response: httpx.Response, *expected: int) -> httpx.Response:
         reason = problem["reason"]
         if isinstance(problem.get("detail"), str):
             detail = problem["detail"][:_MAX_DETAIL]
-    raise IssuerError(response.status_code, reason, detail)
+    try:
+        receipt = _receipt(response)
+    except ReceiptError:
+        receipt = None  # the refusal stands; only its evidence is unusable
+    raise IssuerError(response.status_code, reason, detail, receipt=receipt)
 
 
 def _minted(response: httpx.Response) -> MintResult:
@@ -187,7 +217,11 @@ def _minted(response: httpx.Response) -> MintResult:
         raise IssuerError(201, "bad_response", "mint answer has members of the wrong type")
     if isinstance(exp, bool) or not isinstance(exp, int):
         raise IssuerError(201, "bad_response", "expires_at is not an integer")
-    return MintResult(token, jti, kid, exp)
+    try:
+        receipt = _receipt(response)
+    except ReceiptError as exc:
+        raise IssuerError(201, "bad_response", f"malformed {RECEIPT_HEADER}: {exc}") from None
+    return MintResult(token, jti, kid, exp, receipt)
 
 
 def _unreachable(exc: httpx.HTTPError) -> IssuerError:

@@ -1,10 +1,15 @@
 """``axid serve``: the issuer app under uvicorn, over mTLS with the issuer's SVID.
 
-The TLS server context comes from :func:`mtls.uvicorn.uvicorn_config` (client
-certificate required, SVID rotation followed without restart) with the protocol
-class that fills the ASGI TLS extension. The keyring is created on first start
-and re-read whenever ``keyring.json`` changes (``axid keys rotate`` from another
-process): the JWKS and the signing key follow without a restart.
+The TLS server context comes from :func:`mtls.uvicorn.uvicorn_config` (SVID
+rotation followed without restart) with the protocol class that fills the ASGI TLS
+extension, built by :func:`issuer_uvicorn_config`: a client certificate is asked for
+but not required (``client_cert="optional"``), so that anyone can fetch the JWKS and
+the log's checkpoints and proofs; one that is sent must chain to the bundles, and
+every other route refuses a request without one (:mod:`axid.issuer.anonymous`).
+
+The keyring is created on first start and re-read whenever ``keyring.json`` changes
+(``axid keys rotate`` from another process): the JWKS and the signing key follow
+without a restart.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import uvicorn
 
 from axid.issuer.app import IssuerComponents, create_app
 from axid.issuer.config import IssuerConfig
+from mtls.sources import X509Source
 from mtls.uvicorn import uvicorn_config
 
-__all__ = ["IssuerStartupError", "serve", "serve_async"]
+__all__ = ["IssuerStartupError", "issuer_uvicorn_config", "serve", "serve_async"]
 
 _log = logging.getLogger(__name__)
 
@@ -38,6 +44,28 @@ def _bound_url(server: uvicorn.Server) -> str:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     return f"https://{shown}:{port}"
+
+
+def issuer_uvicorn_config(
+    app: Any,
+    *,
+    source: X509Source,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    http: Literal["h11", "httptools"] = "h11",
+    **uvicorn_kwargs: Any,
+) -> uvicorn.Config:
+    """The issuer's ``uvicorn.Config``: :func:`mtls.uvicorn.uvicorn_config` with the
+    client certificate optional (the issuer's public routes; see the module doc)."""
+    return uvicorn_config(
+        app,
+        host=host,
+        port=port,
+        source=source,
+        http=http,
+        client_cert="optional",
+        **uvicorn_kwargs,
+    )
 
 
 async def serve_async(
@@ -55,7 +83,7 @@ async def serve_async(
     components = IssuerComponents.from_config(config)
     try:
         app = create_app(components)
-        uv = uvicorn_config(
+        uv = issuer_uvicorn_config(
             app,
             host=config.host,
             port=config.port,

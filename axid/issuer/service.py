@@ -59,6 +59,7 @@ import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 
 from axid.audit.log import AuditUnavailable, DecisionLog
+from axid.audit.receipt import Receipt
 from axid.issuer.problems import Refusal
 from axid.issuer.registry import Registry
 from axid.issuer.schemas import MintRequest, RevocationRequest
@@ -287,11 +288,12 @@ class IssuerService:
 
     # ------------------------------------------------------------------ decision log
 
-    async def record(self, rec: DecisionRecord, decision: str, reason: str) -> None:
-        """Append one decision; raises AuditUnavailable if it did not commit."""
+    async def record(self, rec: DecisionRecord, decision: str, reason: str) -> Receipt:
+        """Append one decision and return its receipt once it is committed; raises
+        AuditUnavailable if it did not commit."""
         if self.log is None:
             raise AuditUnavailable("the issuer's decision log is not open")
-        await self.log.append(rec.fields(decision, reason, iss=self.iss))
+        return await self.log.append(rec.fields(decision, reason, iss=self.iss))
 
     # ------------------------------------------------------------------ admin
 
