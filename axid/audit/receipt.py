@@ -1,4 +1,4 @@
-"""Receipts: the evidence a caller keeps of one recorded decision.
+"""Receipts: the evidence a caller keeps of one recorded decision, and its check.
 
 A receipt is the entry's seq, its leaf hash, the exact entry bytes that were
 hashed and the signed checkpoint note (of a size > seq) that committed it. On
@@ -8,31 +8,71 @@ the wire it is the ``AXID-Receipt`` header, an RFC 8941 dictionary::
 
 Serialising is a format string (it runs on every governed response); parsing
 (auditors, ``axid audit receipt check``) goes through ``http_sfv``, a
-maintained RFC 8941 implementation, then checks each member strictly.
+maintained RFC 8941 implementation, then checks each member strictly (byte
+sequences must be canonical base64, as everywhere in the log's formats).
+
+The auditor's check (:func:`check_receipt`) is pure: it takes the receipt, the
+log's verifier key and what the log answered (:class:`LogEvidence`: its
+latest signed checkpoint, the C2SP ``tlog-proof`` of the entry at the
+receipt's size, the consistency proof from the receipt's size to the latest,
+and, from a database, the stored entry) and decides. The two proof texts are
+parsed by :func:`parse_inclusion_proof` and :func:`parse_consistency_proof`.
+
+Every error is a :class:`ReceiptError`: a malformed header or proof text, a
+receipt that is not this log's, or a log answer to another question than the
+one asked. A log that answers the question but does not back the receipt is
+not an error but a :class:`ReceiptFailure`, with both signed views.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hmac
+import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import http_sfv
 
-from axid.audit.merkle import HASH_SIZE, leaf_hash
-from axid.audit.note import Checkpoint, NoteError
+from axid.audit.merkle import HASH_SIZE, ProofError, leaf_hash, verify_consistency, verify_inclusion
+from axid.audit.note import MAX_NOTE_SIZE, Checkpoint, NoteError, NoteVerifier, open_checkpoint
 
-__all__ = ["RECEIPT_HEADER", "Receipt", "ReceiptError"]
+__all__ = [
+    "RECEIPT_HEADER",
+    "TLOG_PROOF_HEADER",
+    "ConsistencyProof",
+    "InclusionProof",
+    "LogEvidence",
+    "Missing",
+    "Receipt",
+    "ReceiptError",
+    "ReceiptFailure",
+    "ReceiptOk",
+    "StoredEntry",
+    "check_receipt",
+    "checkpoint_of",
+    "open_receipt",
+    "parse_consistency_proof",
+    "parse_inclusion_proof",
+    "receipt_from_text",
+]
 
 RECEIPT_HEADER: Final = "AXID-Receipt"
+TLOG_PROOF_HEADER: Final = "c2sp.org/tlog-proof@v1"
 _MEMBERS: Final = ("seq", "leaf", "entry", "checkpoint")
 _MAX_ENTRY: Final = 64 * 1024
 _MAX_HEADER: Final = 128 * 1024  # far above any real receipt (entries are a few KiB)
+_MAX_INCLUSION_HASHES: Final = 64  # the longest path in a tree of at most 2**64-1 leaves
+_MAX_CONSISTENCY_HASHES: Final = 63  # c2sp.org/tlog-witness: at most 63 proof lines
+_MAX_PROOF_TEXT: Final = MAX_NOTE_SIZE + 8 * 1024
+_MAX_TREE_SIZE: Final = 2**64 - 1
+_DECIMAL_RE: Final = re.compile(r"0|[1-9][0-9]{0,19}")
+_HEADER_NAME: Final = "axid-receipt:"
 
 
 class ReceiptError(ValueError):
-    """A receipt header is malformed or does not hold together."""
+    """A receipt, or the log's answer about it, is malformed or not about this log."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +87,7 @@ class Receipt:
     @property
     def checkpoint_size(self) -> int:
         """The size of the checkpoint that committed the entry (its note's text, unverified)."""
-        return _checkpoint_of(self.checkpoint).size
+        return checkpoint_of(self.checkpoint).size
 
     def header_value(self) -> str:
         """The ``AXID-Receipt`` header value (an RFC 8941 dictionary)."""
@@ -63,14 +103,13 @@ class Receipt:
 
         Checks the form only, and that the leaf hash is the entry's and the
         checkpoint's size covers the seq; the checkpoint's signature is the
-        auditor's to check (``axid audit receipt check``).
+        auditor's to check (``axid audit receipt check``). Surrounding spaces
+        and tabs (HTTP's OWS) are ignored; nothing else is.
         """
-        raw = value.encode("latin-1") if isinstance(value, str) else value
-        if not isinstance(raw, bytes) or len(raw) > _MAX_HEADER:
-            raise ReceiptError("receipt header is not a string of acceptable size")
+        raw = _header_bytes(value)
         d = http_sfv.Dictionary()
         try:
-            d.parse(raw.strip())
+            d.parse(raw)
         except ValueError as e:
             raise ReceiptError(f"receipt header is not an RFC 8941 dictionary: {e}") from None
         if sorted(d.keys()) != sorted(_MEMBERS):
@@ -80,9 +119,9 @@ class Receipt:
             raise ReceiptError("receipt seq must be a non-negative integer")
         receipt = cls(
             seq=seq,
-            leaf_hash=_item(d, "leaf", bytes),
-            entry=_item(d, "entry", bytes),
-            checkpoint=_item(d, "checkpoint", bytes),
+            leaf_hash=_bytes_item(d, raw, "leaf"),
+            entry=_bytes_item(d, raw, "entry"),
+            checkpoint=_bytes_item(d, raw, "checkpoint"),
         )
         receipt._check()
         return receipt
@@ -90,12 +129,38 @@ class Receipt:
     def _check(self) -> None:
         if len(self.leaf_hash) != HASH_SIZE:
             raise ReceiptError(f"receipt leaf must be {HASH_SIZE} bytes")
-        if not hmac.compare_digest(leaf_hash(self.entry), self.leaf_hash):
-            raise ReceiptError("receipt leaf is not the hash of its entry bytes")
         if len(self.entry) > _MAX_ENTRY:
             raise ReceiptError("receipt entry is too large")
+        if not hmac.compare_digest(leaf_hash(self.entry), self.leaf_hash):
+            raise ReceiptError("receipt leaf is not the hash of its entry bytes")
         if self.checkpoint_size <= self.seq:
             raise ReceiptError("receipt checkpoint does not cover its seq")
+
+
+def receipt_from_text(text: str) -> Receipt:
+    """A receipt from one line of text: ``AXID-Receipt: <value>`` or the bare value.
+
+    The header name is matched without regard to case (HTTP field names are
+    case-insensitive); one trailing line break is allowed, no other line.
+    """
+    if not isinstance(text, str):
+        raise ReceiptError("receipt text must be str")
+    line = text.removesuffix("\n").removesuffix("\r")
+    if "\n" in line or "\r" in line:
+        raise ReceiptError("receipt text must be one line (the header or its value)")
+    if line[: len(_HEADER_NAME)].lower() == _HEADER_NAME:
+        line = line[len(_HEADER_NAME) :]
+    return Receipt.from_header(line)
+
+
+def _header_bytes(value: object) -> bytes:
+    if isinstance(value, str):
+        if not value.isascii():
+            raise ReceiptError("receipt header is not ASCII")
+        value = value.encode("ascii")
+    if not isinstance(value, bytes) or len(value) > _MAX_HEADER:
+        raise ReceiptError("receipt header is not a string of acceptable size")
+    return value.strip(b" \t")
 
 
 def _item(d: http_sfv.Dictionary, name: str, kind: type) -> object:
@@ -108,11 +173,318 @@ def _item(d: http_sfv.Dictionary, name: str, kind: type) -> object:
     return value
 
 
-def _checkpoint_of(note: bytes) -> Checkpoint:
+def _bytes_item(d: http_sfv.Dictionary, raw: bytes, name: str) -> bytes:
+    """A byte-sequence member whose base64 in ``raw`` is canonical.
+
+    ``http_sfv`` decodes leniently (it ignores what follows padding and
+    non-zero pad bits), so the canonical encoding of what it decoded must be
+    what the header says.
+    """
+    value = _item(d, name, bytes)
+    assert isinstance(value, bytes)
+    if f"{name}=:{base64.b64encode(value).decode()}:".encode() not in raw:
+        raise ReceiptError(f"receipt member {name} is not canonical base64")
+    return value
+
+
+def checkpoint_of(note: bytes) -> Checkpoint:
     """The checkpoint text of a signed note, without checking its signature."""
     try:
         text = note.decode("utf-8")
         body = text[: text.index("\n\n") + 1]
         return Checkpoint.parse(body)
-    except (UnicodeDecodeError, ValueError, NoteError) as e:
-        raise ReceiptError(f"receipt checkpoint is not a checkpoint note: {e}") from None
+    except (AttributeError, ValueError) as e:  # UnicodeDecodeError and NoteError are ValueErrors
+        raise ReceiptError(f"not a checkpoint note: {e}") from None
+
+
+# --------------------------------------------------------------------------- proof texts
+
+
+@dataclass(frozen=True, slots=True)
+class InclusionProof:
+    """A C2SP ``tlog-proof``: entry ``index``'s inclusion in the signed ``checkpoint``."""
+
+    index: int
+    hashes: tuple[bytes, ...]
+    checkpoint: bytes  # the signed note, verbatim
+    extra: bytes | None = None  # opaque, unauthenticated (c2sp.org/tlog-proof)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyProof:
+    """A consistency proof from size ``old`` to the signed ``checkpoint``.
+
+    Its text is the C2SP tlog-witness ``add-checkpoint`` request form.
+    """
+
+    old: int
+    hashes: tuple[bytes, ...]
+    checkpoint: bytes  # the signed note, verbatim
+
+
+def parse_inclusion_proof(text: bytes) -> InclusionProof:
+    """Parse a ``c2sp.org/tlog-proof@v1`` text strictly."""
+    lines, note = _split_proof(text, "tlog-proof")
+    if lines[0] != TLOG_PROOF_HEADER:
+        raise ReceiptError(f"tlog-proof must start with {TLOG_PROOF_HEADER}")
+    rest = lines[1:]
+    extra = None
+    if rest and rest[0].startswith("extra "):
+        extra = _b64(rest[0].removeprefix("extra "), "tlog-proof extra data")
+        rest = rest[1:]
+    if not rest:
+        raise ReceiptError("tlog-proof has no index line")
+    index = _decimal(rest[0], "index ", "tlog-proof index")
+    hashes = _hashes(rest[1:], _MAX_INCLUSION_HASHES, "tlog-proof")
+    return InclusionProof(index, hashes, note, extra)
+
+
+def parse_consistency_proof(text: bytes) -> ConsistencyProof:
+    """Parse a consistency proof in the tlog-witness ``add-checkpoint`` form strictly."""
+    lines, note = _split_proof(text, "consistency proof")
+    old = _decimal(lines[0], "old ", "consistency proof old size")
+    return ConsistencyProof(
+        old, _hashes(lines[1:], _MAX_CONSISTENCY_HASHES, "consistency proof"), note
+    )
+
+
+def _split_proof(text: object, what: str) -> tuple[list[str], bytes]:
+    """The head lines (ASCII) and the note after the first empty line."""
+    if not isinstance(text, bytes) or len(text) > _MAX_PROOF_TEXT:
+        raise ReceiptError(f"{what} is not bytes of acceptable size")
+    head, sep, note = text.partition(b"\n\n")
+    if not sep:
+        raise ReceiptError(f"{what} has no empty line before its checkpoint")
+    if not head.isascii():
+        raise ReceiptError(f"{what} is not ASCII before its checkpoint")
+    _check_note_form(note, what)
+    return head.decode("ascii").split("\n"), note
+
+
+def _check_note_form(note: bytes, what: str) -> None:
+    if not note or len(note) > MAX_NOTE_SIZE or not note.endswith(b"\n"):
+        raise ReceiptError(f"{what}: the checkpoint is empty, too large or lacks its final newline")
+    try:
+        note.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ReceiptError(f"{what}: the checkpoint is not UTF-8") from None
+
+
+def _decimal(line: str, prefix: str, what: str) -> int:
+    digits = line.removeprefix(prefix)
+    if digits == line or not _DECIMAL_RE.fullmatch(digits) or int(digits) > _MAX_TREE_SIZE:
+        raise ReceiptError(f"{what}: want {prefix!r} and a decimal without leading zeros")
+    return int(digits)
+
+
+def _hashes(lines: list[str], limit: int, what: str) -> tuple[bytes, ...]:
+    if len(lines) > limit:
+        raise ReceiptError(f"{what} has more than {limit} hashes")
+    hashes = tuple(_b64(line, f"{what} hash {i}") for i, line in enumerate(lines))
+    if any(len(h) != HASH_SIZE for h in hashes):
+        raise ReceiptError(f"{what}: every hash must be {HASH_SIZE} bytes")
+    return hashes
+
+
+def _b64(s: str, what: str) -> bytes:
+    """Standard, padded, canonical base64 of at least one byte."""
+    try:
+        raw = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise ReceiptError(f"{what} is not base64") from None
+    if not raw or base64.b64encode(raw).decode("ascii") != s:
+        raise ReceiptError(f"{what} is empty or not canonical base64")
+    return raw
+
+
+# --------------------------------------------------------------------------- the check
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """The log had no answer where one was due (no checkpoint at that size, ...)."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    """An entry row as a database stores it."""
+
+    data: bytes
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvidence:
+    """What the log answered about a receipt of size M for entry seq.
+
+    ``latest``: its latest signed checkpoint (size N); ``inclusion``: the
+    tlog-proof of seq at size M; ``consistency``: the proof from M to N;
+    ``entry``: the stored entry at seq, or None when the source serves no
+    entries (the public read routes serve proofs only).
+    """
+
+    latest: bytes | Missing
+    inclusion: InclusionProof | Missing
+    consistency: ConsistencyProof | Missing
+    entry: StoredEntry | Missing | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptOk:
+    """The log holds the entry at seq in the receipt's tree, and its latest tree extends it."""
+
+    checkpoint: Checkpoint  # the receipt's, verified
+    latest: Checkpoint  # the log's latest, verified
+    latest_note: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptFailure:
+    """The log does not back the receipt: what is wrong, and both signed views."""
+
+    what: str
+    receipt_note: bytes
+    log_note: bytes | None  # the log's note the failure is about (as served), if any
+
+
+ReceiptCheck = ReceiptOk | ReceiptFailure
+
+
+def open_receipt(receipt: Receipt, verifier: NoteVerifier) -> Checkpoint:
+    """The receipt's checkpoint, verified with the log's key; else the receipt is not this log's."""
+    receipt._check()
+    try:
+        return open_checkpoint(receipt.checkpoint, [verifier], origin=verifier.name)
+    except NoteError as e:
+        raise ReceiptError(f"not a receipt of log {verifier.name}: {e}") from None
+
+
+def check_receipt(receipt: Receipt, verifier: NoteVerifier, evidence: LogEvidence) -> ReceiptCheck:
+    """Does the log still hold exactly the receipted entry and extend the receipted checkpoint?
+
+    Raises :class:`ReceiptError` when the receipt does not verify with
+    ``verifier`` (it says nothing about this log) or the log answered another
+    question than the one asked (another index or size).
+    """
+    mine = open_receipt(receipt, verifier)
+    latest = _latest(evidence.latest, verifier)
+    problem = (
+        _inclusion_problem(receipt, mine, verifier, evidence.inclusion)
+        or _entry_problem(receipt, evidence.entry)
+        or (latest if isinstance(latest, _Problem) else None)
+    )
+    if problem is None and isinstance(latest, _Signed):
+        problem = _extension_problem(mine, latest, verifier, evidence.consistency)
+        if problem is None:
+            return ReceiptOk(mine, latest.checkpoint, latest.note)
+    assert problem is not None  # latest is either _Signed (handled above) or a _Problem
+    note = problem.note if problem.note is not None else _bytes_or_none(evidence.latest)
+    return ReceiptFailure(problem.what, receipt.checkpoint, note)
+
+
+class _Problem(NamedTuple):
+    what: str
+    note: bytes | None  # the log's note it is about, if any
+
+
+class _Signed(NamedTuple):
+    checkpoint: Checkpoint
+    note: bytes
+
+
+def _bytes_or_none(value: object) -> bytes | None:
+    return value if isinstance(value, bytes) else None
+
+
+def _opened(note: bytes, verifier: NoteVerifier) -> Checkpoint | str:
+    """The verified checkpoint, or why it does not verify."""
+    try:
+        return open_checkpoint(note, [verifier], origin=verifier.name)
+    except NoteError as e:
+        return str(e)
+
+
+def _latest(note: bytes | Missing, verifier: NoteVerifier) -> _Signed | _Problem:
+    if isinstance(note, Missing):
+        return _Problem(f"the log serves no latest checkpoint: {note.why}", None)
+    cp = _opened(note, verifier)
+    if isinstance(cp, str):
+        return _Problem(f"the log's latest checkpoint does not verify: {cp}", note)
+    return _Signed(cp, note)
+
+
+def _inclusion_problem(
+    receipt: Receipt, mine: Checkpoint, verifier: NoteVerifier, proof: InclusionProof | Missing
+) -> _Problem | None:
+    """The log's tree at the receipt's size: the same signed root, the entry in it at seq."""
+    where = f"entry {receipt.seq} at size {mine.size}"
+    if isinstance(proof, Missing):
+        return _Problem(f"the log gives no inclusion proof of {where}: {proof.why}", None)
+    if proof.index != receipt.seq:
+        raise ReceiptError(f"the log answered for entry {proof.index}, not {receipt.seq}")
+    theirs = _opened(proof.checkpoint, verifier)
+    if isinstance(theirs, str):
+        return _Problem(
+            f"the log's checkpoint of size {mine.size} does not verify: {theirs}", proof.checkpoint
+        )
+    if theirs.size != mine.size:
+        raise ReceiptError(f"the log answered for size {theirs.size}, not {mine.size}")
+    if not hmac.compare_digest(theirs.root, mine.root):
+        return _Problem(
+            f"fork: the log's signed checkpoint of size {mine.size} has another root "
+            "than the receipt's signed checkpoint",
+            proof.checkpoint,
+        )
+    try:
+        verify_inclusion(receipt.seq, mine.size, receipt.leaf_hash, proof.hashes, mine.root)
+    except ProofError as e:
+        return _Problem(f"the log's tree no longer holds {where}: {e}", proof.checkpoint)
+    return None
+
+
+def _entry_problem(receipt: Receipt, stored: StoredEntry | Missing | None) -> _Problem | None:
+    """The stored entry, when the source serves it: exactly the receipt's bytes and leaf."""
+    if stored is None:
+        return None
+    if isinstance(stored, Missing):
+        return _Problem(f"the log no longer stores entry {receipt.seq}: {stored.why}", None)
+    same = stored.data == receipt.entry and hmac.compare_digest(stored.leaf_hash, receipt.leaf_hash)
+    if not same:
+        return _Problem(f"the log's stored entry {receipt.seq} is not the receipt's", None)
+    return None
+
+
+def _extension_problem(
+    mine: Checkpoint, latest: _Signed, verifier: NoteVerifier, proof: ConsistencyProof | Missing
+) -> _Problem | None:
+    """The log's latest signed checkpoint: no older than the receipt's, and consistent with it."""
+    size = latest.checkpoint.size
+    span = f"from size {mine.size} to {size}"
+    if size < mine.size:
+        return _Problem(
+            f"rollback: the log's latest checkpoint (size {size}) is older than the "
+            f"receipt's (size {mine.size})",
+            latest.note,
+        )
+    if isinstance(proof, Missing):
+        return _Problem(f"the log gives no consistency proof {span}: {proof.why}", latest.note)
+    if proof.old != mine.size:
+        raise ReceiptError(f"the log answered from size {proof.old}, not {mine.size}")
+    theirs = _opened(proof.checkpoint, verifier)
+    if isinstance(theirs, str):
+        return _Problem(
+            f"the log's checkpoint of size {size} does not verify: {theirs}", proof.checkpoint
+        )
+    if theirs.size != size:
+        raise ReceiptError(f"the log answered to size {theirs.size}, not {size}")
+    if theirs != latest.checkpoint:
+        return _Problem(f"fork: the log signed two checkpoints of size {size}", proof.checkpoint)
+    try:
+        verify_consistency(mine.size, size, mine.root, latest.checkpoint.root, proof.hashes)
+    except ProofError as e:
+        return _Problem(
+            f"the log's latest checkpoint does not extend the receipt's ({span}): {e}", latest.note
+        )
+    return None

@@ -29,6 +29,7 @@ from axid.audit.verify import (
     load_vkey_arg,
     verify_log,
 )
+from axid.cli._receipt import receipt_app
 
 app = typer.Typer(help="Verify, export and inspect the decision log.", no_args_is_help=True)
 
@@ -437,3 +438,6 @@ def vkey_cmd(db: _DbOpt = None, log: _LogOpt = None) -> None:
     with _db(db, log) as source:
         v = source.vkey()
     typer.echo(v)
+
+
+app.add_typer(receipt_app, name="receipt")

@@ -1,0 +1,451 @@
+"""`axid audit receipt check`: does the log still hold a receipted decision?
+
+The receipt (an ``AXID-Receipt`` header value) must verify with ``--vkey``;
+then the log's answers are fetched, from its database (``--db``) or from the
+public read routes of the issuer or a service (``--url``), and checked by
+:func:`axid.audit.receipt.check_receipt`.
+
+Exit codes: 0 the log holds exactly that entry and its latest checkpoint
+extends the receipt's; 1 it does not (both signed views are printed: evidence
+of a rewrite, a rollback or a fork); 2 usage or I/O error, including a
+malformed receipt, a receipt that does not verify with the vkey (it is then
+not a receipt of this log and says nothing about it), an unreachable log and
+an answer that is not a proof.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+
+import typer
+
+from axid.audit.merkle import ProofError
+from axid.audit.note import Checkpoint, NoteVerifier
+from axid.audit.receipt import (
+    ConsistencyProof,
+    InclusionProof,
+    LogEvidence,
+    Missing,
+    Receipt,
+    ReceiptCheck,
+    ReceiptError,
+    ReceiptFailure,
+    StoredEntry,
+    check_receipt,
+    checkpoint_of,
+    open_receipt,
+    parse_consistency_proof,
+    parse_inclusion_proof,
+    receipt_from_text,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+    from axid.audit.store import LogStore
+
+receipt_app = typer.Typer(help="Check the receipts callers keep of recorded decisions.")
+
+DEFAULT_DB = "sqlite:///.axid/axid.db"
+EXIT_OK = 0
+EXIT_NOT_HELD = 1
+EXIT_USAGE = 2
+_MAX_RECEIPT_FILE = 256 * 1024
+_MAX_ANSWER = (1 << 20) + 16 * 1024  # a checkpoint note (at most 1 MiB) and proof lines
+_TIMEOUT = 10.0
+_UNPRINTABLE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+# --------------------------------------------------------------------------- the receipt
+
+
+def _read_receipt(file: str) -> Receipt:
+    """The receipt in FILE (``-``: standard input): a header line or its bare value."""
+    try:
+        if file == "-":
+            raw = sys.stdin.buffer.read(_MAX_RECEIPT_FILE + 1)
+        else:
+            with Path(file).open("rb") as f:
+                raw = f.read(_MAX_RECEIPT_FILE + 1)
+    except OSError as e:
+        _fail(f"cannot read {file}: {e.strerror or e}")
+    if len(raw) > _MAX_RECEIPT_FILE:
+        _fail(f"{file} is larger than a receipt can be")
+    if not raw.isascii():
+        _fail(f"{file} is not ASCII: not an AXID-Receipt header")
+    try:
+        return receipt_from_text(raw.decode("ascii"))
+    except ReceiptError as e:
+        _fail(f"bad receipt in {file}: {e}")
+
+
+def _verifier(vkey: str) -> NoteVerifier:
+    from axid.audit.verify import VerifyUsageError, load_vkey_arg
+
+    try:
+        return NoteVerifier.from_vkey(load_vkey_arg(vkey))
+    except VerifyUsageError as e:
+        _fail(str(e))
+
+
+# --------------------------------------------------------------------------- from the database
+
+
+def _log_of(vkey_name: str) -> str | None:
+    """The log name in a vkey named ``axid/<log>`` (the default origin), else None."""
+    from axid.audit.store import LogNameError, validate_log_name
+
+    name = vkey_name.removeprefix("axid/")
+    if name == vkey_name:
+        return None
+    try:
+        return validate_log_name(name)
+    except LogNameError:
+        return None
+
+
+@contextmanager
+def _database(db: str, log: str | None) -> Iterator[LogStore]:
+    """The log's :class:`~axid.audit.store.LogStore`; failing to read it is exit 2."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from axid.audit.verify import DatabaseSource, VerifyUsageError
+
+    try:
+        source = DatabaseSource(db, log)
+    except VerifyUsageError as e:
+        _fail(str(e))
+    try:
+        yield source.store
+    except SQLAlchemyError as e:
+        _fail(f"cannot read the database: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    finally:
+        source.close()
+
+
+def _from_database(store: LogStore, seq: int, size: int) -> LogEvidence:
+    """What the database holds about entry ``seq`` of the tree of ``size``."""
+    note = store.latest_checkpoint()
+    latest = Missing("it has no checkpoint") if note is None else note
+    return LogEvidence(
+        latest=latest,
+        inclusion=_db_inclusion(store, seq, size),
+        consistency=_db_consistency(store, size, latest),
+        entry=_db_entry(store, seq),
+    )
+
+
+_TREE_ERRORS: tuple[type[Exception], ...] = (KeyError, ProofError)
+
+
+def _db_inclusion(store: LogStore, seq: int, size: int) -> InclusionProof | Missing:
+    from axid.audit.store import StoreError
+
+    try:
+        hashes, note = store.inclusion_proof(seq, size)
+    except StoreError as e:  # NotFound: no checkpoint of that size; or a malformed node
+        return Missing(str(e))
+    except _TREE_ERRORS as e:
+        return Missing(f"its stored tree lacks node {e}")
+    return InclusionProof(seq, tuple(hashes), note)
+
+
+def _db_consistency(
+    store: LogStore, old: int, latest: bytes | Missing
+) -> ConsistencyProof | Missing:
+    from axid.audit.store import StoreError
+
+    if isinstance(latest, Missing):
+        return latest
+    size = _size_of(latest)
+    if size is None or size < old:
+        return Missing("its latest checkpoint is malformed or older")
+    try:
+        hashes = store.consistency_proof(old, size)
+    except StoreError as e:  # NotFound: fewer entries stored than the checkpoint says
+        return Missing(str(e))
+    except _TREE_ERRORS as e:
+        return Missing(f"its stored tree lacks node {e}")
+    return ConsistencyProof(old, tuple(hashes), latest)
+
+
+def _db_entry(store: LogStore, seq: int) -> StoredEntry | Missing:
+    rows = list(store.entries(seq, seq + 1))
+    if not rows:
+        return Missing("its entry row is gone")
+    _, data, leaf = rows[0]
+    return StoredEntry(bytes(data), bytes(leaf))
+
+
+def _size_of(note: bytes) -> int | None:
+    """The size a checkpoint note claims (unverified), None if it is not one."""
+    try:
+        return checkpoint_of(note).size
+    except ReceiptError:
+        return None
+
+
+# --------------------------------------------------------------------------- from the read routes
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: bytes
+
+
+def _base_url(url: str) -> str:
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        _fail(f"--url {url!r}: {e}")
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        _fail(f"--url {url!r}: want http(s)://HOST[:PORT]/PREFIX")
+    if parsed.query or parsed.fragment or parsed.userinfo:
+        _fail(f"--url {url!r}: no query, fragment or userinfo")
+    return url.rstrip("/")
+
+
+def _tls(https: bool, cert: Path | None, key: Path | None, bundle: Path | None) -> ssl.SSLContext:
+    """Verify the server against ``bundle`` (else the system's CAs) and its host name;
+    present ``cert``/``key`` when given (mTLS)."""
+    if not https and (cert or key or bundle):
+        _fail("--cert, --key and --bundle need an https:// --url")
+    if (cert is None) != (key is None):
+        _fail("--cert and --key go together")
+    try:
+        ctx = ssl.create_default_context(cafile=str(bundle) if bundle else None)
+        if cert is not None and key is not None:
+            ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as e:
+        _fail(f"cannot load the TLS files: {e}")
+    return ctx
+
+
+def _get(client: httpx.Client, url: str, params: dict[str, int]) -> _Answer:
+    import httpx
+
+    try:
+        with client.stream("GET", url, params=params) as r:
+            body = bytearray()
+            for chunk in r.iter_bytes():
+                body += chunk
+                if len(body) > _MAX_ANSWER:
+                    _fail(f"GET {url}: the answer is too large")
+            return _Answer(r.status_code, bytes(body))
+    except httpx.HTTPError as e:
+        _fail(f"GET {url}: {str(e) or type(e).__name__}")
+
+
+def _proof_answer(answer: _Answer, url: str) -> bytes | Missing:
+    """A 200 answer's body; a 404 is the log saying it has no such proof."""
+    if answer.status == 404:
+        return Missing(f"GET {url}: 404 {_excerpt(answer.body)}")
+    if answer.status != 200:
+        _fail(f"GET {url}: HTTP {answer.status} {_excerpt(answer.body)}")
+    return answer.body
+
+
+def _excerpt(body: bytes) -> str:
+    return _UNPRINTABLE.sub("?", body[:200].decode("utf-8", "replace").replace("\n", " "))
+
+
+def _from_routes(client: httpx.Client, base: str, seq: int, size: int) -> LogEvidence:
+    """What the log's public read routes at ``base`` answer about entry ``seq`` of ``size``."""
+    url = f"{base}/checkpoint"
+    answer = _get(client, url, {})
+    if answer.status != 200:
+        _fail(f"GET {url}: HTTP {answer.status} (is --url the log's read-route prefix?)")
+    latest = answer.body
+    newest = _size_of(latest)
+    if newest is None:
+        _fail(f"GET {url}: the answer is not a checkpoint note")
+    url = f"{base}/proof"
+    raw = _proof_answer(_get(client, url, {"seq": seq, "size": size}), url)
+    inclusion = raw if isinstance(raw, Missing) else _parsed(parse_inclusion_proof, raw, url)
+    consistency: ConsistencyProof | Missing = Missing("its latest checkpoint is older")
+    if newest >= size:
+        url = f"{base}/consistency"
+        raw = _proof_answer(_get(client, url, {"old": size, "size": newest}), url)
+        consistency = (
+            raw if isinstance(raw, Missing) else _parsed(parse_consistency_proof, raw, url)
+        )
+    return LogEvidence(latest, inclusion, consistency)
+
+
+_P = TypeVar("_P", InclusionProof, ConsistencyProof)
+
+
+def _parsed(parse: Callable[[bytes], _P], body: bytes, url: str) -> _P:
+    """A proof text parsed strictly; an answer that is not one is exit 2."""
+    try:
+        return parse(body)
+    except ReceiptError as e:
+        _fail(f"GET {url}: the answer is not a proof: {e}")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _printable(note: bytes) -> str:
+    """A note as text, control characters (but newlines) shown as ``\\xNN``."""
+    text = note.decode("utf-8", "replace")
+    text = text if text.endswith("\n") else text + "\n"
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _describe(cp: Checkpoint) -> str:
+    import base64
+
+    return f"size {cp.size}, root {base64.b64encode(cp.root).decode('ascii')}"
+
+
+def _report(receipt: Receipt, result: ReceiptCheck) -> int:
+    if isinstance(result, ReceiptFailure):
+        typer.echo(f"NOT HELD: {result.what}")
+        typer.echo(f"entry:    {receipt.seq}")
+        typer.echo("the receipt's signed checkpoint:")
+        typer.echo(_printable(result.receipt_note), nl=False)
+        if result.log_note is None:
+            typer.echo("the log's signed checkpoint: none served")
+        else:
+            typer.echo("the log's signed checkpoint (as served):")
+            typer.echo(_printable(result.log_note), nl=False)
+        return EXIT_NOT_HELD
+    typer.echo("OK: the log holds the receipted entry and extends the receipted checkpoint")
+    typer.echo(f"entry:    {receipt.seq}")
+    typer.echo(f"receipt:  {_describe(result.checkpoint)}")
+    typer.echo(f"latest:   {_describe(result.latest)}")
+    typer.echo("the log's latest signed checkpoint:")
+    typer.echo(_printable(result.latest_note), nl=False)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@receipt_app.command()
+def check(
+    file: Annotated[
+        str,
+        typer.Argument(
+            help="A file (- for standard input) holding the receipt: the line "
+            "'AXID-Receipt: ...' or just its value.",
+            show_default=False,
+        ),
+    ],
+    vkey: Annotated[
+        str,
+        typer.Option(
+            "--vkey",
+            metavar="VKEY_OR_FILE",
+            help="The log's verifier key, obtained out of band (or a file holding it).",
+            show_default=False,
+        ),
+    ],
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help=f"Read the log from this database (the default when --url is not given: "
+            f"{DEFAULT_DB}).",
+            show_default=False,
+        ),
+    ] = None,
+    log: Annotated[
+        str | None,
+        typer.Option(
+            "--log",
+            help="With --db: the log's name (default: <log> of a vkey named axid/<log>, "
+            "else the database's only log).",
+        ),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            metavar="BASE",
+            help="Read the log from its public read routes instead: BASE is their prefix, "
+            "to which /checkpoint, /proof and /consistency are appended, e.g. "
+            "https://127.0.0.1:8443/v1/audit (the issuer) or "
+            "https://127.0.0.1:9443/.well-known/axid/log (a service).",
+            show_default=False,
+        ),
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        typer.Option("--cert", help="With https --url: client certificate (PEM) for mTLS."),
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="With --cert: its private key (PEM).")
+    ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            help="With https --url: CA certificates (PEM) to verify the server with "
+            "(default: the system's); the server's certificate must name BASE's host.",
+        ),
+    ] = None,
+) -> None:
+    """Check a receipt: does the log still hold exactly that entry and extend its checkpoint?
+
+    The receipt's checkpoint must verify with --vkey. Then the log's inclusion
+    proof of the entry at the receipt's size, its latest signed checkpoint and
+    the consistency proof from the receipt's size to the latest are checked;
+    with --db the stored entry must also be the receipt's bytes.
+
+    Exit 0 the log holds it; 1 it does not (prints both signed views: evidence
+    of a rewrite, rollback or fork); 2 usage or I/O error, including a receipt
+    that does not verify with --vkey (not a receipt of this log).
+    """
+    if url is not None and (db is not None or log is not None):
+        _fail("give either --db [--log] or --url, not both")
+    if url is None and (cert or key or bundle):
+        _fail("--cert, --key and --bundle go with --url")
+    verifier = _verifier(vkey)
+    receipt = _read_receipt(file)
+    try:
+        seq, size = receipt.seq, open_receipt(receipt, verifier).size
+        evidence = _fetch(seq, size, verifier, db=db, log=log, url=url, tls=(cert, key, bundle))
+        result = check_receipt(receipt, verifier, evidence)
+    except ReceiptError as e:
+        _fail(str(e))
+    raise typer.Exit(_report(receipt, result))
+
+
+def _fetch(
+    seq: int,
+    size: int,
+    verifier: NoteVerifier,
+    *,
+    db: str | None,
+    log: str | None,
+    url: str | None,
+    tls: tuple[Path | None, Path | None, Path | None],
+) -> LogEvidence:
+    if url is None:
+        with _database(db or DEFAULT_DB, log or _log_of(verifier.name)) as store:
+            if store.origin != verifier.name:
+                _fail(f"log {store.log!r} has origin {store.origin}, the vkey is {verifier.name}")
+            return _from_database(store, seq, size)
+    import httpx
+
+    base = _base_url(url)
+    ctx = _tls(base.startswith("https:"), *tls)
+    with httpx.Client(verify=ctx, timeout=_TIMEOUT, trust_env=False) as client:
+        return _from_routes(client, base, seq, size)
