@@ -668,10 +668,12 @@ class LogStore:
         # A SQLite file replaced under a running writer (a restored copy): pooled
         # connections would go on writing to the old file. Reconnect, so that the
         # head checks see what is at the path now.
-        if self._file_id is None:
+        if not _is_sqlite(self._engine):
             return
         now = _sqlite_file_id(self._engine)
-        if now != self._file_id:
+        if self._file_id is None:
+            self._file_id = now  # the file did not exist when this store was made
+        elif now != self._file_id:
             _log.warning("decision log %s: the database file was replaced; reconnecting", self.log)
             self._engine.dispose()
             self._file_id = now
@@ -734,8 +736,8 @@ class LogStore:
             raise LogNotFound(f"no log {self.log!r} in this database (ensure_log first)")
         origin, vkey = row
         if origin != self.origin or vkey != self._signer_vkey:
-            # Checkpoints signed with another key would not verify: refuse to write.
-            raise LogKeyMismatch(f"log {self.log!r} is registered with another key")
+            # The log row names another key: someone re-keyed the log behind our back.
+            raise IntegrityFailure("key", f"log {self.log!r} is registered with another key")
 
     def _authenticated_head(self, conn: Connection, cur: Any) -> _Head | None:
         """The database's head, proven to extend the trusted head (lock held).
@@ -1084,6 +1086,72 @@ class LogStore:
                 return []
             get = self._prefetched(conn, lambda g: _merkle_consistency_proof(size1, size2, g))
             return _merkle_consistency_proof(size1, size2, get)
+
+    # ------------------------------------------------------------------ auditor reads
+
+    def indexed_entry_pages(
+        self, start: int = 0, end: int | None = None, batch: int = 10000
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """:meth:`entry_pages` with each row's index columns, as stored.
+
+        Rows are ``(seq, data, leaf_hash, decision, reason, tenant, agent, run,
+        ts)``. The auditor compares the columns with the entry bytes (``axid
+        audit verify``, ``show``), so they come exactly as the driver gives them,
+        never converted; ``data`` and ``leaf_hash`` are bytes. Read-only, one
+        short transaction per page; ``start`` may be negative (see
+        :meth:`entry_pages`).
+        """
+        if (end is not None and end < start) or batch < 1:
+            raise ValueError("invalid entries range")
+        t = _ENTRY_T.c
+        cols = (t.seq, t.data, t.leaf_hash, t.decision, t.reason, t.tenant, t.agent, t.run, t.ts)
+        q = (
+            select(*cols)
+            .where(t.log == bindparam("log"), t.seq >= bindparam("lo"), t.seq < bindparam("hi"))
+            .order_by(t.seq)
+            .limit(bindparam("n"))
+        )
+        stmt = _compile_for(self._engine, q)
+        return self._indexed_pages(stmt, start, _MAX_BIGINT if end is None else end, batch)
+
+    def _indexed_pages(
+        self, stmt: _DriverStmt, nxt: int, end: int, batch: int
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        dialect = self._engine.dialect
+        db_error: type[Exception] = dialect.loaded_dbapi.Error
+        while nxt < end:
+            params = stmt.params(log=self.log, lo=nxt, hi=end, n=batch)
+            with self._engine.connect() as conn:
+                cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cur.execute(stmt.sql, params)
+                    rows: list[Any] = cur.fetchall()
+                except db_error as e:
+                    raise DBAPIError.instance(stmt.sql, params, e, db_error, dialect=dialect) from e
+                finally:
+                    cur.close()
+            if not rows:
+                return
+            if (
+                set(map(type, map(_COL0, rows))) != {int}
+                or set(map(type, map(_COL1, rows))) != {bytes}
+                or set(map(type, map(_COL2, rows))) != {bytes}
+            ):
+                raw = self._raw_bytes
+                rows = [(int(r[0]), raw(r[1]), raw(r[2]), *r[3:]) for r in rows]
+            yield rows
+            if len(rows) < batch:
+                return
+            nxt = rows[-1][0] + 1
+
+    @staticmethod
+    def _raw_bytes(value: Any) -> bytes:
+        """A binary column's value as bytes; text (written behind the log's back) as UTF-8."""
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogatepass")
+        if isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value)
+        return str(value).encode("utf-8")
 
 
 # --------------------------------------------------------------------------- proof text
