@@ -79,6 +79,7 @@ from typing import Any, Final
 import httpx
 
 from axid.audit.log import DecisionLog
+from axid.audit.metrics import LogCollector
 from axid.audit.receipt import RECEIPT_HEADER, Receipt
 from mtls.sources import FileSource, WorkloadApiSource
 from mtls.spiffeid import SpiffeId
@@ -268,6 +269,7 @@ class AxidVerifier:
         self.config = config
         self.clock = clock or config.clock
         self.metrics = metrics if metrics is not None else VerifierMetrics()
+        self.metrics.registry.register(LogCollector(self._open_logs))
         self._rules: RuleSet = config.rule_set
         self._header = config.header.lower().encode("latin-1")
         self._runtime: _Runtime | None = None
@@ -302,6 +304,10 @@ class AxidVerifier:
     @property
     def decision_log(self) -> DecisionLog | None:
         return self._runtime.log if self._runtime else None
+
+    def _open_logs(self) -> list[DecisionLog]:
+        log = self.decision_log
+        return [] if log is None else [log]
 
     # ------------------------------------------------------------------ ASGI
 

@@ -229,6 +229,11 @@ class DecisionLog:
         return self._store
 
     @property
+    def name(self) -> str:
+        """The log's name."""
+        return self._store.log
+
+    @property
     def integrity_failures(self) -> int:
         """Integrity failures seen (0 or 1: the first one stops every append)."""
         return self._store.integrity_failures

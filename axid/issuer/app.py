@@ -69,6 +69,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from axid.audit.log import AuditUnavailable, DecisionLog
+from axid.audit.metrics import LogCollector
 from axid.audit.receipt import RECEIPT_HEADER, Receipt
 from axid.issuer.anonymous import AnonymousGate
 from axid.issuer.config import DEFAULT_LOG_KEY, DEFAULT_LOG_NAME, IssuerConfig
@@ -286,6 +287,7 @@ def create_app(
         clock=clock,
     )
     metrics = _Metrics()
+    metrics.registry.register(LogCollector(lambda: [] if service.log is None else [service.log]))
     peer_of = _PeerVerifier(components.source)
 
     @asynccontextmanager
