@@ -23,6 +23,8 @@ the file's directory (so a config works from any working directory)::
       log: issuer                        # the issuer's own decision log
       key: .axid/keys/log.pem            # its signing key, created 0600 on first start
       database_url: null                 # default: database_url
+      head: .axid/keys/issuer.head       # the authenticated head (default: beside the key)
+      head_required: false               # true: a missing head file is an integrity failure
     tokens:
       default_ttl: 120                   # seconds, when a request names none
       max_ttl: 300                       # at most 300 (the token format's limit)
