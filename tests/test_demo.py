@@ -1,14 +1,17 @@
 """`axid demo`, run as the README runs it: the real `axid` script in a subprocess.
 
 The demo starts the issuer and the governed "payments" service over mTLS on
-loopback, plays the story and verifies the decision logs; these tests check its
-exit code and output, and with ``--keep-running`` make a real mTLS call of their
-own (mint at the printed issuer, GET at the printed payments URL, with the planner
-SVID from the printed certs directory) before stopping it with SIGINT or SIGTERM.
+loopback, plays the story, verifies the decision logs and checks the refund's
+receipt with ``axid audit receipt check``; these tests check its exit code and
+output, and with ``--keep-running`` make a real mTLS call of their own (mint at
+the printed issuer, GET at the printed payments URL, with the planner SVID from
+the printed certs directory) before stopping it with SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import queue
 import re
@@ -21,10 +24,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
 
+from axid.audit import DecisionLog
+from axid.audit.note import NoteSigner
+from axid.audit.receipt import Receipt
+from axid.audit.store import generate_log_key, origin_for
 from axid.audit.verify import DatabaseSource, verify_log
+from axid.demo import story
 from axid.demo.payments import create_payments_app
-from axid.demo.story import DemoUsageError, prepare_directory
+from axid.demo.story import DemoUsageError, check_kept_receipt, prepare_directory, run_demo
 from axid.issuer.client import IssuerClient
 from mtls.sources import FileSource
 from mtls.spiffeid import SpiffeId
@@ -69,6 +78,23 @@ def test_demo_plays_the_whole_story(tmp_path: Path) -> None:
     assert re.search(r"audit verify: OK \(\d+ entries, \d+ checkpoints\) log payments", out)
     assert re.search(r"audit verify: OK \(\d+ entries, \d+ checkpoints\) log issuer", out)
     assert "— axid/payments " in out  # the signed checkpoint note
+    # Every recorded step's answer carried a receipt for its very log entry.
+    rows = re.findall(r"^ *(\d+) .* (issuer|payments) #(\d+) +(\S+) +✓ *$", out, re.M)
+    assert [int(r[0]) for r in rows] == list(range(1, 14)), out
+    assert all(receipt == seq for _n, _log, seq, receipt in rows), rows
+    assert re.search(r"^ *14 +anonymous .* — +— +✓ *$", out, re.M), out  # nothing recorded
+    # The refund's receipt (step 4), checked by the real CLI with the payments vkey.
+    _n, log, seq, _receipt = rows[3]
+    assert log == "payments"
+    assert re.search(
+        r"^\$ axid audit receipt check /\S+/refund\.receipt --vkey /\S+/keys/payments\.vkey "
+        r"--db sqlite:///\S+/axid\.db --log payments$",
+        out,
+        re.M,
+    ), out
+    assert "  OK: the log holds the receipted entry and extends the receipted checkpoint" in out
+    checked = f"audit receipt check: OK the receipt of step 4 (seq {seq}) against the payments log"
+    assert checked in out
     assert "demo: all 14 steps did what they should" in out
     assert "FAILED" not in out
     # Without --dir the demo's temporary directory is gone afterwards.
@@ -76,6 +102,62 @@ def test_demo_plays_the_whole_story(tmp_path: Path) -> None:
     assert db is not None
     assert not Path(db.group(1)).parent.exists()
     assert not list(tmp_path.iterdir())  # nothing written to the working directory
+
+
+def test_demo_fails_when_its_receipt_does_not_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keep the first mint's receipt instead: an issuer receipt, which the CLI refuses
+    # to check against the payments log with the payments vkey (exit 2).
+    monkeypatch.setattr(story, "RECEIPT_STEP", 1)
+    monkeypatch.delenv("AXID_DATABASE_URL", raising=False)
+    buf = io.StringIO()
+    code = run_demo(
+        tmp_path / "d", console=Console(file=buf, width=200, highlight=False, markup=False)
+    )
+    out = buf.getvalue()
+    assert code == 1, out
+    assert "audit receipt check: FAILED (exit 2) the receipt of step 1 (seq 0)" in out
+    assert "demo: FAILED: the receipt of step 1 does not check" in out
+    assert "demo: all 14 steps" not in out
+
+
+def _entry_fields(tag: str) -> dict[str, object]:
+    return {"decision": "allow", "reason": "ok", "method": "GET", "path": f"/payments/{tag}"}
+
+
+def test_check_kept_receipt_runs_the_cli(tmp_path: Path) -> None:
+    """Held in its own log: exit 0; a fork (the same key, another database): exit 1."""
+    key = tmp_path / "payments-log.pem"
+    vkey = NoteSigner(origin_for("payments"), generate_log_key(key)).vkey()
+    layouts = [prepare_directory(tmp_path / name) for name in ("mine", "fork")]
+
+    async def record() -> list[Receipt]:
+        receipts = []
+        for layout in layouts:
+            layout.keys.mkdir()
+            layout.vkey_file("payments").write_text(vkey + "\n", encoding="ascii")
+            log = await DecisionLog.open(
+                layout.db_url, log="payments", key=key, head=layout.keys / "payments.head"
+            )
+            try:
+                for i in range(3):
+                    receipts.append(await log.append(_entry_fields(f"{layout.root.name}-{i}")))
+            finally:
+                await log.close()
+        return receipts
+
+    receipt = asyncio.run(record())[1]
+    mine, fork = layouts
+    held = asyncio.run(check_kept_receipt(mine, "payments", receipt))
+    assert held.ok and held.code == 0, held.output
+    assert held.output.startswith("OK: the log holds the receipted entry")
+    assert mine.receipt_file.read_text(encoding="ascii") == (
+        f"AXID-Receipt: {receipt.header_value()}\n"
+    )
+    forked = asyncio.run(check_kept_receipt(fork, "payments", receipt))
+    assert forked.code == 1 and not forked.ok, forked.output
+    assert forked.output.startswith("NOT HELD: ")
 
 
 def test_demo_refuses_a_non_empty_dir(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """`axid demo`: the whole story on loopback (see :mod:`axid.demo.story`).
 
-Exit codes: 0 every step did what it should and both decision logs verify (with
-``--keep-running``: then stopped by SIGINT/SIGTERM); 1 a step or the verification
+Exit codes: 0 every step did what it should, both decision logs verify and the
+refund's receipt checks (``axid audit receipt check``) (with ``--keep-running``:
+then stopped by SIGINT/SIGTERM); 1 a step, the verification or the receipt check
 failed, or a server did not start; 2 bad arguments (a non-empty ``--dir``, an invalid
 trust domain); 128+N stopped by signal N before the story ended.
 """

@@ -13,17 +13,21 @@ must be empty or absent):
   ``acme`` and audience ``payments``;
 * ``keys/``: the issuer's token keyring and the two decision-log keys (0600);
 * ``axid.db``: one SQLite database for the issuer's runs and revocations, the
-  decision logs ``issuer`` and ``payments`` and the single-use store.
+  decision logs ``issuer`` and ``payments`` and the single-use store;
+* ``refund.receipt``: the ``AXID-Receipt`` of the allowed refund, as its caller keeps it.
 
 Then it serves, on 127.0.0.1 and each on its own port, the issuer
 (:mod:`axid.issuer`) and the sample service "payments"
 (:mod:`axid.demo.payments`, behind :class:`verifier.middleware.AxidVerifier`), both
 over mTLS, both in this process's one event loop, and plays the story with real mTLS
-clients: every step is a real HTTP request, and its row shows the answer and the
-decision-log entry that recorded it. At the end the auditor's verification
+clients: every step is a real HTTP request, and its row shows the answer, the
+decision-log entry that recorded it and the seq of the ``AXID-Receipt`` the answer
+carried (which must be that entry's). At the end the auditor's verification
 (:func:`axid.audit.verify.verify_log`) runs over both logs with the verifier keys
-derived when the log keys were created (not the keys stored in the database), and
-the latest signed checkpoint of the payments log is printed.
+derived when the log keys were created (not the keys stored in the database), the
+latest signed checkpoint of the payments log is printed, and the allowed refund's
+receipt is checked against the payments log the way its caller would check it: by
+running ``axid audit receipt check`` (the console script) with the log's vkey.
 
 Nothing is faked: the expired token really expires (a 1-second token and a 1-second
 leeway, so the demo waits about a second), the revocation reaches the verifier
@@ -42,6 +46,8 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -59,6 +65,7 @@ from rich.table import Table
 from rich.text import Text
 
 from axid.audit.note import NoteSigner
+from axid.audit.receipt import RECEIPT_HEADER, Receipt, ReceiptError
 from axid.audit.store import LogKeyError, LogStore, generate_log_key, make_engine, origin_for
 from axid.audit.verify import DatabaseSource, VerifyUsageError, verify_log
 from axid.demo.payments import (
@@ -85,6 +92,7 @@ __all__ = [
     "DEMO_HOST",
     "ISSUER_LOG",
     "PLANNER_SCOPE",
+    "RECEIPT_STEP",
     "STORY_STEPS",
     "WORKER_SCOPE",
     "AuditSummary",
@@ -93,11 +101,14 @@ __all__ = [
     "DemoStack",
     "DemoUsageError",
     "Provisioned",
+    "ReceiptAudit",
     "StepResult",
+    "check_kept_receipt",
     "play_story",
     "prepare_directory",
     "provision",
     "render_audit",
+    "render_receipt_check",
     "render_steps",
     "run_demo",
     "verify_logs",
@@ -119,6 +130,9 @@ _HTTP_TIMEOUT: Final = 5.0
 _NO_LOG: Final = "—"
 # Rows of a complete story (a shorter list means a step was skipped).
 STORY_STEPS: Final = 14
+# The step whose receipt the demo keeps and has checked at the end: the allowed refund.
+RECEIPT_STEP: Final = 4
+_RECEIPT_CHECK_TIMEOUT: Final = 60.0
 
 
 class DemoError(Exception):
@@ -164,6 +178,10 @@ class DemoLayout:
     def vkey_file(self, log: str) -> Path:
         return self.keys / f"{log}.vkey"
 
+    @property
+    def receipt_file(self) -> Path:
+        return self.root / "refund.receipt"
+
 
 def prepare_directory(directory: Path) -> DemoLayout:
     """Use ``directory`` for a new demo: created if absent; refused if it holds anything
@@ -179,7 +197,7 @@ def prepare_directory(directory: Path) -> DemoLayout:
         if not_empty:
             raise DemoUsageError(
                 f"{d} is not empty: give a new or empty directory (the demo writes "
-                "certs/, keys/, registrations.yaml and axid.db into it)"
+                "certs/, keys/, registrations.yaml, axid.db and refund.receipt into it)"
             )
     try:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -461,6 +479,7 @@ class StepResult:
     log: str  # "payments #N", "issuer #N" or "—" (nothing was recorded)
     detail: str
     problem: str | None = None  # why the step did not do what it should
+    receipt: Receipt | None = field(default=None, repr=False)  # the answer's AXID-Receipt
 
     @property
     def ok(self) -> bool:
@@ -477,6 +496,8 @@ class _Answer:
     reason: str
     body: Any = None
     entry: dict[str, Any] | None = None
+    receipt: Receipt | None = None
+    bad_receipt: str | None = None  # why the answer's AXID-Receipt could not be read
 
     @property
     def log(self) -> str:
@@ -485,6 +506,27 @@ class _Answer:
         service = self.entry.get("service")
         log = ISSUER_LOG if service == ISSUER_SERVICE_NAME else PAYMENTS_SERVICE
         return f"{log} #{self.entry['seq']}"
+
+
+def _receipt_of(response: httpx.Response) -> tuple[Receipt | None, str | None]:
+    """The answer's ``AXID-Receipt`` (strictly parsed), or why it is unusable."""
+    values = response.headers.get_list(RECEIPT_HEADER)
+    if not values:
+        return None, None
+    if len(values) > 1:
+        return None, f"more than one {RECEIPT_HEADER} header"
+    try:
+        return Receipt.from_header(values[0]), None
+    except ReceiptError as exc:
+        return None, f"malformed {RECEIPT_HEADER}: {exc}"
+
+
+def _receipt_is_for(receipt: Receipt, entry: dict[str, Any] | None) -> bool:
+    """The receipt's entry bytes say exactly what the log's stored entry says."""
+    try:
+        return entry is not None and json.loads(receipt.entry) == entry
+    except ValueError:
+        return False
 
 
 def _chain(chain: list[str] | tuple[str, ...], run: str | None) -> str:
@@ -522,7 +564,7 @@ class _Story:
         self.worker_run = f"worker-{run_suffix}"
         self._sources: dict[str, FileSource] = {}
         self._issuer_clients: dict[str, AsyncIssuerClient] = {}
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}
         self._engine = make_engine(self.p.layout.db_url)
 
     # ------------------------------------------------------------------ plumbing
@@ -546,17 +588,18 @@ class _Story:
             self._issuer_clients[name] = client
         return client
 
-    def _payments(self, name: str) -> httpx.AsyncClient:
-        client = self._clients.get(name)
+    def _client(self, name: str, server: str = PAYMENTS_SERVICE) -> httpx.AsyncClient:
+        """``name``'s mTLS client to payments (or, with ``server="issuer"``, the issuer)."""
+        client = self._clients.get((name, server))
         if client is None:
-            ctx = client_context(self._source(name), server_id=self.p.spiffe_id("payments"))
+            ctx = client_context(self._source(name), server_id=self.p.spiffe_id(server))
             client = httpx.AsyncClient(
-                base_url=self.stack.payments_url,
+                base_url=self.stack.issuer_url if server == "issuer" else self.stack.payments_url,
                 verify=ctx,
                 timeout=_HTTP_TIMEOUT,
                 trust_env=False,
             )
-            self._clients[name] = client
+            self._clients[(name, server)] = client
         return client
 
     async def aclose(self) -> None:
@@ -609,9 +652,9 @@ class _Story:
                 parent_token=parent,
                 ttl_seconds=ttl,
             )
-            answer = _Answer(201, "ok")
+            answer = _Answer(201, "ok", receipt=minted.receipt)
         except IssuerError as exc:
-            answer = _Answer(exc.status, exc.reason, exc.detail)
+            answer = _Answer(exc.status, exc.reason, exc.detail, receipt=exc.receipt)
         if answer.status is not None:
             entry = await self._last_entry(ISSUER_LOG)
             if entry is not None and entry.get("path") == "/v1/tokens":
@@ -620,7 +663,7 @@ class _Story:
 
     async def _call(self, name: str, method: str, path: str, token: str | None) -> _Answer:
         headers = {} if token is None else {DEFAULT_HEADER: token}
-        response = await self._payments(name).request(method, path, headers=headers)
+        response = await self._client(name).request(method, path, headers=headers)
         body: Any = None
         with contextlib.suppress(ValueError):
             body = response.json()
@@ -630,7 +673,8 @@ class _Story:
             reason = body["reason"]
         else:
             reason = f"HTTP {response.status_code}"
-        answer = _Answer(response.status_code, reason, body)
+        receipt, bad_receipt = _receipt_of(response)
+        answer = _Answer(response.status_code, reason, body, None, receipt, bad_receipt)
         entry = await self._last_entry(PAYMENTS_SERVICE)
         # Sequential story: the last entry is this request's, if it was recorded at all.
         if entry is not None and entry.get("path") == path and entry.get("method") == method:
@@ -662,6 +706,10 @@ class _Story:
             problem = "no decision-log entry records this request"
         elif recorded and answer.entry is not None and answer.entry.get("reason") != want_reason:
             problem = f"the decision log says {answer.entry.get('reason')}, not {want_reason}"
+        elif recorded and answer.receipt is None:
+            problem = answer.bad_receipt or f"the answer carries no {RECEIPT_HEADER}"
+        elif recorded and not _receipt_is_for(answer.receipt, answer.entry):
+            problem = f"the answer's {RECEIPT_HEADER} is not for the log entry that recorded it"
         elif extra_problem is not None:
             problem = extra_problem
         result = StepResult(
@@ -675,6 +723,7 @@ class _Story:
             log=answer.log,
             detail=detail if problem is None else f"{detail}; {problem}".lstrip("; "),
             problem=problem,
+            receipt=answer.receipt,
         )
         self.results.append(result)
         if problem is not None:
@@ -867,12 +916,22 @@ class _Story:
         )
 
     async def _revoke(self, run: str) -> tuple[_Answer, float]:
-        """The admin revokes ``run``; then wait (bounded) until the verifier has it."""
-        try:
-            doc = await self._issuer("admin").revoke("run", run, "demo: the planner's run")
-            answer = _Answer(201, "ok", doc)
-        except IssuerError as exc:
-            return _Answer(exc.status, exc.reason, {}), 0.0
+        """The admin revokes ``run``; then wait (bounded) until the verifier has it.
+
+        Sent as the admin's plain mTLS request (what ``AsyncIssuerClient.revoke`` sends):
+        the client returns the document only, and the row shows the answer's receipt."""
+        response = await self._client("admin", "issuer").post(
+            "/v1/revocations",
+            json={"kind": "run", "value": run, "reason": "demo: the planner's run"},
+        )
+        doc: Any = None
+        with contextlib.suppress(ValueError):
+            doc = response.json()
+        doc = doc if isinstance(doc, dict) else {}
+        if response.status_code != 201:
+            return _Answer(response.status_code, str(doc.get("reason") or "bad_response")), 0.0
+        receipt, bad_receipt = _receipt_of(response)
+        answer = _Answer(201, "ok", doc, None, receipt, bad_receipt)
         entry = await self._last_entry(ISSUER_LOG)
         if entry is not None and entry.get("path") == "/v1/revocations":
             answer.entry = entry
@@ -977,6 +1036,66 @@ def verify_logs(db_url: str, vkeys: dict[str, str]) -> list[AuditSummary]:
     return out
 
 
+@dataclass(frozen=True)
+class ReceiptAudit:
+    """``axid audit receipt check`` run on a kept receipt: its arguments (after
+    ``axid``), exit code (None: it did not finish in time) and output."""
+
+    log: str
+    seq: int
+    args: list[str]
+    code: int | None
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+def _axid_command() -> list[str]:
+    """The ``axid`` console script installed next to this Python."""
+    script = Path(sys.executable).parent / "axid"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "from axid.cli import main; main()"]
+
+
+async def check_kept_receipt(layout: DemoLayout, log: str, receipt: Receipt) -> ReceiptAudit:
+    """Keep ``receipt`` in ``layout.receipt_file`` as its caller would, then check it
+    against ``log`` in the demo's database as an auditor would: ``axid audit receipt
+    check FILE --vkey keys/<log>.vkey --db URL --log LOG``, a child process."""
+    try:
+        layout.receipt_file.write_text(
+            f"{RECEIPT_HEADER}: {receipt.header_value()}\n", encoding="ascii"
+        )
+    except OSError as exc:
+        raise DemoError(f"cannot write {layout.receipt_file}: {exc}") from None
+    args = [
+        *("audit", "receipt", "check", str(layout.receipt_file)),
+        *("--vkey", str(layout.vkey_file(log)), "--db", layout.db_url, "--log", log),
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *_axid_command(),
+        *args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), _RECEIPT_CHECK_TIMEOUT)
+    except BaseException as exc:  # the timeout, or the demo being stopped
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(BaseException):
+            await proc.wait()
+        if not isinstance(exc, TimeoutError):
+            raise
+        timed_out = f"did not finish within {_RECEIPT_CHECK_TIMEOUT:g} s"
+        return ReceiptAudit(log, receipt.seq, args, None, timed_out)
+    output = out.decode("utf-8", "replace")
+    return ReceiptAudit(log, receipt.seq, args, proc.returncode, output)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -1000,6 +1119,7 @@ def render_steps(console: Console, steps: list[StepResult]) -> None:
     table.add_column("HTTP", justify="right", no_wrap=True)
     table.add_column("reason", no_wrap=True)
     table.add_column("log seq", no_wrap=True)
+    table.add_column("receipt", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True)
     for s in steps:
         action = Text(s.action)
@@ -1012,6 +1132,7 @@ def render_steps(console: Console, steps: list[StepResult]) -> None:
             Text(_status(s.status)),
             Text(s.reason, style="green" if s.reason == "ok" else "yellow"),
             Text(s.log),
+            Text(_NO_LOG if s.receipt is None else str(s.receipt.seq)),
             Text("✓", style="green") if s.ok else Text("✗", style="bold red"),
         )
     console.print(table)
@@ -1035,6 +1156,23 @@ def render_audit(console: Console, audits: list[AuditSummary], db_url: str) -> N
             soft_wrap=True,
         )
         console.print(payments.latest_note.rstrip("\n"), soft_wrap=True)
+
+
+def render_receipt_check(console: Console, check: ReceiptAudit, step: int) -> None:
+    """The receipt check's command and result (its output up to the log's latest
+    signed checkpoint, printed above already; all of it when the check failed)."""
+    console.print(f"$ axid {' '.join(check.args)}", soft_wrap=True)
+    output = check.output
+    if check.ok:
+        output = output.split("the log's latest signed checkpoint:", 1)[0]
+    for line in output.rstrip("\n").splitlines():
+        console.print(f"  {line}", soft_wrap=True)
+    what = f"the receipt of step {step} (seq {check.seq}) against the {check.log} log"
+    if check.ok:
+        console.print(f"audit receipt check: OK {what}", soft_wrap=True)
+    else:
+        code = "no exit" if check.code is None else f"exit {check.code}"
+        console.print(f"audit receipt check: FAILED ({code}) {what}", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- running it
@@ -1102,6 +1240,18 @@ async def _main(
                 console.print("demo: interrupted", style="yellow")
                 return 128 + signals[0]
             render_audit(console, audits, layout.db_url)
+            # The allowed refund's receipt, kept and checked as its caller would.
+            kept_receipt = steps[RECEIPT_STEP - 1].receipt if len(steps) >= RECEIPT_STEP else None
+            receipt_check: ReceiptAudit | None = None
+            if kept_receipt is not None:
+                finished, receipt_check = await _until(
+                    stop, check_kept_receipt(layout, PAYMENTS_SERVICE, kept_receipt)
+                )
+                if not finished or stop.is_set():  # the signal reached the child too
+                    console.print("demo: interrupted", style="yellow")
+                    return 128 + signals[0]
+                assert receipt_check is not None
+                render_receipt_check(console, receipt_check, RECEIPT_STEP)
             elapsed = time.monotonic() - began
             failed = [s for s in steps if not s.ok]
             if failed:
@@ -1118,9 +1268,15 @@ async def _main(
             if not all(a.ok for a in audits):
                 console.print("demo: FAILED: a decision log does not verify", style="bold red")
                 return 1
+            if receipt_check is None or not receipt_check.ok:
+                console.print(
+                    f"demo: FAILED: the receipt of step {RECEIPT_STEP} does not check",
+                    style="bold red",
+                )
+                return 1
             console.print(
-                f"demo: all {len(steps)} steps did what they should, both logs verify "
-                f"({elapsed:.1f} s)",
+                f"demo: all {len(steps)} steps did what they should, both logs verify, "
+                f"the refund's receipt checks ({elapsed:.1f} s)",
                 style="bold green",
                 soft_wrap=True,
             )
@@ -1128,7 +1284,10 @@ async def _main(
                 console.print(
                     f"kept in {layout.root}; audit it again with: axid audit verify "
                     f"--db {layout.db_url} --log {PAYMENTS_SERVICE} "
-                    f"--vkey {layout.vkey_file(PAYMENTS_SERVICE)}",
+                    f"--vkey {layout.vkey_file(PAYMENTS_SERVICE)}; check the refund's receipt "
+                    f"again with: axid audit receipt check {layout.receipt_file} "
+                    f"--vkey {layout.vkey_file(PAYMENTS_SERVICE)} --db {layout.db_url} "
+                    f"--log {PAYMENTS_SERVICE}",
                     soft_wrap=True,
                 )
             if not keep_running:
@@ -1176,8 +1335,9 @@ def run_demo(
     console: Console | None = None,
 ) -> int:
     """``axid demo``: set up, play, verify, print; the exit code (0: every step did
-    what it should and both logs verify; 1: something did not; 128+N: stopped by
-    signal N before the end). Raises :class:`DemoUsageError` for bad arguments.
+    what it should, both logs verify and the refund's receipt checks; 1: something
+    did not; 128+N: stopped by signal N before the end). Raises
+    :class:`DemoUsageError` for bad arguments.
 
     Without ``directory`` everything lives in a temporary directory removed at the
     end; with it, the PKI, keys and database are kept there.
