@@ -407,7 +407,9 @@ def check(
     The receipt's checkpoint must verify with --vkey. Then the log's inclusion
     proof of the entry at the receipt's size, its latest signed checkpoint and
     the consistency proof from the receipt's size to the latest are checked;
-    with --db the stored entry must also be the receipt's bytes.
+    with --db the stored entry must also be the receipt's bytes (the read
+    routes serve proofs, not entries: over --url a rewritten entry row shows
+    only where a proof reads the tree above it; `axid audit verify` sees all).
 
     Exit 0 the log holds it; 1 it does not (prints both signed views: evidence
     of a rewrite, rollback or fork); 2 usage or I/O error, including a receipt
