@@ -248,6 +248,8 @@ _SUCCESS: Final[dict[tuple[str, str], tuple[str, dict[str, Any]]]] = {
         ),
     ),
     ("/v1/audit/checkpoint", "get"): ("200", _text_answer()),
+    ("/v1/audit/proof", "get"): ("200", _text_answer()),
+    ("/v1/audit/consistency", "get"): ("200", _text_answer()),
     ("/healthz", "get"): ("200", _json_answer({"const": {"status": "ok"}})),
     ("/metrics", "get"): ("200", _text_answer()),
 }
@@ -344,6 +346,11 @@ def _issuer_openapi(w: World) -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": _revocation_body()}},
     }
+    for path, first in (("/v1/audit/proof", "seq"), ("/v1/audit/consistency", "old")):
+        doc["paths"][path]["get"]["parameters"] = [
+            {"name": first, "in": "query", "required": True, "schema": _LOG_INT},
+            {"name": "size", "in": "query", "required": False, "schema": _LOG_INT},
+        ]
     doc["paths"]["/v1/revocations"]["get"]["parameters"] = [
         {
             "name": "since",
@@ -360,6 +367,9 @@ def _issuer_openapi(w: World) -> dict[str, Any]:
     ]
     return doc
 
+
+# Sizes and indexes of the log's read routes (verifier.logroutes: strict decimal, 63 bits).
+_LOG_INT: Final = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 
 # 413 (body over MAX_BODY_BYTES) is a fine refusal of schema-violating data too.
 _REFUSALS: Final = ["400", "401", "403", "404", "405", "409", "413", "415", "422"]
@@ -378,6 +388,8 @@ _BODY_OPS: Final = [("POST", "/v1/tokens"), ("POST", "/v1/revocations"), ("GET",
 _PLAIN_OPS: Final = [
     ("GET", "/.well-known/jwks.json"),
     ("GET", "/v1/audit/checkpoint"),
+    ("GET", "/v1/audit/proof"),
+    ("GET", "/v1/audit/consistency"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
 ]
