@@ -599,7 +599,7 @@ def test_rollback(sfx: LogFx) -> None:
             k=keep,
         )
     sfx.sql("DELETE FROM axid_audit_node WHERE log = :log AND ((idx + 1) << level) > :k", k=keep)
-    assert_not_held(check(sfx, after), "the log gives no inclusion proof of entry 150", after)
+    assert_not_held(check(sfx, after), "rollback: the log's latest checkpoint (size 90)", after)
     # The rolled-back log still holds entry 60 and extends its checkpoint (size 90).
     assert_held(check(sfx, before))
 
@@ -746,6 +746,23 @@ def test_check_receipt_answers_to_another_question(sfx: LogFx) -> None:
     )
 
 
+def test_check_receipt_two_signed_latest_checkpoints(sfx: LogFx) -> None:
+    # The consistency proof comes with another signed checkpoint of the latest size.
+    r = receipt_of(sfx, 60)
+    v = NoteVerifier.from_vkey(sfx.vkey)
+    store = LogStore(sfx.engine, LOG)
+    hashes, note = store.inclusion_proof(60, 90)
+    latest = sfx.checkpoint(300)
+    other = sign_checkpoint(
+        Checkpoint(f"axid/{LOG}", 300, bytes(32)), NoteSigner(f"axid/{LOG}", sfx.key)
+    )
+    cons = ConsistencyProof(90, tuple(store.consistency_proof(90, 300)), other)
+    got = check_receipt(r, v, LogEvidence(latest, InclusionProof(60, tuple(hashes), note), cons))
+    assert isinstance(got, ReceiptFailure)
+    assert got.what == "fork: the log signed two checkpoints of size 300"
+    assert got.log_note == other
+
+
 def test_check_receipt_missing_answers(sfx: LogFx) -> None:
     r = receipt_of(sfx, 60)
     v = NoteVerifier.from_vkey(sfx.vkey)
@@ -858,6 +875,16 @@ def test_over_the_read_routes_entry_rewritten_alone(served: tuple[LogFx, int]) -
     # receipt's root from nodes over all of it: there the rewrite shows.
     rewrite_entry(fx, 120, chain=False)
     assert_not_held(check(fx, r, "--url", url), "does not extend the receipt's (from size 150", r)
+
+
+def test_over_the_read_routes_rolled_back(served: tuple[LogFx, int]) -> None:
+    fx, port = served
+    r = receipt_of(fx, 150)  # size 180
+    fx.sql("DELETE FROM axid_audit_checkpoint WHERE log = :log AND size > 90")
+    url = f"http://127.0.0.1:{port}/.well-known/axid/log"
+    assert_not_held(
+        check(fx, r, "--url", url), "rollback: the log's latest checkpoint (size 90)", r
+    )
 
 
 def test_over_the_read_routes_usage_errors(served: tuple[LogFx, int]) -> None:

@@ -371,12 +371,13 @@ def check_receipt(receipt: Receipt, verifier: NoteVerifier, evidence: LogEvidenc
     mine = open_receipt(receipt, verifier)
     latest = _latest(evidence.latest, verifier)
     problem = (
-        _inclusion_problem(receipt, mine, verifier, evidence.inclusion)
+        _rollback_problem(mine, latest)
+        or _inclusion_problem(receipt, mine, verifier, evidence.inclusion)
         or _entry_problem(receipt, evidence.entry)
         or (latest if isinstance(latest, _Problem) else None)
     )
     if problem is None and isinstance(latest, _Signed):
-        problem = _extension_problem(mine, latest, verifier, evidence.consistency)
+        problem = _consistency_problem(mine, latest, verifier, evidence.consistency)
         if problem is None:
             return ReceiptOk(mine, latest.checkpoint, latest.note)
     assert problem is not None  # latest is either _Signed (handled above) or a _Problem
@@ -456,18 +457,23 @@ def _entry_problem(receipt: Receipt, stored: StoredEntry | Missing | None) -> _P
     return None
 
 
-def _extension_problem(
+def _rollback_problem(mine: Checkpoint, latest: _Signed | _Problem) -> _Problem | None:
+    """A verified latest checkpoint older than the receipt's: the log was rolled back."""
+    if isinstance(latest, _Problem) or latest.checkpoint.size >= mine.size:
+        return None
+    return _Problem(
+        f"rollback: the log's latest checkpoint (size {latest.checkpoint.size}) is older "
+        f"than the receipt's (size {mine.size})",
+        latest.note,
+    )
+
+
+def _consistency_problem(
     mine: Checkpoint, latest: _Signed, verifier: NoteVerifier, proof: ConsistencyProof | Missing
 ) -> _Problem | None:
-    """The log's latest signed checkpoint: no older than the receipt's, and consistent with it."""
+    """The log's latest signed checkpoint (no older than the receipt's) extends the receipt's."""
     size = latest.checkpoint.size
     span = f"from size {mine.size} to {size}"
-    if size < mine.size:
-        return _Problem(
-            f"rollback: the log's latest checkpoint (size {size}) is older than the "
-            f"receipt's (size {mine.size})",
-            latest.note,
-        )
     if isinstance(proof, Missing):
         return _Problem(f"the log gives no consistency proof {span}: {proof.why}", latest.note)
     if proof.old != mine.size:
