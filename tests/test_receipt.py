@@ -913,11 +913,20 @@ def test_over_the_read_routes_not_a_proof(sfx: LogFx) -> None:
     def note(request: Request) -> Response:
         return PlainTextResponse(sfx.checkpoint(300))
 
-    app_ = Starlette(routes=[Route("/checkpoint", note), Route("/proof", garbage)])
-    config = uvicorn.Config(app_, host="127.0.0.1", port=0, log_level="warning")
+    def other_log(request: Request) -> Response:
+        return PlainTextResponse(_note(300, bytes(32)))
+
+    routes = [Route("/checkpoint", note), Route("/proof", garbage)]
+    routes += [Route("/other/checkpoint", other_log), Route("/bad/checkpoint", garbage)]
+    config = uvicorn.Config(Starlette(routes=routes), host="127.0.0.1", port=0, log_level="warning")
     with run_server(config) as server:
         r = receipt_of(sfx, 7)
-        _exit2(check(sfx, r, "--url", f"http://127.0.0.1:{server.port}"), "not a proof")
+        base = f"http://127.0.0.1:{server.port}"
+        _exit2(check(sfx, r, "--url", base), "not a proof")
+        _exit2(
+            check(sfx, r, "--url", f"{base}/other"), "of log axid/test, the vkey is axid/payments"
+        )
+        _exit2(check(sfx, r, "--url", f"{base}/bad"), "not a checkpoint note")
 
 
 # ---------------------------------------------------------------------- over mTLS

@@ -264,16 +264,20 @@ def _excerpt(body: bytes) -> str:
     return _UNPRINTABLE.sub("?", body[:200].decode("utf-8", "replace").replace("\n", " "))
 
 
-def _from_routes(client: httpx.Client, base: str, seq: int, size: int) -> LogEvidence:
-    """What the log's public read routes at ``base`` answer about entry ``seq`` of ``size``."""
+def _from_routes(client: httpx.Client, base: str, origin: str, seq: int, size: int) -> LogEvidence:
+    """What the read routes at ``base`` answer about entry ``seq`` of ``size`` of log ``origin``."""
     url = f"{base}/checkpoint"
     answer = _get(client, url, {})
     if answer.status != 200:
         _fail(f"GET {url}: HTTP {answer.status} (is --url the log's read-route prefix?)")
     latest = answer.body
-    newest = _size_of(latest)
-    if newest is None:
+    try:
+        served = checkpoint_of(latest)
+    except ReceiptError:
         _fail(f"GET {url}: the answer is not a checkpoint note")
+    if served.origin != origin:
+        _fail(f"GET {url}: the checkpoint is of log {served.origin}, the vkey is {origin}")
+    newest = served.size
     url = f"{base}/proof"
     raw = _proof_answer(_get(client, url, {"seq": seq, "size": size}), url)
     inclusion = raw if isinstance(raw, Missing) else _parsed(parse_inclusion_proof, raw, url)
@@ -450,4 +454,4 @@ def _fetch(
     base = _base_url(url)
     ctx = _tls(base.startswith("https:"), *tls)
     with httpx.Client(verify=ctx, timeout=_TIMEOUT, trust_env=False) as client:
-        return _from_routes(client, base, seq, size)
+        return _from_routes(client, base, verifier.name, seq, size)
