@@ -297,7 +297,7 @@ def test_verify_progress_bar_for_big_logs(big_log: tuple[str, str], tmp_path: Pa
     # Not with --json: stdout stays one JSON document and stderr quiet.
     r = runner.invoke(app, ["audit", "verify", "--db", url, "--vkey", vkey, "--json"])
     assert r.exit_code == 0
-    assert json.loads(r.stdout)["entries"] == 10500
+    assert json.loads(r.stdout)["logs"][0]["entries"] == 10500
     assert "verifying" not in r.stderr
     # The bundle path shows it too.
     out = tmp_path / "big-bundle"
@@ -310,10 +310,10 @@ def test_verify_progress_bar_for_big_logs(big_log: tuple[str, str], tmp_path: Pa
 def test_bundle_with_log_option(sfx: LogFx, tmp_path: Path) -> None:
     out = tmp_path / "b"
     export_bundle(sfx.url, "payments", out)
-    code, report, result = verify_cli(str(out), "--log", "payments")
+    code, report, result = verify_cli(str(out), "--log", "payments", "--trust-log-key")
     assert code == 0, result.output
     assert report is not None and report["log"] == "payments"
-    code, _, _ = verify_cli(str(out), "--log", "other")
+    code, _, _ = verify_cli(str(out), "--log", "other", "--trust-log-key")
     assert code == 2
     code, _, _ = verify_cli(str(out), "--log", "other", "--vkey", sfx.vkey)
     assert code == 2

@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from axid.audit import verify as verify_mod
-from axid.audit.entry import canonical_entry
+from axid.audit.entry import canonical_entry, parse_ts
 from axid.audit.merkle import CompactRange, leaf_hash
 from axid.audit.note import Checkpoint, NoteSigner, NoteVerifier, open_checkpoint, sign_checkpoint
 from axid.audit.store import LogStore, create_schema, make_engine
@@ -133,13 +133,13 @@ def test_intact_log_verifies(fx: LogFx) -> None:
 
 
 def test_intact_log_human_output_and_vkey_warning(sfx: LogFx) -> None:
-    r = runner.invoke(app, ["audit", "verify", "--db", sfx.url])  # one log: --log optional
+    r = runner.invoke(app, ["audit", "verify", "--db", sfx.url, "--trust-log-key"])
     assert r.exit_code == 0, r.output
     assert "OK: the log is intact" in r.stdout
     assert f"entries:       {N_ENTRIES}" in r.stdout
     assert f"checkpoints:   {len(CP_SIZES)}" in r.stdout
     assert sfx.checkpoint(N_ENTRIES).decode() in r.stdout  # latest checkpoint, to keep
-    # Without --vkey the key comes from the log itself: the auditor is warned.
+    # With --trust-log-key the key comes from the log itself: the auditor is warned.
     assert "no --vkey given" in r.stderr
 
 
@@ -238,8 +238,21 @@ def test_db_insert_forged_entry_in_the_middle(fx: LogFx) -> None:
 
 
 def _rechain_from(fx: LogFx, start: int, first: bytes) -> None:
-    """What a thorough attacker does: rewrite entry ``start`` and re-chain all after it."""
+    """What a thorough attacker does: rewrite entry ``start`` (and its row's index
+    columns, which verify compares with the bytes) and re-chain all after it."""
     fx.set_entry(start, first, leaf_hash(first))
+    e = json.loads(first)
+    fx.sql(
+        "UPDATE axid_audit_entry SET decision = :d, reason = :r, tenant = :t, agent = :a, "
+        "run = :u, ts = :ts WHERE log = :log AND seq = :s",
+        d=e["decision"],
+        r=e["reason"],
+        t=e["tenant"],
+        a=e["agent"],
+        u=e["run"],
+        ts=parse_ts(e["ts"]),
+        s=start,
+    )
     prev = leaf_hash(first)
     for s in range(start + 1, N_ENTRIES):
         data, _ = fx.entry(s)
@@ -275,7 +288,7 @@ def test_db_replaced_key_needs_the_published_vkey(fx: LogFx) -> None:
             fx.set_checkpoint(s + 1, sign_checkpoint(cp, evil))
     fx.sql("UPDATE axid_audit_log SET vkey = :v WHERE name = :log", v=evil.vkey())
 
-    code, report, result = verify_cli(*fx.db_args())
+    code, report, result = verify_cli(*fx.db_args(), "--trust-log-key")
     assert code == 0, result.output  # self-consistent forgery: why --vkey matters
     assert report is not None and any("no --vkey" in w for w in report["warnings"])
 
@@ -312,7 +325,9 @@ def test_db_rollback_caught_by_trusted_checkpoint(sfx: LogFx, tmp_path: Path) ->
     trusted.write_bytes(sfx.checkpoint(N_ENTRIES))
     sfx.sql("DELETE FROM axid_audit_entry WHERE log = :log AND seq >= 150")
     sfx.sql("DELETE FROM axid_audit_checkpoint WHERE log = :log AND size > 150")
-    code, report, _ = verify_cli(*sfx.db_args(), "--trusted-checkpoint", str(trusted))
+    code, report, _ = verify_cli(
+        *sfx.db_args(), "--trust-log-key", "--trusted-checkpoint", str(trusted)
+    )
     assert code == 1
     assert first_bad(report)["seq"] == 150
 
@@ -329,7 +344,7 @@ def test_db_cut_off_entries_but_not_their_checkpoint(fx: LogFx) -> None:
 
 def test_db_drop_last_entry(sfx: LogFx) -> None:
     sfx.sql("DELETE FROM axid_audit_entry WHERE log = :log AND seq = :s", s=N_ENTRIES - 1)
-    code, report, _ = verify_cli(*sfx.db_args())
+    code, report, _ = verify_cli(*sfx.db_args(), "--trust-log-key")
     assert code == 1
     assert first_bad(report)["seq"] == N_ENTRIES - 1
 
@@ -355,7 +370,7 @@ def test_db_checkpoint_signed_with_another_key(fx: LogFx) -> None:
 
 def test_db_checkpoint_moved_to_another_size(sfx: LogFx) -> None:
     sfx.sql("UPDATE axid_audit_checkpoint SET size = 151 WHERE log = :log AND size = 150")
-    code, report, _ = verify_cli(*sfx.db_args())
+    code, report, _ = verify_cli(*sfx.db_args(), "--trust-log-key")
     assert code == 1
     fb = first_bad(report)
     assert fb["checkpoint_size"] == 151
@@ -520,7 +535,7 @@ def test_bundle_vkey_file_replaced(bundle: Path, sfx: LogFx) -> None:
     fb = _bundle_verify(bundle, sfx.vkey)
     assert fb["seq"] is None and "key was replaced" in fb["what"]
     # Without --vkey the checkpoints (signed by the real key) do not verify.
-    code, report, _ = verify_cli(str(bundle))
+    code, report, _ = verify_cli(str(bundle), "--trust-log-key")
     assert code == 1
     assert first_bad(report)["checkpoint_size"] == CP_SIZES[0]
 
@@ -634,7 +649,7 @@ def test_usage_errors_exit_2(template: Path, sfx: LogFx, tmp_path: Path) -> None
         [str(tmp_path)],  # a directory that is not a bundle
         [str(tmp_path), "--db", sfx.url],  # both sources
         ["--db", sfx.url, "--log", "nosuchlog"],
-        ["--db", two],  # several logs, no --log
+        ["--db", two, "--vkey", sfx.vkey],  # every log verified: no --vkey for "other"
         ["--db", sfx.url, "--vkey", "not a vkey"],
         ["--db", sfx.url, "--vkey", "axid/payments+00000000+AQ=="],
         ["--db", sfx.url, "--vkey", str(tmp_path / "missing.vkey")],
@@ -642,12 +657,13 @@ def test_usage_errors_exit_2(template: Path, sfx: LogFx, tmp_path: Path) -> None
         ["--db", sfx.url, "--no-such-option"],
     ]
     for args in cases:
-        r = runner.invoke(app, ["audit", "verify", *args])
+        key = [] if "--vkey" in args else ["--trust-log-key"]  # each case fails for its reason
+        r = runner.invoke(app, ["audit", "verify", *args, *key])
         assert r.exit_code == 2, (args, r.output)
     assert not (tmp_path / "nope").exists()  # verifying never creates a database
-    r = runner.invoke(app, ["audit", "verify", "--db", two])
-    assert "other" in r.stderr and "payments" in r.stderr
-    r = runner.invoke(app, ["audit", "verify", "--db", two, "--log", "other"])
+    r = runner.invoke(app, ["audit", "verify", "--db", two, "--vkey", sfx.vkey])
+    assert "no --vkey for log 'other'" in r.stderr
+    r = runner.invoke(app, ["audit", "verify", "--db", two, "--log", "other", "--trust-log-key"])
     assert r.exit_code == 0, r.output
 
 

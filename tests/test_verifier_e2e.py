@@ -733,7 +733,16 @@ def test_every_log_verifies(env: Env) -> None:
         "replayed",
     } <= reasons
     cli = subprocess.run(
-        [AXID_BIN, "audit", "verify", "--db", env.log_url, "--log", env.log_name],
+        [
+            AXID_BIN,
+            "audit",
+            "verify",
+            "--trust-log-key",
+            "--db",
+            env.log_url,
+            "--log",
+            env.log_name,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

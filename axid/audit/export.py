@@ -131,7 +131,8 @@ def _export(source: DatabaseSource, out: Path) -> ExportResult:
         try:
             buf: list[bytes] = []
             pending = 0
-            for _seq, data, _lh in source.entries():
+            for row in source.entries():  # (seq, data, leaf hash, index columns...)
+                data = row[1]
                 buf.append(data)
                 buf.append(b"\n")
                 pending += len(data) + 1

@@ -7,6 +7,8 @@ bundle directory or the database) and checks, in order of the log:
 - its ``seq`` field equals its position and the seq it is stored under (so a
   gap, a duplicate, a swap or an insertion shows), its ``log`` field is the
   log's name, and a stored leaf hash (database) equals the recomputed one;
+- (database) the row's index columns (:data:`INDEX_COLUMNS`, the copies
+  ``axid audit show`` filters on) hold exactly what the entry says;
 - its ``prev`` is the leaf hash of the entry before it (the hash chain);
 - every checkpoint: signed by the log key, right origin, right size, and its
   root equals the root recomputed from the entries (which also makes successive
@@ -25,10 +27,11 @@ hash no longer matches ``prev`` of ``k + 1`` while ``k`` itself still links to
 Speed: entries are checked a chunk at a time (:func:`~axid.audit.entry.scan_entries`
 proves a whole chunk canonical and valid with one regular expression per
 entry; the chain links of the chunk are compared at once; its Merkle subtrees
-are hashed level by level), and a chunk with anything off is gone through
-entry by entry by the reference code, which alone makes findings: the report
-is the same either way. On Linux with several CPUs, forked workers check
-chunks in parallel (with a database, each reads its chunks itself).
+are hashed level by level; its index columns are found in the entry bytes),
+and a chunk with anything off is gone through entry by entry by the reference
+code, which alone makes findings: the report is the same either way. On Linux
+with several CPUs, forked workers check chunks in parallel (with a database,
+each reads its chunks itself).
 
 This module imports neither FastAPI nor the verifier: an auditor needs only it,
 the pure modules and (for :class:`DatabaseSource`) the storage layer.
@@ -49,9 +52,10 @@ import sys
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, chain, islice, pairwise
+from json.encoder import encode_basestring as _json_str  # the encoder entries are built with
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,7 +64,9 @@ from axid.audit.entry import (
     MAX_ENTRY_SIZE,
     ZERO_HASH_HEX,
     EntryError,
+    format_ts,
     parse_entry,
+    parse_ts,
     scan_entries,
 )
 from axid.audit.merkle import HASH_SIZE, CompactRange, leaf_hash
@@ -73,6 +79,7 @@ from axid.audit.note import (
 )
 
 __all__ = [
+    "INDEX_COLUMNS",
     "DatabaseSource",
     "ExportDirSource",
     "Finding",
@@ -80,11 +87,16 @@ __all__ = [
     "SourceFormatError",
     "VerifyReport",
     "VerifyUsageError",
+    "index_disagreements",
     "load_vkey_arg",
     "verify_log",
 ]
 
 _ORIGIN_PREFIX = "axid/"
+# The copies of entry fields a database row keeps for filtering (``axid audit
+# show``), in the order a :class:`DatabaseSource` row carries them after
+# ``(seq, data, leaf_hash)``. Verification checks each against the entry bytes.
+INDEX_COLUMNS: tuple[str, ...] = ("decision", "reason", "tenant", "agent", "run", "ts")
 _SIZE_NAME_RE = re.compile(r"0|[1-9][0-9]*")
 _PROGRESS_EVERY = 1024
 # After the first finding, read this many more entries: enough to attribute a
@@ -116,8 +128,9 @@ class LogSource(Protocol):
     """What the verifier reads. Sources may also offer ``log_name`` (str | None)
     and ``size_hint() -> int | None`` (for a progress bar); both are optional."""
 
-    def entries(self) -> Iterator[tuple[int, bytes, bytes | None]]:
-        """``(stored seq, exact entry bytes, stored leaf hash or None)`` in log order."""
+    def entries(self) -> Iterator[tuple[Any, ...]]:
+        """``(stored seq, exact entry bytes, stored leaf hash or None)`` in log order,
+        each followed, from a database, by the row's :data:`INDEX_COLUMNS`."""
         ...
 
     def checkpoints(self) -> Iterator[tuple[int, bytes]]:
@@ -187,7 +200,7 @@ class VerifyReport:
 @dataclass
 class _Candidate:
     finding: Finding
-    kind: str  # "global" | "exact" | "range"
+    kind: str  # "global" | "exact" | "index" | "range"
     lo: int  # first seq that may be bad
     hi: int  # range: exclusive end; exact: lo + 1
     order: int
@@ -199,7 +212,9 @@ class _Findings:
     Exact findings name one entry; range findings (a root mismatch) only say
     that some entry in ``[lo, hi)`` differs; global ones concern the whole log
     (wrong key, malformed bundle). An exact finding inside or before the first
-    range explains it more precisely and wins.
+    range explains it more precisely and wins. Index findings (a row's index
+    columns edited) are exact ones that yield to any other finding on the
+    same entry (a forged row's columns hardly matter beside its being forged).
     """
 
     def __init__(self) -> None:
@@ -213,6 +228,9 @@ class _Findings:
 
     def add_exact(self, seq: int, what: str, *, checkpoint_size: int | None = None) -> None:
         self._add(Finding(seq, checkpoint_size, what), "exact", seq, seq + 1)
+
+    def add_index(self, seq: int, what: str) -> None:
+        self._add(Finding(seq, None, what), "index", seq, seq + 1)
 
     def add_range(
         self, lo: int, hi: int, what: str, *, checkpoint_size: int | None, show_seq: bool = True
@@ -229,8 +247,8 @@ class _Findings:
         if glob:
             return glob[0].finding
         exact = min(
-            (c for c in self._items if c.kind == "exact"),
-            key=lambda c: (c.lo, c.order),
+            (c for c in self._items if c.kind in ("exact", "index")),
+            key=lambda c: (c.lo, c.kind == "index", c.order),
             default=None,
         )
         rng = next((c for c in self._items if c.kind == "range"), None)
@@ -540,6 +558,7 @@ class _Pass:
                 checked is not None
                 and cols is not None
                 and _stored_ok(chunk.start, cols[0], cols[2], checked[2][0])
+                and _index_clean(cols[1], cols[3])
                 and self._accept(chunk.start, checked)
             ):
                 if not self._take_checked(chunk.start, len(rows), checked[2]):
@@ -548,8 +567,7 @@ class _Pass:
         for row in rows:
             if self._stopped():
                 return False
-            stored_seq, data, stored_lh = row
-            self._take_one(stored_seq, data, stored_lh)
+            self._take_one(*row)
             if self.progress is not None and self.n % _PROGRESS_EVERY == 0:
                 self.progress(self.n)
         if chunk.exc is not None:
@@ -615,7 +633,9 @@ class _Pass:
 
     # ---- entry by entry: the reference path, and the one that names what is wrong
 
-    def _take_one(self, stored_seq: Any, data: Any, stored_lh: Any) -> None:
+    def _take_one(self, stored_seq: Any, data: Any, stored_lh: Any, *index: Any) -> None:
+        """One row: ``(stored seq, entry bytes, stored leaf hash)``, then (from a
+        database) the index columns in :data:`INDEX_COLUMNS` order."""
         p = self.n
         prev_hash = self._prev_hash
         lh = leaf_hash(data)
@@ -679,6 +699,15 @@ class _Pass:
                 f"entry {p} was altered: its bytes hash to {_short(lh)} but the stored "
                 f"leaf hash is {_short(stored_lh)}",
             )
+        if entry is not None and index:
+            wrong = index_disagreements(entry, index)
+            if wrong:
+                self.f.add_index(
+                    p,
+                    f"entry {p}'s row disagrees with its bytes: {'; '.join(wrong)} "
+                    "(its index columns or its bytes were edited in place)",
+                )
+                self._found(p)
         if self._pending is not None:
             self._resolve_link(self._pending, own_ok, link_ok)
             self._pending = None
@@ -828,6 +857,93 @@ def _check_chunk(start: int, datas: Sequence[bytes]) -> _Checked | None:
     return logs[0], links[:HASH_SIZE], layers
 
 
+# --------------------------------------------------------------------------- index columns
+
+
+def index_disagreements(entry: Mapping[str, Any], index: Sequence[Any]) -> list[str]:
+    """Which stored index columns disagree with the entry they index (the reference check).
+
+    ``entry`` is what :func:`~axid.audit.entry.parse_entry` made of the entry
+    bytes; ``index`` the row's columns in :data:`INDEX_COLUMNS` order, as
+    stored. A column agrees when it holds exactly what the entry says, of the
+    same type (``ts``: the entry's time in unix ms, an int). Returns one
+    ``"COLUMN column is X but the entry says Y"`` per disagreeing column.
+    """
+    out: list[str] = []
+    for name, stored in zip(INDEX_COLUMNS, index, strict=True):
+        said = entry[name]
+        want = parse_ts(said) if name == "ts" else said
+        if type(stored) is not type(want) or stored != want:
+            out.append(f"{name} column is {_stored_repr(name, stored)} but the entry says {said!r}")
+    return out
+
+
+def _stored_repr(name: str, stored: Any) -> str:
+    if name == "ts" and type(stored) is int:
+        try:
+            return f"{stored} ({format_ts(stored)})"
+        except EntryError:
+            pass
+    return repr(stored)
+
+
+_AGENT_KEY = b'{"agent":'
+_MID_KEYS = (b',"decision":', b',"reason":', b',"run":')
+_STR_TYPES = frozenset({str})
+_OPT_STR_TYPES = frozenset({str, type(None)})
+
+
+def _index_clean(datas: Sequence[bytes], index: Sequence[Sequence[Any]]) -> bool:
+    """The fast verdict on index columns: True only when every entry provably
+    agrees with its columns (``index``: one tuple per column, empty for a bundle).
+
+    Only for entries :func:`~axid.audit.entry.scan_entries` accepted: RFC 8785
+    text with the fields in their fixed order, so a ``"`` not preceded by a
+    backslash is a string delimiter and every key occurs once. Then
+    ``X"KEY":V`` found in the bytes (X is ``{`` or ``,``, not a backslash, so
+    that quote opens a string, one followed by ``:``, i.e. the key) means the
+    value of KEY begins with V, and a complete JSON token V (a string encoded
+    by :mod:`json`, or ``null``) that begins a value is that value. Anything
+    else (a column of another type, say) is left to :func:`index_disagreements`.
+    """
+    if not index:
+        return True
+    dec, rea, ten, age, run, ts = index
+    if (
+        set(map(type, dec)) | set(map(type, rea)) != _STR_TYPES
+        or not set(map(type, ten)) | set(map(type, age)) | set(map(type, run)) <= _OPT_STR_TYPES
+        or set(map(type, ts)) != {int}
+    ):
+        return False
+    tok: dict[str | None, bytes] = {None: b"null"}
+    tails: dict[tuple[str | None, int], bytes] = {}
+    try:
+        for data, d, r, t, a, u, ms in zip(datas, dec, rea, ten, age, run, ts, strict=True):
+            tail = tails.get((t, ms))
+            if tail is None:
+                tail = b',"tenant":%s,"ts":"%s","v":1}' % (_tok(tok, t), format_ts(ms).encode())
+                tails[(t, ms)] = tail
+            if not (
+                data.startswith(_AGENT_KEY + _tok(tok, a))
+                and data.endswith(tail)
+                and _MID_KEYS[0] + _tok(tok, d) in data
+                and _MID_KEYS[1] + _tok(tok, r) in data
+                and _MID_KEYS[2] + _tok(tok, u) in data
+            ):
+                return False
+    except (EntryError, UnicodeEncodeError, ValueError):
+        return False
+    return True
+
+
+def _tok(cache: dict[str | None, bytes], value: str | None) -> bytes:
+    """``value`` as a JSON token (memoised: a chunk repeats few values)."""
+    t = cache.get(value)
+    if t is None:
+        t = cache[value] = _json_str(value).encode("utf-8")
+    return t
+
+
 def _stored_ok(start: int, seqs: Sequence[Any], stored: Sequence[Any], layer0: bytes) -> bool:
     """Stored seqs are the positions from ``start``; stored leaf hashes (if any) match."""
     m = len(seqs)
@@ -841,18 +957,24 @@ def _stored_ok(start: int, seqs: Sequence[Any], stored: Sequence[Any], layer0: b
 
 
 def _check_rows(start: int, rows: list[Any]) -> _Checked | None:
-    """:func:`_check_chunk` plus :func:`_stored_ok` on ``(seq, data, leaf_hash)`` rows."""
+    """:func:`_check_chunk`, :func:`_stored_ok` and :func:`_index_clean` on source rows."""
     try:
-        seqs, datas, stored = zip(*rows, strict=True)
+        seqs, datas, stored, *index = zip(*rows, strict=True)
     except (TypeError, ValueError):
         return None
     checked = _check_chunk(start, datas)
-    if checked is None or not _stored_ok(start, seqs, stored, checked[2][0]):
+    if (
+        checked is None
+        or not _stored_ok(start, seqs, stored, checked[2][0])
+        or not _index_clean(datas, index)
+    ):
         return None
     return checked
 
 
 _UNSET: Any = object()
+# A chunk's rows by column: stored seqs, datas, stored leaf hashes, index columns.
+_Columns = tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...], list[tuple[Any, ...]]]
 
 
 class _Chunk:
@@ -875,12 +997,13 @@ class _Chunk:
     def last(self) -> bool:
         return self.exc is not None or self.count < _CHUNK
 
-    def columns(self) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]] | None:
-        """``(stored seqs, datas, stored leaf hashes)``; None if the rows are not triples."""
+    def columns(self) -> _Columns | None:
+        """``(stored seqs, datas, stored leaf hashes, index columns)``; None if the
+        rows are not all alike (triples, or triples and the index columns)."""
         if self._cols is _UNSET:
             try:
-                seqs, datas, stored = zip(*(self.rows or ()), strict=True)
-                self._cols = (seqs, datas, stored)
+                seqs, datas, stored, *index = zip(*(self.rows or ()), strict=True)
+                self._cols = (seqs, datas, stored, index)
             except (TypeError, ValueError):
                 self._cols = None
         return self._cols  # type: ignore[no-any-return]
@@ -1459,29 +1582,9 @@ class DatabaseSource:
     """
 
     def __init__(self, url: str, log: str | None = None) -> None:
-        # Imported here so that bundle verification needs no database layer.
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+        from axid.audit.store import LogStore
 
-        from axid.audit.store import LogStore, list_logs, make_engine
-
-        try:
-            parsed = make_url(url)
-        except ArgumentError as e:
-            raise VerifyUsageError("invalid database URL") from e
-        if parsed.get_backend_name() == "sqlite":
-            db = parsed.database
-            if not db or db == ":memory:" or not Path(db).is_file():
-                raise VerifyUsageError(f"no database file at {db or '(none)'}")
-        try:
-            engine = make_engine(url)
-        except ValueError as e:  # DatabaseURLError
-            raise VerifyUsageError(f"invalid database URL: {e}") from e
-        try:
-            logs = list_logs(engine)
-        except SQLAlchemyError as e:
-            engine.dispose()
-            raise VerifyUsageError(f"cannot read the decision log tables: {_db_error(e)}") from e
+        engine, logs = _open_database(url)
         if log is None:
             if len(logs) != 1:
                 engine.dispose()
@@ -1497,6 +1600,27 @@ class DatabaseSource:
                 f"no log {log!r} in the database (logs: {', '.join(logs) or 'none'})"
             )
         self._init(LogStore(engine, log), owns_engine=True)
+
+    @classmethod
+    def open_all(cls, url: str) -> list[DatabaseSource]:
+        """One source per log in the database, by name, sharing one engine
+        (closing any of them closes it: close them all when done)."""
+        from axid.audit.store import LogStore
+
+        engine, logs = _open_database(url)
+        if not logs:
+            engine.dispose()
+            raise VerifyUsageError("the database holds no decision log")
+        sources: list[DatabaseSource] = []
+        try:
+            for name in logs:
+                source = cls.__new__(cls)
+                source._init(LogStore(engine, name), owns_engine=True)
+                sources.append(source)
+        except BaseException:
+            engine.dispose()
+            raise
+        return sources
 
     @classmethod
     def from_store(cls, store: Any) -> DatabaseSource:
@@ -1542,15 +1666,17 @@ class DatabaseSource:
     def size_hint(self) -> int | None:
         return self.end_seq
 
-    def entries(self) -> Iterator[tuple[int, bytes, bytes | None]]:
+    def entries(self) -> Iterator[tuple[Any, ...]]:
+        """``(seq, data, leaf_hash, decision, reason, tenant, agent, run, ts)`` rows:
+        the entries with their index columns as stored (see :data:`INDEX_COLUMNS`)."""
         # From the lowest stored seq: a row an attacker stored at a negative
         # seq (no log writes one) is seen, and reported, too.
         return self._entries_from(min(self.min_seq, 0))
 
-    def _entries_from(self, seq: int) -> Iterator[tuple[int, bytes, bytes | None]]:
+    def _entries_from(self, seq: int) -> Iterator[tuple[Any, ...]]:
         """The stored entries with ``seq`` or above, up to the cut."""
         # A page at a time through the guard: no Python frame per row.
-        pages = self.store.entry_pages(seq, max(seq, self.end_seq), _DB_PAGE)
+        pages = self.store.indexed_entry_pages(seq, max(seq, self.end_seq), _DB_PAGE)
         return chain.from_iterable(self._guard(pages))
 
     def _read_range(self, start: int, count: int) -> list[Any]:
@@ -1561,7 +1687,7 @@ class DatabaseSource:
             self.store.engine.dispose(close=False)
             self._reader_pid = os.getpid()
         end = min(start + count, self.end_seq)
-        for page in self.store.entry_pages(start, end, max(1, end - start)):
+        for page in self.store.indexed_entry_pages(start, end, max(1, end - start)):
             return page
         return []
 
@@ -1588,6 +1714,33 @@ class DatabaseSource:
         """Release the database connections (only if this source opened them)."""
         if self._owns_engine:
             self.store.engine.dispose()
+
+
+def _open_database(url: str) -> tuple[Any, list[str]]:
+    """An engine for an existing decision-log database, and its log names."""
+    # Imported here so that bundle verification needs no database layer.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from axid.audit.store import list_logs, make_engine
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise VerifyUsageError("invalid database URL") from e
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if not db or db == ":memory:" or not Path(db).is_file():
+            raise VerifyUsageError(f"no database file at {db or '(none)'}")
+    try:
+        engine = make_engine(url)
+    except ValueError as e:  # DatabaseURLError
+        raise VerifyUsageError(f"invalid database URL: {e}") from e
+    try:
+        return engine, list_logs(engine)
+    except SQLAlchemyError as e:
+        engine.dispose()
+        raise VerifyUsageError(f"cannot read the decision log tables: {_db_error(e)}") from e
 
 
 def _db_error(e: Exception) -> str:

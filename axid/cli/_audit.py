@@ -1,9 +1,11 @@
 """`axid audit`: the auditor's commands over the decision log.
 
 Exit codes (the contract in DESIGN.md): 0 success / log intact, 1 tampering
-found (``verify`` only), 2 usage or I/O error (missing database or bundle,
-unknown log, several logs without ``--log``, unreadable files, bad vkey).
-Click's own usage errors also exit 2.
+found (``verify``; ``show`` and ``tree`` when a row read disagrees with its
+entry bytes or an entry is malformed), 2 usage or I/O error (missing database
+or bundle, unknown log or run, several logs without ``--log``, no key to verify
+with, unreadable files, bad vkey, a size with no checkpoint). Click's own usage
+errors also exit 2.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -31,6 +34,9 @@ from axid.audit.verify import (
 )
 from axid.cli._receipt import receipt_app
 
+if TYPE_CHECKING:
+    from axid.audit.tree import RunNode
+
 app = typer.Typer(help="Verify, export and inspect the decision log.", no_args_is_help=True)
 
 DEFAULT_DB = "sqlite:///.axid/axid.db"
@@ -39,6 +45,7 @@ EXIT_TAMPERED = 1
 EXIT_USAGE = 2
 PROGRESS_THRESHOLD = 10_000  # entries; smaller logs verify before a bar would help
 _MAX_TRUSTED_CP = (1 << 20) + 1
+_ORIGIN_PREFIX = "axid/"
 
 _DbOpt = Annotated[
     str | None,
@@ -58,14 +65,21 @@ def _fail(msg: str, *, as_json: bool = False) -> NoReturn:
 
 
 @contextmanager
-def _db(db: str | None, log: str | None, *, as_json: bool = False) -> Iterator[DatabaseSource]:
-    """Open the log; any way that fails is a usage/IO error (exit 2)."""
+def _db_sources(
+    db: str | None, log: str | None, *, every_log: bool = False, as_json: bool = False
+) -> Iterator[list[DatabaseSource]]:
+    """Open the log ``log`` (or, with ``every_log`` and no ``log``, every log in the
+    database); any way that fails is a usage/IO error (exit 2)."""
+    url = db or DEFAULT_DB
     try:
-        source = DatabaseSource(db or DEFAULT_DB, log)
+        if every_log and log is None:
+            sources = DatabaseSource.open_all(url)
+        else:
+            sources = [DatabaseSource(url, log)]
     except VerifyUsageError as e:
         _fail(str(e), as_json=as_json)
     try:
-        yield source
+        yield sources
     except VerifyUsageError as e:
         _fail(str(e), as_json=as_json)
     except Exception as e:
@@ -76,7 +90,15 @@ def _db(db: str | None, log: str | None, *, as_json: bool = False) -> Iterator[D
             _fail(f"cannot read the database: {first}", as_json=as_json)
         raise
     finally:
-        source.close()
+        for source in sources:
+            source.close()
+
+
+@contextmanager
+def _db(db: str | None, log: str | None, *, as_json: bool = False) -> Iterator[DatabaseSource]:
+    """Open one log (``--log``, or the database's only one)."""
+    with _db_sources(db, log, as_json=as_json) as sources:
+        yield sources[0]
 
 
 # --------------------------------------------------------------------------- verify
@@ -166,9 +188,17 @@ def _run_verify(source: Any, *, vkey: str | None, trusted: bytes | None, as_json
         )
 
 
+def _key_name(vkey: str) -> str | None:
+    from axid.audit.note import NoteError, NoteVerifier
+
+    try:
+        return NoteVerifier.from_vkey(vkey).name
+    except NoteError:
+        return None
+
+
 def _check_bundle_log(source: ExportDirSource, log: str, vkey: str | None) -> None:
     """``--log`` with a bundle asserts which log it holds: a mismatch is a usage error."""
-    from axid.audit.note import NoteError, NoteVerifier
     from axid.audit.verify import SourceFormatError
 
     if vkey is None:
@@ -176,14 +206,167 @@ def _check_bundle_log(source: ExportDirSource, log: str, vkey: str | None) -> No
             vkey = source.vkey()
         except SourceFormatError:
             return  # verification reports the malformed vkey file
-    if vkey is None:
-        return
-    try:
-        name = NoteVerifier.from_vkey(vkey).name
-    except NoteError:
-        return
-    if name != f"axid/{log}":
+    name = None if vkey is None else _key_name(vkey)
+    if name is not None and name != _ORIGIN_PREFIX + log:
         raise VerifyUsageError(f"the bundle's key is for {name!r}, not for log {log!r}")
+
+
+def _bundle_log(source: ExportDirSource, log: str | None) -> str | None:
+    """The log a bundle holds: ``--log``, else what its own vkey file names (to pick
+    the right ``--vkey``, which verification then holds the bundle to)."""
+    from axid.audit.verify import SourceFormatError
+
+    if log is not None:
+        return log
+    try:
+        stored = source.vkey()
+    except SourceFormatError:
+        return None
+    name = None if stored is None else _key_name(stored)
+    return name.removeprefix(_ORIGIN_PREFIX) if name and name.startswith(_ORIGIN_PREFIX) else None
+
+
+@dataclass
+class _Target:
+    """One log to verify and what to verify it with."""
+
+    source: Any  # DatabaseSource | ExportDirSource
+    log: str | None  # its name, when known before verifying
+    vkey: str | None = None
+    trusted: bytes | None = None
+
+
+@dataclass(frozen=True)
+class _Trusted:
+    path: Path
+    origin: str
+    note: bytes
+
+
+def _vkeys(values: list[str]) -> dict[str, str]:
+    """The ``--vkey`` values by key name (a log takes the one named after its origin)."""
+    keys: dict[str, str] = {}
+    for value in values:
+        key = load_vkey_arg(value)
+        name = _key_name(key) or ""  # load_vkey_arg checked it parses
+        if keys.setdefault(name, key) != key:
+            raise VerifyUsageError(f"two different --vkey for {name!r}")
+    return keys
+
+
+def _read_trusted(paths: list[Path]) -> list[_Trusted]:
+    out: list[_Trusted] = []
+    for p in paths:
+        try:
+            with p.open("rb") as f:
+                note = f.read(_MAX_TRUSTED_CP)
+        except OSError as e:
+            raise VerifyUsageError(f"cannot read trusted checkpoint {p}: {e.strerror}") from e
+        origin = note.split(b"\n", 1)[0].decode("utf-8", "replace")
+        if any(t.origin == origin for t in out):
+            raise VerifyUsageError(f"two --trusted-checkpoint for origin {origin!r}")
+        out.append(_Trusted(p, origin, note))
+    return out
+
+
+def _assign_keys(targets: list[_Target], keys: dict[str, str]) -> None:
+    """Each log takes the ``--vkey`` named after its origin; a single log and a
+    single key are paired as given (verification says if they do not match)."""
+    for t in targets:
+        origin = None if t.log is None else _ORIGIN_PREFIX + t.log
+        if origin is not None and origin in keys:
+            t.vkey = keys[origin]
+        elif len(keys) == 1 and len(targets) == 1:
+            t.vkey = next(iter(keys.values()))
+        else:
+            what = f"log {t.log!r} (a key named {origin!r})" if t.log else "the bundle (--log)"
+            raise VerifyUsageError(f"no --vkey for {what}; or use --trust-log-key")
+
+
+def _assign_trusted(targets: list[_Target], trusted: list[_Trusted]) -> None:
+    """Each log takes the trusted checkpoint of its origin; a single log and a single
+    checkpoint are paired as given (verification says if they do not match)."""
+    if len(targets) == 1 and len(trusted) == 1:
+        targets[0].trusted = trusted[0].note
+        return
+    by_origin = {t.origin: t for t in trusted}
+    for t in targets:
+        mine = None if t.log is None else by_origin.pop(_ORIGIN_PREFIX + t.log, None)
+        t.trusted = None if mine is None else mine.note
+    for left in by_origin.values():
+        raise VerifyUsageError(
+            f"--trusted-checkpoint {left.path} is for {left.origin!r}, not a log verified here"
+        )
+
+
+def _verify_targets(targets: list[_Target], as_json: bool) -> list[tuple[str | None, Any]]:
+    results: list[tuple[str | None, Any]] = []
+    for t in targets:
+        report = _run_verify(t.source, vkey=t.vkey, trusted=t.trusted, as_json=as_json)
+        name = getattr(t.source, "log_name", None) or t.log
+        if name is None and report.vkey is not None:
+            key = report.vkey.split("+", 1)[0]
+            name = key.removeprefix(_ORIGIN_PREFIX) if key.startswith(_ORIGIN_PREFIX) else None
+        results.append((name, report))
+    return results
+
+
+def _emit_reports(results: list[tuple[str | None, Any]], *, several: bool, as_json: bool) -> None:
+    """One report, or (``several``: every log of a database) one per log."""
+    if as_json:
+        docs = [_report_json(r, log) for log, r in results]
+        out: Any = {"ok": all(r.ok for _, r in results), "logs": docs} if several else docs[0]
+        typer.echo(json.dumps(out, indent=2))
+        return
+    for i, (log, report) in enumerate(results):
+        if several:
+            typer.echo(("\n" if i else "") + f"== log {log} ==")
+        _print_report(report, log)
+    if several:
+        bad = [str(log) for log, r in results if not r.ok]
+        verdict = f"TAMPERED: {', '.join(bad)}" if bad else "all intact"
+        typer.echo(f"\n{_count(len(results), 'log')}: {verdict}")
+
+
+def _verify_bundle(bundle: Path, log: str | None, keys: dict[str, str]) -> _Target:
+    source = ExportDirSource(bundle)
+    target = _Target(source, _bundle_log(source, log))
+    if keys:
+        _assign_keys([target], keys)
+    if log is not None:
+        _check_bundle_log(source, log, target.vkey)
+        source.log_name = log
+    return target
+
+
+_VkeyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--vkey",
+        metavar="VKEY_OR_FILE",
+        help="A log's published verifier key (or a file holding it), obtained out of band. "
+        "Repeatable: each log takes the key named after its origin (axid/<log>).",
+        show_default=False,
+    ),
+]
+_TrustLogKeyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-log-key",
+        help="Instead of --vkey, use the key stored with the log: only as trustworthy "
+        "as the log itself (a warning says so).",
+    ),
+]
+_TrustedOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--trusted-checkpoint",
+        metavar="FILE",
+        help="A signed checkpoint kept from an earlier verification: catches "
+        "truncation, rollback and forks. Repeatable: each log takes the one of its origin.",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
@@ -196,65 +379,54 @@ def verify(
         ),
     ] = None,
     db: _DbOpt = None,
-    log: _LogOpt = None,
-    vkey: Annotated[
+    log: Annotated[
         str | None,
-        typer.Option(
-            "--vkey",
-            metavar="VKEY_OR_FILE",
-            help="The log's published verifier key (or a file holding it). Without it the "
-            "key stored with the log is used, which is only as trustworthy as the log.",
-        ),
+        typer.Option("--log", help="Verify only this log (default: every log in the database)."),
     ] = None,
-    trusted_checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--trusted-checkpoint",
-            metavar="FILE",
-            help="A signed checkpoint kept from an earlier verification: catches "
-            "truncation, rollback and forks.",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    vkey: _VkeyOpt = None,
+    trust_log_key: _TrustLogKeyOpt = False,
+    trusted_checkpoint: _TrustedOpt = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the report as JSON (several logs: {ok, logs: [...]})."),
+    ] = False,
 ) -> None:
-    """Re-hash every entry; check the chain, every checkpoint's signature and root.
+    """Re-hash every entry; check the chain, the checkpoints and the index columns.
 
-    Exit 0 intact, 1 tampering found (prints the first bad seq), 2 usage/IO error.
+    Checks every checkpoint's signature and root and (database) that each row's
+    index columns agree with its entry bytes. Without --log, every log in the
+    database, one report each. Exit 0 intact, 1 tampering found (prints the
+    first bad seq), 2 usage/IO error.
     """
     if bundle is not None and db is not None:
         _fail("give either BUNDLE_DIR or --db, not both", as_json=as_json)
+    if not vkey and not trust_log_key:
+        _fail(
+            "no key to verify with: pass the log's published key with --vkey (one per log), "
+            "or --trust-log-key to use the key stored with the log (only as trustworthy as "
+            "the log itself)",
+            as_json=as_json,
+        )
+    if vkey and trust_log_key:
+        _fail("give either --vkey or --trust-log-key, not both", as_json=as_json)
     try:
-        key = load_vkey_arg(vkey) if vkey is not None else None
-        trusted: bytes | None = None
-        if trusted_checkpoint is not None:
-            try:
-                with trusted_checkpoint.open("rb") as f:
-                    trusted = f.read(_MAX_TRUSTED_CP)
-            except OSError as e:
-                raise VerifyUsageError(
-                    f"cannot read trusted checkpoint {trusted_checkpoint}: {e.strerror}"
-                ) from e
+        keys = _vkeys(vkey or [])
+        trusted = _read_trusted(trusted_checkpoint or [])
         if bundle is not None:
-            source: Any = ExportDirSource(bundle)
-            if log is not None:
-                _check_bundle_log(source, log, key)
-                source.log_name = log
-            report = _run_verify(source, vkey=key, trusted=trusted, as_json=as_json)
-            log_name = source.log_name
+            targets = [_verify_bundle(bundle, log, keys)]
+            _assign_trusted(targets, trusted)
+            results = _verify_targets(targets, as_json)
         else:
-            with _db(db, log, as_json=as_json) as source:
-                report = _run_verify(source, vkey=key, trusted=trusted, as_json=as_json)
-                log_name = source.log_name
+            with _db_sources(db, log, every_log=True, as_json=as_json) as sources:
+                targets = [_Target(s, s.log_name) for s in sources]
+                if keys:
+                    _assign_keys(targets, keys)
+                _assign_trusted(targets, trusted)
+                results = _verify_targets(targets, as_json)
     except VerifyUsageError as e:
         _fail(str(e), as_json=as_json)
-    if log_name is None and report.vkey is not None:
-        name = report.vkey.split("+", 1)[0]
-        log_name = name.removeprefix("axid/") if name.startswith("axid/") else None
-    if as_json:
-        typer.echo(json.dumps(_report_json(report, log_name), indent=2))
-    else:
-        _print_report(report, log_name)
-    raise typer.Exit(EXIT_OK if report.ok else EXIT_TAMPERED)
+    _emit_reports(results, several=bundle is None and log is None, as_json=as_json)
+    raise typer.Exit(EXIT_OK if all(r.ok for _, r in results) else EXIT_TAMPERED)
 
 
 # --------------------------------------------------------------------------- export
@@ -319,6 +491,118 @@ def _parse_since(value: str) -> int:
 _COLUMNS = ("seq", "ts", "decision", "reason", "method", "path", "tenant", "agent", "run")
 
 
+@dataclass(frozen=True)
+class _ShowFilter:
+    """``show``'s filters, applied to what the entry bytes say."""
+
+    decision: str | None = None
+    tenant: str | None = None
+    agent: str | None = None
+    run: str | None = None
+    since_ms: int | None = None
+
+    def matches(self, entry: dict[str, Any]) -> bool:
+        from axid.audit.entry import parse_ts
+
+        for name in ("decision", "tenant", "agent", "run"):
+            want = getattr(self, name)
+            if want is not None and entry[name] != want:
+                return False
+        return self.since_ms is None or parse_ts(entry["ts"]) >= self.since_ms
+
+
+@dataclass
+class _Listing:
+    """What ``show`` read: the matching entries (each with what its row's index
+    columns say that its bytes do not), and the rows that fail their bytes."""
+
+    rows: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
+    tampered: int = 0  # rows read whose index columns disagree with their bytes
+    tampered_hidden: int = 0  # of those, rows whose bytes do not match the filters
+    malformed: int = 0  # rows whose bytes are no entry at all
+
+    @property
+    def clean(self) -> bool:
+        return not self.tampered and not self.malformed
+
+
+def _scan_show(source: DatabaseSource, want: _ShowFilter, limit: int) -> _Listing:
+    """Read the log in order, parse every entry, keep those whose BYTES match."""
+    from axid.audit.entry import EntryError, parse_entry
+    from axid.audit.verify import index_disagreements
+
+    out = _Listing()
+    for _seq, data, _leaf, *index in source.entries():
+        try:
+            entry = parse_entry(data)
+        except EntryError:
+            out.malformed += 1
+            continue
+        wrong = index_disagreements(entry, index)
+        shown = want.matches(entry)
+        out.tampered += bool(wrong)
+        out.tampered_hidden += bool(wrong) and not shown
+        if shown:
+            out.rows.append((entry, wrong))
+            if limit and len(out.rows) >= limit:
+                break
+    return out
+
+
+def _count(n: int, noun: str, nouns: str | None = None) -> str:
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
+def _show_warnings(listing: _Listing) -> None:
+    if listing.tampered:
+        hidden = listing.tampered_hidden
+        typer.echo(
+            f"warning: {_count(listing.tampered, 'row')} read disagree with their entry "
+            "bytes in their index columns (shown marked TAMPERED"
+            + (f"; {hidden} of them do not match the filters, not shown" if hidden else "")
+            + "): the database was edited; run `axid audit verify`",
+            err=True,
+        )
+    if listing.malformed:
+        typer.echo(
+            f"warning: {_count(listing.malformed, 'stored entry', 'stored entries')} "
+            "malformed (not shown); "
+            "run `axid audit verify`",
+            err=True,
+        )
+
+
+def _show_table(listing: _Listing, log: str | None, limit: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    marked = any(wrong for _, wrong in listing.rows)
+    table = Table(title=_cell(f"decision log {log}"), show_lines=False)
+    for col in (*_COLUMNS, "tampered") if marked else _COLUMNS:
+        table.add_column(col, overflow="fold", no_wrap=col in ("seq", "decision"))
+    for entry, wrong in listing.rows:
+        cells: list[Any] = [_show_cell(entry, c) for c in _COLUMNS]
+        if marked:
+            cells.append(_cell("TAMPERED: " + "; ".join(wrong)) if wrong else "")
+            if wrong:
+                cells[-1].stylize("bold red")
+        table.add_row(*cells)
+    console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    n = len(listing.rows)
+    more = f" (limit {limit}; --limit 0 for all)" if limit and n == limit else ""
+    console.print(f"{n} entries{more}")
+
+
+def _show_cell(entry: dict[str, Any], col: str) -> Any:
+    value = entry.get(col)
+    if value is None:
+        return ""
+    if col == "decision":
+        return "[green]allow[/]" if value == "allow" else "[red]deny[/]"
+    return _cell(value)
+
+
 @app.command()
 def show(
     decision: Annotated[
@@ -340,58 +624,30 @@ def show(
     db: _DbOpt = None,
     log: _LogOpt = None,
 ) -> None:
-    """List entries (oldest first) matching every filter given.
+    """List entries (oldest first) whose bytes match every filter given.
 
-    Shows what is stored; only `axid audit verify` says whether it is authentic.
+    Reads every entry in order (up to the --limit-th match) and filters on what
+    its bytes say, never on the database's index columns. A row whose columns
+    disagree with its bytes is marked TAMPERED (JSON: a "tampered" list) and
+    the exit status is 1, as it is for a malformed entry; only `axid audit
+    verify` says whether the log is authentic.
     """
-    from axid.audit.entry import EntryError, parse_entry
-
-    since_ms = _parse_since(since) if since is not None else None
+    want = _ShowFilter(
+        decision.value if decision is not None else None,
+        tenant,
+        agent,
+        run,
+        _parse_since(since) if since is not None else None,
+    )
     with _db(db, log) as source:
-        rows: list[dict[str, Any]] = []
-        malformed = 0
-        for data in source.store.query(
-            decision=decision.value if decision is not None else None,
-            tenant=tenant,
-            agent=agent,
-            run=run,
-            since_ms=since_ms,
-            limit=limit or None,
-        ):
-            try:
-                rows.append(parse_entry(data))
-            except EntryError:
-                malformed += 1
-    if malformed:
-        typer.echo(
-            f"warning: {malformed} stored entries are malformed (not shown); "
-            "run `axid audit verify`",
-            err=True,
-        )
+        listing = _scan_show(source, want, limit)
+    _show_warnings(listing)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=_cell(f"decision log {source.log_name}"), show_lines=False)
-    for col in _COLUMNS:
-        table.add_column(col, overflow="fold", no_wrap=col in ("seq", "decision"))
-    for r in rows:
-        table.add_row(
-            *(
-                ""
-                if r.get(c) is None
-                else _cell(r[c])
-                if c != "decision"
-                else ("[green]allow[/]" if r[c] == "allow" else "[red]deny[/]")
-                for c in _COLUMNS
-            )
-        )
-    console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
-    console.print(table)
-    more = f" (limit {limit}; --limit 0 for all)" if limit and len(rows) == limit else ""
-    console.print(f"{len(rows)} entries{more}")
+        docs = [{**e, "tampered": wrong} if wrong else e for e, wrong in listing.rows]
+        typer.echo(json.dumps(docs, indent=2, ensure_ascii=False))
+    else:
+        _show_table(listing, source.log_name, limit)
+    raise typer.Exit(EXIT_OK if listing.clean else EXIT_TAMPERED)
 
 
 # C0 and C1 controls and DEL: shown as \xNN, never sent to the terminal.
@@ -406,30 +662,194 @@ def _cell(value: object) -> Any:
     return Text(_UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
 
 
-# --------------------------------------------------------------------------- proof, vkey
+# ------------------------------------------------------------------ proof, consistency, vkey
+
+_SizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--size",
+        min=0,
+        help="The size of a stored checkpoint to prove against (default: the latest).",
+        show_default=False,
+    ),
+]
+
+
+def _stored_failure(e: Exception) -> NoReturn:
+    """A proof that cannot be made from what is stored: say so (exit 2)."""
+    if isinstance(e, KeyError):
+        _fail(f"the stored Merkle tree is incomplete (node {e}); run `axid audit verify`")
+    _fail(f"the stored checkpoint is malformed ({e}); run `axid audit verify`")
 
 
 @app.command()
 def proof(
     seq: Annotated[int, typer.Argument(help="The entry's seq.", min=0)],
+    size: _SizeOpt = None,
     db: _DbOpt = None,
     log: _LogOpt = None,
 ) -> None:
-    """Print a C2SP tlog-proof: entry SEQ's inclusion in the latest signed checkpoint."""
+    """Print a C2SP tlog-proof: entry SEQ's inclusion in a signed checkpoint.
+
+    The checkpoint of size N with --size N, else the latest; exit 2 when there
+    is no checkpoint of that size or SEQ is not below it.
+    """
     from axid.audit.store import NotFound, proof_text
 
     with _db(db, log) as source:
         try:
-            hashes, note = source.store.inclusion_proof(seq)
+            hashes, note = source.store.inclusion_proof(seq, size)
         except NotFound as e:
             _fail(str(e))
         except KeyError as e:
-            _fail(f"the stored Merkle tree is incomplete (node {e}); run `axid audit verify`")
+            _stored_failure(e)
         try:
             text = proof_text(seq, hashes, note)
         except ValueError as e:
-            _fail(f"the stored checkpoint is malformed ({e}); run `axid audit verify`")
+            _stored_failure(e)
     typer.echo(text, nl=False)
+
+
+def _consistency(source: DatabaseSource, old: int, size: int | None) -> str:
+    """The consistency proof from size ``old`` to the checkpoint of ``size``, as text."""
+    from axid.audit.store import NotFound, consistency_text
+
+    name = source.log_name
+    if size is None:
+        if source.max_cp < 0:
+            _fail(f"log {name!r} has no checkpoint yet")
+        size = source.max_cp
+    note = source.store.checkpoint(size)
+    if note is None:
+        _fail(f"log {name!r} has no checkpoint at size {size}")
+    if old > size:
+        _fail(f"old size {old} is larger than the checkpoint's size {size}")
+    try:
+        hashes = source.store.consistency_proof(old, size)
+    except NotFound as e:
+        _fail(str(e))
+    except KeyError as e:
+        _stored_failure(e)
+    try:
+        return consistency_text(old, hashes, note)
+    except ValueError as e:
+        _stored_failure(e)
+
+
+@app.command()
+def consistency(
+    old: Annotated[int, typer.Argument(help="The older tree size to prove from.", min=0)],
+    size: _SizeOpt = None,
+    db: _DbOpt = None,
+    log: _LogOpt = None,
+) -> None:
+    """Print the consistency proof from tree size OLD to a signed checkpoint.
+
+    The checkpoint of size N with --size N, else the latest, in the C2SP
+    tlog-witness add-checkpoint request form: "old OLD", one base64 hash a
+    line, an empty line, the signed checkpoint. OLD 0 and OLD = N give an
+    empty proof; exit 2 when there is no checkpoint of that size or OLD > N.
+    """
+    with _db(db, log) as source:
+        text = _consistency(source, old, size)
+    typer.echo(text, nl=False)
+
+
+# --------------------------------------------------------------------------- tree
+
+
+def _tree_entries(sources: list[DatabaseSource], malformed: list[int]) -> Iterator[dict[str, Any]]:
+    """Every parsed entry of the logs, log by log, in order; ``malformed[0]`` counts
+    the rows whose bytes are no entry (skipped)."""
+    from axid.audit.entry import EntryError, parse_entry
+
+    for source in sources:
+        for row in source.entries():
+            try:
+                yield parse_entry(row[1])
+            except EntryError:
+                malformed[0] += 1
+
+
+def _tree_label(node: RunNode, run: str) -> Any:
+    from rich.text import Text
+
+    label = Text()
+    label.append_text(_cell(node.run))
+    label.stylize("bold cyan" if node.run == run else "bold")
+    label.append(f"  agent {', '.join(node.agents) or '?'}", style="default")
+    label.append(f"  workload {', '.join(node.workloads) or '?'}", style="dim")
+    return label
+
+
+def _decision_line(d: Any, with_log: bool) -> Any:
+    from rich.text import Text
+
+    line = Text()
+    line.append_text(_cell(f"{d.ts}  {d.method or '-'} {d.path or '-'}  "))
+    line.append(d.decision, style="green" if d.decision == "allow" else "red")
+    line.append_text(_cell(f"  {d.reason}  seq {d.seq}" + (f"  ({d.log})" if with_log else "")))
+    return line
+
+
+def _render_tree(node: RunNode, run: str, with_log: bool, parent: Any = None) -> Any:
+    from rich.tree import Tree
+
+    label = _tree_label(node, run)
+    branch = Tree(label) if parent is None else parent.add(label)
+    for d in node.decisions:
+        branch.add(_decision_line(d, with_log))
+    for child in node.children:
+        _render_tree(child, run, with_log, branch)
+    return branch
+
+
+@app.command()
+def tree(
+    run: Annotated[str, typer.Argument(help="A run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the tree as JSON.")] = False,
+    db: _DbOpt = None,
+    log: Annotated[
+        str | None,
+        typer.Option("--log", help="Read only this log (default: every log in the database)."),
+    ] = None,
+) -> None:
+    """Show the spawn tree RUN belongs to, from its root, with every decision.
+
+    Each run with its agent and workload (the peer SPIFFE ID of its entries),
+    and under it its decisions in time order: time, method and path, decision,
+    reason, seq (and the log, when several are read). Built from what the entry
+    bytes say; exit 2 when no entry names RUN, 1 when a stored entry is
+    malformed (left out; run `axid audit verify`).
+    """
+    from axid.audit.tree import build_tree, find_root
+
+    malformed = [0]
+    with _db_sources(db, log, every_log=True) as sources:
+        root = find_root(run, _tree_entries(sources, [0]))
+        if root is None:
+            _fail(f"no entries for run {run!r} in log(s) {', '.join(_names(sources))}")
+        top = build_tree(root, _tree_entries(sources, malformed))
+        names = _names(sources)
+    if malformed[0]:
+        typer.echo(
+            f"warning: {_count(malformed[0], 'stored entry', 'stored entries')} malformed "
+            "(left out); run `axid audit verify`",
+            err=True,
+        )
+    if as_json:
+        doc = {"run": run, "root": root, "logs": names, "tree": top.to_json()}
+        typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        from rich.console import Console
+
+        console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+        console.print(_render_tree(top, run, with_log=len(names) > 1))
+    raise typer.Exit(EXIT_TAMPERED if malformed[0] else EXIT_OK)
+
+
+def _names(sources: list[DatabaseSource]) -> list[str]:
+    return [str(s.log_name) for s in sources]
 
 
 @app.command("vkey")
