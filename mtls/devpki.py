@@ -8,6 +8,7 @@ verifier refuses URI name constraints. Private keys are written 0600, atomically
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import secrets
@@ -24,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from mtls.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 __all__ = [
+    "DEV_SERVERS",
     "DEV_WORKLOADS",
     "DevCA",
     "DevPki",
@@ -42,6 +44,8 @@ DEV_WORKLOADS: dict[str, str] = {
     "planner": "/agent/planner",
     "worker": "/agent/worker",
 }
+# The servers among them: their SVIDs also name localhost and 127.0.0.1 (see issue_svid).
+DEV_SERVERS: frozenset[str] = frozenset({"issuer", "payments"})
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -286,11 +290,15 @@ class DevCA:
         *,
         ttl: timedelta = timedelta(hours=24),
         not_before: datetime | None = None,
+        server_names: bool = False,
     ) -> IssuedSvid:
         """Issue an X.509-SVID for ``spiffe_id`` (must be in this CA's trust domain).
 
         ``not_before`` defaults to now minus one minute (clock skew); the SVID never
-        outlives the CA.
+        outlives the CA. ``server_names`` adds ``DNS:localhost`` and
+        ``IP:127.0.0.1`` SANs beside the one URI SAN (the X509-SVID spec allows
+        other SAN types), so that ordinary HTTPS clients such as curl verify a
+        loopback server; AXID's own clients still check the SPIFFE ID.
         """
         sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
         if not sid.member_of(self.trust_domain):
@@ -343,8 +351,7 @@ class DevCA:
             )
             # Non-critical because the subject is not empty (RFC 5280 4.2.1.6).
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(sid))]),
-                critical=False,
+                x509.SubjectAlternativeName(_svid_sans(sid, server_names)), critical=False
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .add_extension(self._aki(), critical=False)
@@ -372,6 +379,13 @@ class DevCA:
 
     def __repr__(self) -> str:  # never show the key
         return f"DevCA(trust_domain={self.trust_domain.name}, serial={self.cert.serial_number:x})"
+
+
+def _svid_sans(sid: SpiffeId, server_names: bool) -> list[x509.GeneralName]:
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(sid))]
+    if server_names:
+        sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    return sans
 
 
 # -- the dev PKI directory ----------------------------------------------------------
@@ -456,7 +470,9 @@ def init_dev_pki(
     # Issue everything in memory first: a failure leaves the directory untouched.
     ca = DevCA.create(td)
     svids = {
-        name: ca.issue_svid(SpiffeId(td, path), ttl=svid_ttl)
+        name: ca.issue_svid(
+            SpiffeId(td, path), ttl=svid_ttl, server_names=name in DEV_SERVERS
+        )
         for name, path in DEV_WORKLOADS.items()
     }
     d.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,20 @@ def test_planner_has_exactly_one_uri_san(pki_dir: Path) -> None:
     assert isinstance(cert.public_key().curve, ec.SECP256R1)
 
 
+def test_server_svids_also_name_loopback(pki_dir: Path) -> None:
+    # So that curl --cacert bundle.pem https://127.0.0.1:PORT/ verifies the issuer.
+    for name in ("issuer", "payments"):
+        cert = x509.load_pem_x509_certificate((pki_dir / f"{name}.pem").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert len(san.get_values_for_type(x509.UniformResourceIdentifier)) == 1
+        assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+        assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    for name in ("planner", "worker"):
+        cert = x509.load_pem_x509_certificate((pki_dir / f"{name}.pem").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert len(list(san)) == 1
+
+
 def test_ca_shape(pki_dir: Path) -> None:
     ca = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
     bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
