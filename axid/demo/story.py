@@ -334,6 +334,8 @@ async def _start(name: str, app: Any, source: Any, sock: socket.socket) -> _Runn
         host=DEMO_HOST,
         port=port,
         source=source,
+        # As axid serve: the issuer's public read routes take clients without a certificate.
+        client_cert="optional" if name == "issuer" else "required",
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=3,
