@@ -65,10 +65,28 @@ def reason(r: httpx.Response) -> str | None:
     return json.loads(r.content).get("reason")
 
 
-def allow(stack: Stack, w: Worker, token: str, *paths: str) -> None:
+def allow(stack: Stack, w: Worker, token: str, *paths: str) -> str:
+    """GET each path (each must be allowed); returns the last answer's AXID-Receipt."""
     for p in paths:
         r = get(stack, w, token, p)
         assert r.status_code == 200, (p, r.status_code, r.text, w.stderr_tail())
+    return r.headers["axid-receipt"]
+
+
+def receipt_check(stack: Stack, url: str, log: str, receipt: str) -> int:
+    """The caller's check of a receipt it kept: exit status of `axid audit receipt check`."""
+    path = stack.tmp / f"receipt-{uid()[:8]}"
+    path.write_text(receipt)
+    argv = [AXID_BIN, "audit", "receipt", "check", str(path), "--vkey", stack.vkey(log)]
+    cli = subprocess.run(
+        [*argv, "--db", url, "--log", log],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert cli.returncode in (0, 1), cli.stdout + cli.stderr
+    return cli.returncode
 
 
 def assert_fails_closed(stack: Stack, w: Worker, token: str, url: str, log: str) -> None:
@@ -127,7 +145,9 @@ def test_forged_tail_after_the_trusted_checkpoint(
         allow(stack, w, token, "/payments/p-1", "/payments/p-2")
         trusted = checkpoints(log_url, log)[-1]  # what the auditor last saw
         m = _size(trusted)
-        allow(stack, w, token, HIDDEN, "/payments/p-3")
+        kept = allow(stack, w, token, HIDDEN)
+        allow(stack, w, token, "/payments/p-3")
+        assert receipt_check(stack, log_url, log, kept) == 0
         rewrite_tail(
             log_url,
             log,
@@ -138,6 +158,7 @@ def test_forged_tail_after_the_trusted_checkpoint(
         assert_fails_closed(stack, w, token, log_url, log)
         assert_one_error_line(w)
     assert audit_verify(stack, log_url, log, trusted) == 1
+    assert receipt_check(stack, log_url, log, kept) == 1
 
 
 # --------------------------------------------------------------------------- rollbacks
@@ -149,13 +170,14 @@ def test_restore_older_copy_while_stopped(stack: Stack, log_url: str) -> None:
         token = stack.mint()
         allow(stack, w, token, "/payments/p-1")
         old = Snapshot(log_url, log, stack.tmp)
-        allow(stack, w, token, HIDDEN, "/payments/p-2")
+        kept = allow(stack, w, token, HIDDEN, "/payments/p-2")
         trusted = checkpoints(log_url, log)[-1]
     old.restore()
     with service(stack, log_url, log, "svc2") as w:
         assert_fails_closed(stack, w, token, log_url, log)
         assert_one_error_line(w)
     assert audit_verify(stack, log_url, log, trusted) == 1
+    assert receipt_check(stack, log_url, log, kept) == 1
 
 
 def test_restore_older_copy_while_running(stack: Stack, log_url: str) -> None:
@@ -164,12 +186,13 @@ def test_restore_older_copy_while_running(stack: Stack, log_url: str) -> None:
         token = stack.mint()
         allow(stack, w, token, "/payments/p-1")
         old = Snapshot(log_url, log, stack.tmp)
-        allow(stack, w, token, HIDDEN, "/payments/p-2")
+        kept = allow(stack, w, token, HIDDEN, "/payments/p-2")
         trusted = checkpoints(log_url, log)[-1]
         old.restore()
         assert_fails_closed(stack, w, token, log_url, log)
         assert_one_error_line(w)
     assert audit_verify(stack, log_url, log, trusted) == 1
+    assert receipt_check(stack, log_url, log, kept) == 1
 
 
 def test_restart_after_a_refused_rollback_still_refuses(stack: Stack, log_url: str) -> None:
@@ -212,9 +235,10 @@ def test_index_columns_edited_in_place(stack: Stack, log_url: str) -> None:
     log = f"p{uid()[:10]}"
     with service(stack, log_url, log) as w:
         token = stack.mint()
-        allow(stack, w, token, "/payments/p-1", HIDDEN)
+        kept = allow(stack, w, token, "/payments/p-1", HIDDEN)
         trusted = checkpoints(log_url, log)[-1]
         seq = next(i for i, e in enumerate(entries(log_url, log)) if e["path"] == HIDDEN)
         set_column(log_url, log, seq, "decision", "deny")
         allow(stack, w, token, "/payments/p-2")
     assert audit_verify(stack, log_url, log, trusted) == 1
+    assert receipt_check(stack, log_url, log, kept) == 0  # the signed entry itself is intact
