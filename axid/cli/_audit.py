@@ -557,8 +557,8 @@ def _show_warnings(listing: _Listing) -> None:
     if listing.tampered:
         hidden = listing.tampered_hidden
         typer.echo(
-            f"warning: {_count(listing.tampered, 'row')} read disagree with their entry "
-            "bytes in their index columns (shown marked TAMPERED"
+            "warning: index columns disagree with the entry bytes in "
+            f"{_count(listing.tampered, 'row')} read (shown marked TAMPERED"
             + (f"; {hidden} of them do not match the filters, not shown" if hidden else "")
             + "): the database was edited; run `axid audit verify`",
             err=True,
