@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import _spec_rfc9162 as rfc9162
 import pytest
 from _audit_helpers import LogFx, runner
 from _pg import require_pg
@@ -78,6 +79,7 @@ def test_proof_at_each_checkpoint_size(fx: LogFx) -> None:
             assert cp.size == size and note.encode() == fx.checkpoint(size)
             assert cp.root == root_from_leaf_hashes(hashes[:size])
             verify_inclusion(seq, size, hashes[seq], proof, cp.root)
+            assert rfc9162.verify_inclusion(seq, size, hashes[seq], proof, cp.root)
     # Without --size: the latest.
     code, out, _ = run(fx, "proof", "5")
     assert code == 0
@@ -104,6 +106,9 @@ def test_consistency_between_every_pair(fx: LogFx) -> None:
                 assert proof == []  # trivially consistent
             old_root = root_from_leaf_hashes(hashes[:old])
             verify_consistency(old, size, old_root, cp.root, proof)
+            # And with RFC 9162's own algorithm, written in the test from the RFC.
+            spec_root = rfc9162.mth_of_leaf_hashes(hashes[:old])
+            assert rfc9162.verify_consistency(old, size, spec_root, cp.root, proof)
 
 
 def test_consistency_defaults_to_the_latest_checkpoint(fx: LogFx) -> None:
