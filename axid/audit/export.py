@@ -3,10 +3,13 @@
 Layout (the contract in DESIGN.md):
 
 - ``DIR/entries.jsonl``: every entry's exact stored bytes followed by ``\\n``;
-- ``DIR/checkpoints/<size>``: every signed checkpoint note exactly as stored;
+- ``DIR/checkpoints/<size>``: every signed checkpoint note exactly as stored,
+  followed by the witnesses' cosignature lines stored beside it (the C2SP
+  form of a cosigned checkpoint: the log's signature line, then each witness's);
 - ``DIR/vkey``: the log's verifier key line followed by ``\\n``.
 
-Nothing is re-encoded: the bundle holds the bytes that were hashed and signed,
+Nothing is re-encoded: the bundle holds the bytes that were hashed and signed
+(and cosigned),
 so ``axid audit verify DIR`` checks the very same data. The export reads one
 consistent cut of the log (see :class:`axid.audit.verify.DatabaseSource`).
 Files are created exclusively with mode 0644, each fsynced, then the

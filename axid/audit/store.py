@@ -41,6 +41,7 @@ from sqlalchemy import (
     BigInteger,
     Connection,
     Engine,
+    ForeignKeyConstraint,
     Index,
     LargeBinary,
     and_,
@@ -49,6 +50,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
 )
@@ -78,7 +80,15 @@ from axid.audit.merkle import (
 from axid.audit.merkle import (
     inclusion_proof as _merkle_inclusion_proof,
 )
-from axid.audit.note import Checkpoint, NoteError, NoteSigner, open_checkpoint, sign_checkpoint
+from axid.audit.note import (
+    Checkpoint,
+    NoteError,
+    NoteSigner,
+    _b64decode_strict,
+    is_valid_key_name,
+    open_checkpoint,
+    sign_checkpoint,
+)
 from axid.audit.receipt import Receipt
 from axid.keys import KeyringError, read_private_key_file, write_private_key_file
 
@@ -87,6 +97,7 @@ __all__ = [
     "LOG_NAME_RE",
     "PROOF_HEADER",
     "AuditCheckpoint",
+    "AuditCosignature",
     "AuditEntry",
     "AuditLog",
     "AuditNode",
@@ -99,6 +110,7 @@ __all__ = [
     "NotFound",
     "StoreError",
     "consistency_text",
+    "cosignature_key",
     "create_schema",
     "generate_log_key",
     "list_logs",
@@ -221,11 +233,42 @@ class AuditCheckpoint(SQLModel, table=True):
     created_at: int = Field(sa_type=BigInteger)  # unix ms
 
 
+class AuditCosignature(SQLModel, table=True):
+    """A witness's cosignature line on one checkpoint (C2SP tlog-cosignature).
+
+    ``line`` is the exact signature line, newline included; ``witness`` and
+    ``key_id`` (8 hex digits) are its key name and key ID. One line per key and
+    checkpoint: a later cosignature by the same key on the same checkpoint is
+    not stored. The log's own checkpoint note stays as signed, in
+    :class:`AuditCheckpoint`; the cosigned note is that note with these lines
+    appended (see :meth:`LogStore.cosigned_note`).
+    """
+
+    __tablename__ = "axid_audit_cosignature"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["log", "size"], ["axid_audit_checkpoint.log", "axid_audit_checkpoint.size"]
+        ),
+    )
+
+    log: str = Field(primary_key=True, max_length=64)
+    size: int = Field(
+        primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False}
+    )
+    witness: str = Field(primary_key=True)
+    key_id: str = Field(primary_key=True, max_length=8)
+    line: bytes = Field(sa_type=LargeBinary)
+    created_at: int = Field(sa_type=BigInteger)  # unix ms
+
+
 _LOG_T: Any = AuditLog.__table__
 _ENTRY_T: Any = AuditEntry.__table__
 _NODE_T: Any = AuditNode.__table__
 _CP_T: Any = AuditCheckpoint.__table__
-_TABLES = [_LOG_T, _ENTRY_T, _NODE_T, _CP_T]
+_COSIG_T: Any = AuditCosignature.__table__
+_TABLES = [_LOG_T, _ENTRY_T, _NODE_T, _CP_T, _COSIG_T]
+_COSIG_TABLE = "axid_audit_cosignature"
+_MAX_COSIG_LINE = 8192  # an ML-DSA-44 cosignature line is ~3.3 KB
 
 
 # Statements built once (building SQLAlchemy expressions costs more than running them).
@@ -360,7 +403,7 @@ def _write_conn(engine: Engine) -> Connection:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create the four audit tables if absent (safe to call from many processes)."""
+    """Create the audit tables if absent (safe to call from many processes)."""
     with _write_conn(engine) as conn, conn.begin():
         if engine.dialect.name == "postgresql":
             conn.execute(select(func.pg_advisory_xact_lock(_PG_SCHEMA_LOCK)))
@@ -522,6 +565,7 @@ class LogStore:
         self._failure: IntegrityFailure | None = None  # sticky: until restart
         self.integrity_failures = 0
         self._file_id = _sqlite_file_id(engine)
+        self._cosig_table = False  # seen the cosignature table (see _has_cosignature_table)
 
     @property
     def engine(self) -> Engine:
@@ -859,6 +903,109 @@ class LogStore:
                 return
             after = int(rows[-1].size)
 
+    # ------------------------------------------------------------------ cosignatures
+
+    def add_cosignatures(self, size: int, lines: Sequence[bytes | str]) -> None:
+        """Store witnesses' cosignature lines on the stored checkpoint of ``size``.
+
+        Insert-only: a line by a key (name and key ID) that already cosigned
+        this checkpoint is ignored, the first one stays. Only the lines' form
+        is checked here; the caller verifies them against the witnesses' keys
+        first (:mod:`axid.audit.witnessing`). The checkpoint must be stored.
+        """
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"invalid checkpoint size {size!r}")
+        now = _now_ms()
+        rows: list[dict[str, object]] = []
+        for line in lines:
+            raw = line.encode("utf-8") if isinstance(line, str) else bytes(line)
+            name, key_id = cosignature_key(raw)
+            row = {"log": self.log, "size": size, "witness": name, "key_id": key_id}
+            rows.append({**row, "line": raw, "created_at": now})
+        if not rows:
+            return
+        dialect = self._engine.dialect.name
+        if dialect == "sqlite":
+            stmt: Any = sqlite_insert(_COSIG_T).on_conflict_do_nothing()
+        elif dialect == "postgresql":
+            stmt = pg_insert(_COSIG_T).on_conflict_do_nothing()
+        else:  # pragma: no cover - make_engine only builds the two above
+            raise StoreError(f"unsupported dialect {dialect}")
+        with _write_conn(self._engine) as conn, conn.begin():
+            conn.execute(stmt, rows)
+
+    def cosignatures(self, size: int) -> list[bytes]:
+        """The stored cosignature lines on the checkpoint of ``size``, by witness and key ID."""
+        with self._engine.connect() as conn:
+            return self._cosignature_lines(conn, size, size).get(size, [])
+
+    def cosigned_note(self, size: int) -> bytes | None:
+        """The checkpoint note of ``size`` with its cosignature lines appended (C2SP
+        form: the log's signature line, then the witnesses'), or None if none."""
+        with self._engine.connect() as conn:
+            note = conn.execute(
+                select(_CP_T.c.note).where(_CP_T.c.log == self.log, _CP_T.c.size == size)
+            ).scalar()
+            if note is None:
+                return None
+            lines = self._cosignature_lines(conn, size, size).get(size, [])
+        return _b(note) + b"".join(lines)
+
+    def cosigned_checkpoints(self, batch: int = 1000) -> Iterator[tuple[int, bytes]]:
+        """:meth:`checkpoints` with each note's cosignature lines appended."""
+        after = -1
+        while True:
+            with self._engine.connect() as conn:
+                rows = conn.execute(
+                    select(_CP_T.c.size, _CP_T.c.note)
+                    .where(_CP_T.c.log == self.log, _CP_T.c.size > after)
+                    .order_by(_CP_T.c.size)
+                    .limit(batch)
+                ).all()
+                cosigs = (
+                    self._cosignature_lines(conn, after + 1, int(rows[-1].size)) if rows else {}
+                )
+            for r in rows:
+                size = int(r.size)
+                yield size, _b(r.note) + b"".join(cosigs.get(size, []))
+            if len(rows) < batch:
+                return
+            after = int(rows[-1].size)
+
+    def cosigned_sizes(self) -> dict[tuple[str, str], int]:
+        """The largest checkpoint size each witness key, ``(name, key ID hex)``, cosigned."""
+        with self._engine.connect() as conn:
+            if not self._has_cosignature_table(conn):
+                return {}
+            t = _COSIG_T.c
+            rows = conn.execute(
+                select(t.witness, t.key_id, func.max(t.size))
+                .where(t.log == self.log)
+                .group_by(t.witness, t.key_id)
+            ).all()
+        return {(str(w), str(k)): int(n) for w, k, n in rows}
+
+    def _cosignature_lines(self, conn: Connection, lo: int, hi: int) -> dict[int, list[bytes]]:
+        """Stored cosignature lines of the checkpoints with sizes in ``[lo, hi]``."""
+        if not self._has_cosignature_table(conn):
+            return {}  # a database from before witnessing, read by an auditor
+        t = _COSIG_T.c
+        rows = conn.execute(
+            select(t.size, t.line)
+            .where(t.log == self.log, t.size >= lo, t.size <= hi)
+            .order_by(t.size, t.witness, t.key_id)
+        ).all()
+        out: dict[int, list[bytes]] = {}
+        for r in rows:
+            out.setdefault(int(r.size), []).append(_b(r.line))
+        return out
+
+    def _has_cosignature_table(self, conn: Connection) -> bool:
+        # Readers never create tables; once seen, the table stays.
+        if not self._cosig_table:
+            self._cosig_table = inspect(conn).has_table(_COSIG_TABLE)
+        return self._cosig_table
+
     def entries(
         self, start: int = 0, end: int | None = None, batch: int = 10000
     ) -> Iterator[tuple[int, bytes, bytes]]:
@@ -1152,6 +1299,35 @@ class LogStore:
         if isinstance(value, bytes | bytearray | memoryview):
             return bytes(value)
         return str(value).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- cosignature lines
+
+
+def cosignature_key(line: bytes) -> tuple[str, str]:
+    """``(key name, key ID hex)`` of one signature line ``— name base64\\n``.
+
+    Checks the form only (one line, newline-terminated, a valid key name,
+    canonical base64 of at least a key ID and a byte), not the signature.
+    """
+    if not isinstance(line, bytes) or len(line) > _MAX_COSIG_LINE:
+        raise StoreError("a cosignature line must be at most 8192 bytes")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StoreError("a cosignature line must be UTF-8") from None
+    if not text.startswith("\u2014 ") or not text.endswith("\n") or "\n" in text[:-1]:
+        raise StoreError("a cosignature line is '\u2014 name base64' and one newline")
+    name, sep, b64 = text[2:-1].partition(" ")
+    if not sep or not is_valid_key_name(name):
+        raise StoreError("a cosignature line needs a valid key name")
+    try:
+        raw = _b64decode_strict(b64, "cosignature line")
+    except NoteError as e:
+        raise StoreError(str(e)) from None
+    if len(raw) < 5:
+        raise StoreError("a cosignature line's signature is too short")
+    return name, raw[:4].hex()
 
 
 # --------------------------------------------------------------------------- proof text

@@ -1692,8 +1692,11 @@ class DatabaseSource:
         return []
 
     def checkpoints(self) -> Iterator[tuple[int, bytes]]:
+        """The signed notes up to the cut, each with its witnesses' cosignature
+        lines appended after the log's own (C2SP signed-note: unknown keys are ignored)."""
+
         def upto() -> Iterator[tuple[int, bytes]]:
-            for size, note in self.store.checkpoints():
+            for size, note in self.store.cosigned_checkpoints():
                 if size > self.max_cp:
                     return
                 yield size, note
