@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from axid.cli import _audit, _bench, _certs, _demo, _keys, _serve, _token
+from axid.cli import _audit, _bench, _certs, _demo, _keys, _serve, _token, _witness
 
 app = typer.Typer(
     name="axid",
@@ -17,6 +17,7 @@ app.add_typer(_certs.app, name="certs")
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_keys.app, name="keys")
 app.add_typer(_token.app, name="token")
+app.add_typer(_witness.app, name="witness")
 app.command("serve")(_serve.serve)
 app.command("bench")(_bench.bench)
 app.command("demo")(_demo.demo)
