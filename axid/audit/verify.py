@@ -16,7 +16,13 @@ bundle directory or the database) and checks, in order of the log:
   the last checkpoint (an unsigned tail);
 - an auditor's *trusted* checkpoint (kept from an earlier run): its size must
   not exceed the log (else the log was truncated or rolled back) and its root
-  must equal the recomputed root at its size (else the log forked).
+  must equal the recomputed root at its size (else the log forked);
+- with a witness quorum (:class:`~axid.audit.quorum.WitnessPolicy`): every
+  cosignature on every checkpoint that claims a given witness key must verify
+  (else the note was altered: a finding), and some checkpoint that verified
+  (so one of the log's own, consistent with all the others) must carry
+  cosignatures by K distinct witnesses, with at most N entries after the
+  newest such one (else ``witness_failure`` says why; not tampering).
 
 Memory is O(log n) (a compact Merkle range) plus the chunks at hand.
 The report names the FIRST bad seq. A broken chain link between two entries
@@ -60,6 +66,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
+from axid.audit.cosignature import CosignatureError, WitnessKey
 from axid.audit.entry import (
     MAX_ENTRY_SIZE,
     ZERO_HASH_HEX,
@@ -77,6 +84,7 @@ from axid.audit.note import (
     NoteVerifier,
     open_checkpoint,
 )
+from axid.audit.quorum import WitnessPolicy
 
 __all__ = [
     "INDEX_COLUMNS",
@@ -89,6 +97,7 @@ __all__ = [
     "VerifyUsageError",
     "index_disagreements",
     "load_vkey_arg",
+    "load_witness_arg",
     "verify_log",
 ]
 
@@ -192,6 +201,14 @@ class VerifyReport:
     vkey: str | None = None
     vkey_from_log: bool = False
     warnings: list[str] = field(default_factory=list)
+    # With a witness quorum (verify_log(witnesses=...)); else None/empty.
+    quorum: int | None = None
+    witnesses: tuple[str, ...] = ()  # the distinct names of the given witnesses
+    witnessed_size: int | None = None  # newest checkpoint cosigned by a quorum
+    witnessed_note: bytes | None = None  # that checkpoint's note, with its cosignatures
+    cosigners: tuple[str, ...] = ()  # the given witnesses whose cosignatures on it verify
+    unwitnessed: int | None = None  # entries after it
+    witness_failure: str | None = None  # why the quorum is not met (not tampering)
 
 
 # --------------------------------------------------------------------------- findings
@@ -278,6 +295,7 @@ class _Pass:
         findings: _Findings,
         progress: Callable[[int], None] | None,
         workers: int | None,
+        policy: WitnessPolicy | None = None,
     ) -> None:
         self.source = source
         self.verifier = verifier
@@ -310,6 +328,12 @@ class _Pass:
         self._prev_own_ok = True
         self._pending: int | None = None  # position whose link to its predecessor broke
         self._expected_log = log_name
+        # The witness quorum (see _check_cosignatures).
+        self.policy = policy
+        self.witnessed: Checkpoint | None = None  # newest good checkpoint with a quorum
+        self.witnessed_note: bytes | None = None
+        self.cosigners: frozenset[str] = frozenset()
+        self.most_cosigners: tuple[int, frozenset[str]] | None = None  # (size, names)
 
     # ---- checkpoints stream
 
@@ -406,9 +430,40 @@ class _Pass:
             )
             self._found()
             return
+        if self.policy is not None and not self._check_cosignatures(size, note, cp):
+            return
         self.last_good = size
         self.latest = cp
         self.latest_note = note
+
+    def _check_cosignatures(self, size: int, note: bytes, cp: Checkpoint) -> bool:
+        """Every cosignature on a checkpoint that verified, by a given witness key,
+        must verify; a checkpoint with a quorum is the newest witnessed one so far.
+
+        Called only for a checkpoint whose signature, size and root check out:
+        it is then one of the log's own, consistent with every other checkpoint
+        and with the entries, so a quorum on it witnesses the log.
+        """
+        assert self.policy is not None
+        try:
+            names = self.policy.cosigners(note, cp)
+        except CosignatureError as e:
+            self.f.add_range(
+                self.last_good,
+                size,
+                f"checkpoint {size} carries a witness cosignature that does not verify: {e} "
+                "(the note was altered after the witness cosigned it, or the cosignature "
+                "was forged)",
+                checkpoint_size=size,
+                show_seq=False,
+            )
+            self._found()
+            return False
+        if self.most_cosigners is None or len(names) >= len(self.most_cosigners[1]):
+            self.most_cosigners = (size, names)
+        if self.policy.met_by(names):
+            self.witnessed, self.witnessed_note, self.cosigners = cp, note, names
+        return True
 
     # ---- entries stream
 
@@ -1257,6 +1312,7 @@ def verify_log(
     trusted_checkpoint: bytes | None = None,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    witnesses: WitnessPolicy | None = None,
 ) -> VerifyReport:
     """Verify a whole log in one streaming pass; see the module docstring.
 
@@ -1269,13 +1325,21 @@ def verify_log(
     (forked, Linux only). ``None``: one per usable CPU when there are several,
     once the log has shown itself long (tens of thousands of entries); ``0``:
     none. They change the speed only: findings and the report are the same.
+
+    ``witnesses``: also require a checkpoint cosigned by a quorum of witnesses
+    (the report's ``witnessed_size``, ``cosigners``, ``witness_failure``); an
+    invalid cosignature by a given witness key is a finding.
     """
     if workers is not None and (type(workers) is not int or workers < 0):
         raise VerifyUsageError(f"workers must be an int >= 0, got {workers!r}")
+    if witnesses is not None and not isinstance(witnesses, WitnessPolicy):
+        raise VerifyUsageError("witnesses must be a WitnessPolicy")
     findings = _Findings()
     warnings: list[str] = []
     try:
-        return _verify(source, vkey, trusted_checkpoint, progress, workers, findings, warnings)
+        return _verify(
+            source, vkey, trusted_checkpoint, progress, workers, findings, warnings, witnesses
+        )
     except OSError as e:
         raise VerifyUsageError(f"cannot read the log: {e}") from e
 
@@ -1288,6 +1352,7 @@ def _verify(
     workers: int | None,
     findings: _Findings,
     warnings: list[str],
+    policy: WitnessPolicy | None = None,
 ) -> VerifyReport:
     explicit: NoteVerifier | None = None
     if vkey is not None:
@@ -1313,6 +1378,7 @@ def _verify(
         latest: Checkpoint | None = None,
         latest_note: bytes | None = None,
         key: str | None = None,
+        witness: Mapping[str, Any] | None = None,
     ) -> VerifyReport:
         return VerifyReport(
             ok=ok,
@@ -1325,6 +1391,7 @@ def _verify(
             vkey=key,
             vkey_from_log=explicit is None,
             warnings=warnings,
+            **(witness if witness is not None else _witness_fields(policy, None, False)),
         )
 
     verifier: NoteVerifier
@@ -1384,20 +1451,62 @@ def _verify(
             )
             return report(key=verifier.vkey())
 
-    run = _Pass(source, verifier, origin, log_name, trusted, findings, progress, workers)
+    run = _Pass(source, verifier, origin, log_name, trusted, findings, progress, workers, policy)
     ended = run.run()
     if ended and not run._has_global():
         run.finish()
-    ok = not findings
+    witness = _witness_fields(policy, run, ended and not findings)
     return report(
         entries=run.n,
         cps=run.cp_count,
-        ok=ok,
+        ok=not findings and witness.get("witness_failure") is None,
         root=run.cr.root() if ended else None,
         latest=run.latest,
         latest_note=run.latest_note,
         key=verifier.vkey(),
+        witness=witness,
     )
+
+
+def _witness_fields(policy: WitnessPolicy | None, run: _Pass | None, whole: bool) -> dict[str, Any]:
+    """The report's witness fields; ``whole``: the pass read the whole log and found
+    nothing, so a missing quorum (or too long an unwitnessed tail) is the verdict."""
+    if policy is None:
+        return {}
+    out: dict[str, Any] = {"quorum": policy.quorum, "witnesses": policy.names}
+    cp = None if run is None else run.witnessed
+    if run is not None and cp is not None:
+        out.update(
+            witnessed_size=cp.size,
+            witnessed_note=run.witnessed_note,
+            cosigners=tuple(sorted(run.cosigners)),
+            unwitnessed=run.n - cp.size,
+        )
+    if run is not None and whole:
+        out["witness_failure"] = _witness_failure(policy, run)
+    return out
+
+
+def _witness_failure(policy: WitnessPolicy, run: _Pass) -> str | None:
+    """Why the log is not witnessed as ``policy`` asks, or None when it is."""
+    cp = run.witnessed
+    if cp is None:
+        most = run.most_cosigners
+        seen = (
+            "no checkpoint carries a valid cosignature by any of them"
+            if most is None or not most[1]
+            else f"the most any carries is {len(most[1])} (checkpoint {most[0]}: "
+            f"{', '.join(sorted(most[1]))})"
+        )
+        return f"no checkpoint cosigned by {policy.describe()}: {seen}"
+    after = run.n - cp.size
+    if policy.max_unwitnessed is not None and after > policy.max_unwitnessed:
+        return (
+            f"{after} entries after the newest checkpoint cosigned by {policy.describe()} "
+            f"(size {cp.size}), more than the {policy.max_unwitnessed} allowed "
+            "(--max-unwitnessed)"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------- sources
@@ -1405,6 +1514,30 @@ def _verify(
 
 def load_vkey_arg(value: str) -> str:
     """A ``--vkey`` argument: the vkey itself, or a file holding it on one line."""
+    value = _vkey_text(value, "--vkey")
+    try:
+        NoteVerifier.from_vkey(value)
+    except NoteError as e:
+        raise VerifyUsageError(f"bad --vkey: {e}") from e
+    return value
+
+
+def load_witness_arg(value: str) -> WitnessKey:
+    """A ``--witness`` argument: a witness vkey (type 0x04 Ed25519 cosignature/v1 or
+    0x06 ML-DSA-44 subtree/v1), or a file holding it on one line."""
+    text = _vkey_text(value, "--witness")
+    try:
+        return WitnessKey.from_vkey(text)
+    except CosignatureError as e:
+        raise VerifyUsageError(f"bad --witness {_clip(text)}: {e}") from e
+
+
+def _clip(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _vkey_text(value: str, option: str) -> str:
+    """The vkey an option names: the value itself, or the one line of the file it names."""
     p = Path(value)
     try:
         is_file = p.is_file()
@@ -1422,13 +1555,9 @@ def load_vkey_arg(value: str) -> str:
         line = text[:-1] if text.endswith("\n") else text
         if not line or "\n" in line or "\r" in line or len(raw) > _MAX_VKEY_FILE:
             raise VerifyUsageError(f"vkey file {value} must hold exactly one vkey line")
-        value = line
-    elif "+" not in value:
-        raise VerifyUsageError(f"--vkey {value!r}: no such file, and not a vkey")
-    try:
-        NoteVerifier.from_vkey(value)
-    except NoteError as e:
-        raise VerifyUsageError(f"bad --vkey: {e}") from e
+        return line
+    if "+" not in value:
+        raise VerifyUsageError(f"{option} {_clip(value)}: no such file, and not a vkey")
     return value
 
 

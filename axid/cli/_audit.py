@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from axid.audit.quorum import QuorumError, WitnessPolicy
 from axid.audit.verify import (
     DatabaseSource,
     ExportDirSource,
     VerifyReport,
     VerifyUsageError,
     load_vkey_arg,
+    load_witness_arg,
     verify_log,
 )
 from axid.cli._receipt import receipt_app
@@ -131,17 +133,49 @@ def _report_json(report: VerifyReport, log: str | None) -> dict[str, Any]:
         "vkey": report.vkey,
         "vkey_from_log": report.vkey_from_log,
         "warnings": report.warnings,
+        "witness": _witness_json(report),
     }
+
+
+def _witness_json(report: VerifyReport) -> dict[str, Any] | None:
+    """The witness quorum's outcome (None when no quorum was asked for)."""
+    if report.quorum is None:
+        return None
+    note = report.witnessed_note
+    return {
+        "quorum": report.quorum,
+        "witnesses": list(report.witnesses),
+        "witnessed_size": report.witnessed_size,
+        "cosigners": list(report.cosigners),
+        "unwitnessed_entries": report.unwitnessed,
+        "witnessed_checkpoint": None if note is None else note.decode("utf-8"),
+        "failure": report.witness_failure,
+    }
+
+
+def _print_witnessed(report: VerifyReport) -> None:
+    if report.quorum is None:
+        return
+    given = f"quorum {report.quorum} of {', '.join(report.witnesses)}"
+    if report.witnessed_size is None:
+        typer.echo(f"witnessed:     no checkpoint with a quorum ({given})")
+        return
+    typer.echo(
+        f"witnessed:     checkpoint {report.witnessed_size}, cosigned by "
+        f"{', '.join(report.cosigners)} ({given}); "
+        f"{_count(report.unwitnessed or 0, 'entry', 'entries')} after it"
+    )
 
 
 def _print_report(report: VerifyReport, log: str | None) -> None:
     for w in report.warnings:
         typer.echo(f"warning: {w}", err=True)
+    fb = report.first_bad
     if report.ok:
-        typer.echo("OK: the log is intact")
+        typer.echo("OK: the log is intact" + (" and witnessed" if report.quorum else ""))
+    elif fb is None:
+        typer.echo(f"NOT WITNESSED: {report.witness_failure}")
     else:
-        fb = report.first_bad
-        assert fb is not None
         seq = "unknown" if fb.seq is None else str(fb.seq)
         typer.echo("TAMPERED: the log fails verification")
         typer.echo(f"first bad seq: {seq}")
@@ -150,24 +184,33 @@ def _print_report(report: VerifyReport, log: str | None) -> None:
         typer.echo(f"what:          {fb.what}")
     if log:
         typer.echo(f"log:           {log}")
-    typer.echo(f"entries:       {report.entries}" + ("" if report.ok else " (read)"))
-    typer.echo(f"checkpoints:   {report.checkpoints}" + ("" if report.ok else " (read)"))
-    if report.ok and report.root is not None:
+    intact = fb is None  # the log verified (a quorum may still be missing)
+    typer.echo(f"entries:       {report.entries}" + ("" if intact else " (read)"))
+    typer.echo(f"checkpoints:   {report.checkpoints}" + ("" if intact else " (read)"))
+    if intact and report.root is not None:
         typer.echo(f"root:          {_b64(report.root)}")
     if report.vkey:
         typer.echo(f"vkey:          {report.vkey}")
+    _print_witnessed(report)
     if report.latest_note is not None:
-        if report.ok:
+        if intact:
             typer.echo("latest checkpoint (keep it; pass it as --trusted-checkpoint next time):")
         else:
             typer.echo("last checkpoint that verified:")
         typer.echo(report.latest_note.decode("utf-8"), nl=False)
 
 
-def _run_verify(source: Any, *, vkey: str | None, trusted: bytes | None, as_json: bool) -> Any:
+def _run_verify(
+    source: Any,
+    *,
+    vkey: str | None,
+    trusted: bytes | None,
+    as_json: bool,
+    witnesses: WitnessPolicy | None = None,
+) -> Any:
     total = source.size_hint() if hasattr(source, "size_hint") else None
     if as_json or total is None or total <= PROGRESS_THRESHOLD:
-        return verify_log(source, vkey=vkey, trusted_checkpoint=trusted)
+        return verify_log(source, vkey=vkey, trusted_checkpoint=trusted, witnesses=witnesses)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -185,6 +228,7 @@ def _run_verify(source: Any, *, vkey: str | None, trusted: bytes | None, as_json
             vkey=vkey,
             trusted_checkpoint=trusted,
             progress=lambda n: bar.update(task, completed=n),
+            witnesses=witnesses,
         )
 
 
@@ -254,6 +298,18 @@ def _vkeys(values: list[str]) -> dict[str, str]:
     return keys
 
 
+def _witness_policy(
+    values: list[str], quorum: int | None, max_unwitnessed: int | None
+) -> WitnessPolicy | None:
+    """The quorum ``--witness``/``--quorum``/``--max-unwitnessed`` ask for (None: none)."""
+    try:
+        return WitnessPolicy.from_options(
+            [load_witness_arg(v) for v in values], quorum, max_unwitnessed
+        )
+    except QuorumError as e:
+        raise VerifyUsageError(str(e)) from e
+
+
 def _read_trusted(paths: list[Path]) -> list[_Trusted]:
     out: list[_Trusted] = []
     for p in paths:
@@ -299,10 +355,14 @@ def _assign_trusted(targets: list[_Target], trusted: list[_Trusted]) -> None:
         )
 
 
-def _verify_targets(targets: list[_Target], as_json: bool) -> list[tuple[str | None, Any]]:
+def _verify_targets(
+    targets: list[_Target], as_json: bool, witnesses: WitnessPolicy | None = None
+) -> list[tuple[str | None, Any]]:
     results: list[tuple[str | None, Any]] = []
     for t in targets:
-        report = _run_verify(t.source, vkey=t.vkey, trusted=t.trusted, as_json=as_json)
+        report = _run_verify(
+            t.source, vkey=t.vkey, trusted=t.trusted, as_json=as_json, witnesses=witnesses
+        )
         name = getattr(t.source, "log_name", None) or t.log
         if name is None and report.vkey is not None:
             key = report.vkey.split("+", 1)[0]
@@ -323,8 +383,11 @@ def _emit_reports(results: list[tuple[str | None, Any]], *, several: bool, as_js
             typer.echo(("\n" if i else "") + f"== log {log} ==")
         _print_report(report, log)
     if several:
-        bad = [str(log) for log, r in results if not r.ok]
-        verdict = f"TAMPERED: {', '.join(bad)}" if bad else "all intact"
+        bad = [str(log) for log, r in results if r.first_bad is not None]
+        unwitnessed = [str(log) for log, r in results if not r.ok and r.first_bad is None]
+        verdicts = [f"TAMPERED: {', '.join(bad)}"] if bad else []
+        verdicts += [f"NOT WITNESSED: {', '.join(unwitnessed)}"] if unwitnessed else []
+        verdict = "; ".join(verdicts) or "all intact"
         typer.echo(f"\n{_count(len(results), 'log')}: {verdict}")
 
 
@@ -357,6 +420,36 @@ _TrustLogKeyOpt = Annotated[
         "as the log itself (a warning says so).",
     ),
 ]
+_WitnessOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--witness",
+        metavar="VKEY_OR_FILE",
+        help="A witness's vkey (or a file holding it): type 0x04 (Ed25519) or 0x06 "
+        "(ML-DSA-44). Repeatable; with --quorum.",
+        show_default=False,
+    ),
+]
+_QuorumOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--quorum",
+        metavar="K",
+        help="Require a checkpoint cosigned by K distinct witnesses among --witness "
+        "(a witness's keys count once); an invalid cosignature by one is tampering.",
+        show_default=False,
+    ),
+]
+_MaxUnwitnessedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-unwitnessed",
+        metavar="N",
+        help="With --quorum: at most N entries after the newest witnessed checkpoint "
+        "(default: any number).",
+        show_default=False,
+    ),
+]
 _TrustedOpt = Annotated[
     list[Path] | None,
     typer.Option(
@@ -386,6 +479,9 @@ def verify(
     vkey: _VkeyOpt = None,
     trust_log_key: _TrustLogKeyOpt = False,
     trusted_checkpoint: _TrustedOpt = None,
+    witness: _WitnessOpt = None,
+    quorum: _QuorumOpt = None,
+    max_unwitnessed: _MaxUnwitnessedOpt = None,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print the report as JSON (several logs: {ok, logs: [...]})."),
@@ -395,8 +491,10 @@ def verify(
 
     Checks every checkpoint's signature and root and (database) that each row's
     index columns agree with its entry bytes. Without --log, every log in the
-    database, one report each. Exit 0 intact, 1 tampering found (prints the
-    first bad seq), 2 usage/IO error.
+    database, one report each. With --witness ... --quorum K, a checkpoint must
+    also carry valid cosignatures by K of the witnesses (and at most
+    --max-unwitnessed entries follow it). Exit 0 intact (and witnessed), 1
+    tampering found (prints the first bad seq) or no quorum, 2 usage/IO error.
     """
     if bundle is not None and db is not None:
         _fail("give either BUNDLE_DIR or --db, not both", as_json=as_json)
@@ -410,19 +508,20 @@ def verify(
     if vkey and trust_log_key:
         _fail("give either --vkey or --trust-log-key, not both", as_json=as_json)
     try:
+        policy = _witness_policy(witness or [], quorum, max_unwitnessed)
         keys = _vkeys(vkey or [])
         trusted = _read_trusted(trusted_checkpoint or [])
         if bundle is not None:
             targets = [_verify_bundle(bundle, log, keys)]
             _assign_trusted(targets, trusted)
-            results = _verify_targets(targets, as_json)
+            results = _verify_targets(targets, as_json, policy)
         else:
             with _db_sources(db, log, every_log=True, as_json=as_json) as sources:
                 targets = [_Target(s, s.log_name) for s in sources]
                 if keys:
                     _assign_keys(targets, keys)
                 _assign_trusted(targets, trusted)
-                results = _verify_targets(targets, as_json)
+                results = _verify_targets(targets, as_json, policy)
     except VerifyUsageError as e:
         _fail(str(e), as_json=as_json)
     _emit_reports(results, several=bundle is None and log is None, as_json=as_json)
