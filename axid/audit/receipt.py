@@ -22,6 +22,14 @@ Every error is a :class:`ReceiptError`: a malformed header or proof text, a
 receipt that is not this log's, or a log answer to another question than the
 one asked. A log that answers the question but does not back the receipt is
 not an error but a :class:`ReceiptFailure`, with both signed views.
+
+With a witness quorum (:class:`~axid.audit.quorum.WitnessPolicy`), the
+receipt's checkpoint must also be consistent with a checkpoint of the same or
+a larger size cosigned by K of the given witnesses: the receipt's own (its
+note carries the cosignatures: sync witnessing), the log's latest, or the
+checkpoint :attr:`LogEvidence.witnessed` proves consistent with it. A
+cosignature by a given witness key that does not verify, on any note the
+check reads, is a failure (the note was altered).
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ from typing import Final, NamedTuple
 
 import http_sfv
 
+from axid.audit.cosignature import CosignatureError
 from axid.audit.merkle import HASH_SIZE, ProofError, leaf_hash, verify_consistency, verify_inclusion
 from axid.audit.note import MAX_NOTE_SIZE, Checkpoint, NoteError, NoteVerifier, open_checkpoint
+from axid.audit.quorum import WitnessPolicy
 
 __all__ = [
     "RECEIPT_HEADER",
@@ -322,13 +332,16 @@ class LogEvidence:
     ``latest``: its latest signed checkpoint (size N); ``inclusion``: the
     tlog-proof of seq at size M; ``consistency``: the proof from M to N;
     ``entry``: the stored entry at seq, or None when the source serves no
-    entries (the public read routes serve proofs only).
+    entries (the public read routes serve proofs only); ``witnessed``: for a
+    witness quorum, the consistency proof from M to a checkpoint (its note with
+    its cosignatures) the source offers as cosigned by the quorum, or None.
     """
 
     latest: bytes | Missing
     inclusion: InclusionProof | Missing
     consistency: ConsistencyProof | Missing
     entry: StoredEntry | Missing | None = None
+    witnessed: ConsistencyProof | Missing | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +351,9 @@ class ReceiptOk:
     checkpoint: Checkpoint  # the receipt's, verified
     latest: Checkpoint  # the log's latest, verified
     latest_note: bytes
+    # With a witness quorum: the cosigned checkpoint the receipt's is consistent with.
+    witnessed: Checkpoint | None = None
+    cosigners: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +363,9 @@ class ReceiptFailure:
     what: str
     receipt_note: bytes
     log_note: bytes | None  # the log's note the failure is about (as served), if any
+    # The log holds the receipt, but no checkpoint cosigned by the witness quorum
+    # extends it (not evidence of a rewrite: the witnesses may lag, or were bypassed).
+    unwitnessed: bool = False
 
 
 ReceiptCheck = ReceiptOk | ReceiptFailure
@@ -361,8 +380,16 @@ def open_receipt(receipt: Receipt, verifier: NoteVerifier) -> Checkpoint:
         raise ReceiptError(f"not a receipt of log {verifier.name}: {e}") from None
 
 
-def check_receipt(receipt: Receipt, verifier: NoteVerifier, evidence: LogEvidence) -> ReceiptCheck:
+def check_receipt(
+    receipt: Receipt,
+    verifier: NoteVerifier,
+    evidence: LogEvidence,
+    witnesses: WitnessPolicy | None = None,
+) -> ReceiptCheck:
     """Does the log still hold exactly the receipted entry and extend the receipted checkpoint?
+
+    With ``witnesses``, is the receipt's checkpoint also consistent with one
+    cosigned by their quorum (see the module docstring)?
 
     Raises :class:`ReceiptError` when the receipt does not verify with
     ``verifier`` (it says nothing about this log) or the log answered another
@@ -379,15 +406,22 @@ def check_receipt(receipt: Receipt, verifier: NoteVerifier, evidence: LogEvidenc
     if problem is None and isinstance(latest, _Signed):
         problem = _consistency_problem(mine, latest, verifier, evidence.consistency)
         if problem is None:
-            return ReceiptOk(mine, latest.checkpoint, latest.note)
+            ok = ReceiptOk(mine, latest.checkpoint, latest.note)
+            if witnesses is None:
+                return ok
+            witnessed = _witnessed(receipt, ok, verifier, evidence, witnesses)
+            if isinstance(witnessed, ReceiptOk):
+                return witnessed
+            problem = witnessed
     assert problem is not None  # latest is either _Signed (handled above) or a _Problem
     note = problem.note if problem.note is not None else _bytes_or_none(evidence.latest)
-    return ReceiptFailure(problem.what, receipt.checkpoint, note)
+    return ReceiptFailure(problem.what, receipt.checkpoint, note, problem.unwitnessed)
 
 
 class _Problem(NamedTuple):
     what: str
     note: bytes | None  # the log's note it is about, if any
+    unwitnessed: bool = False  # held, but no witness quorum (not a rewrite)
 
 
 class _Signed(NamedTuple):
@@ -494,3 +528,108 @@ def _consistency_problem(
             f"the log's latest checkpoint does not extend the receipt's ({span}): {e}", latest.note
         )
     return None
+
+
+# --------------------------------------------------------------------------- witnesses
+
+
+def _witnessed(
+    receipt: Receipt,
+    ok: ReceiptOk,
+    verifier: NoteVerifier,
+    evidence: LogEvidence,
+    policy: WitnessPolicy,
+) -> ReceiptOk | _Problem:
+    """The held receipt, with the cosigned checkpoint its checkpoint is consistent with.
+
+    Every note the check read (and the one ``evidence.witnessed`` leads to) is
+    searched for cosignatures by the given witnesses: all must verify, and that
+    proof must hold if given. Notes of the receipt's size and root count
+    together, and so do the notes of the latest checkpoint: cosignatures are
+    over the checkpoint, not the note's other signature lines.
+    """
+    mine, latest = ok.checkpoint, ok.latest
+    notes = [receipt.checkpoint, ok.latest_note]
+    for proof in (evidence.inclusion, evidence.consistency):
+        if not isinstance(proof, Missing):
+            notes.append(proof.checkpoint)
+    by_size: dict[int, set[str]] = {mine.size: set(), latest.size: set()}
+    for note in notes:
+        cp = _opened(note, verifier)
+        if isinstance(cp, str):  # pragma: no cover - each was verified before
+            return _Problem(f"the log's checkpoint does not verify: {cp}", note)
+        names = _cosigners(note, cp, policy)
+        if isinstance(names, _Problem):
+            return names
+        by_size.setdefault(cp.size, set()).update(names)
+    other = _witnessed_proof(mine, verifier, evidence.witnessed, policy)
+    if isinstance(other, _Problem):
+        return other
+    for cp in (mine, latest):
+        if policy.met_by(by_size[cp.size]):
+            return _ok_witnessed(ok, cp, by_size[cp.size], policy)
+    if other is None:
+        seen = ", ".join(
+            f"{what} (size {cp.size}) by {', '.join(sorted(by_size[cp.size])) or 'none'}"
+            for what, cp in (("the receipt's", mine), ("the log's latest", latest))
+        )
+        return _Problem(
+            f"no checkpoint of size {mine.size} or more cosigned by {policy.describe()}: "
+            f"cosigned are {seen}",
+            ok.latest_note,
+            unwitnessed=True,
+        )
+    return _ok_witnessed(ok, other[0], other[1], policy)
+
+
+def _ok_witnessed(
+    ok: ReceiptOk, cp: Checkpoint, names: set[str] | frozenset[str], policy: WitnessPolicy
+) -> ReceiptOk:
+    cosigners = tuple(sorted(set(names) & set(policy.names)))
+    return ReceiptOk(ok.checkpoint, ok.latest, ok.latest_note, cp, cosigners)
+
+
+def _cosigners(note: bytes, cp: Checkpoint, policy: WitnessPolicy) -> set[str] | _Problem:
+    try:
+        return set(policy.cosigners(note, cp))
+    except CosignatureError as e:
+        return _Problem(
+            f"the log's checkpoint of size {cp.size} carries a witness cosignature that does "
+            f"not verify: {e} (the note was altered, or the cosignature forged)",
+            note,
+        )
+
+
+def _witnessed_proof(
+    mine: Checkpoint,
+    verifier: NoteVerifier,
+    proof: ConsistencyProof | Missing | None,
+    policy: WitnessPolicy,
+) -> tuple[Checkpoint, frozenset[str]] | _Problem | None:
+    """The checkpoint ``proof`` leads to, if it is cosigned by the quorum and extends
+    the receipt's; None when there is no such proof."""
+    if proof is None or isinstance(proof, Missing):
+        return None
+    if proof.old != mine.size:
+        raise ReceiptError(f"the log answered from size {proof.old}, not {mine.size}")
+    theirs = _opened(proof.checkpoint, verifier)
+    if isinstance(theirs, str):
+        return _Problem(
+            f"the log's cosigned checkpoint does not verify: {theirs}", proof.checkpoint
+        )
+    if theirs.size < mine.size:
+        raise ReceiptError(f"the log answered with size {theirs.size}, older than {mine.size}")
+    names = _cosigners(proof.checkpoint, theirs, policy)
+    if isinstance(names, _Problem):
+        return names
+    if not policy.met_by(names):
+        return None
+    try:
+        verify_consistency(mine.size, theirs.size, mine.root, theirs.root, proof.hashes)
+    except ProofError as e:
+        return _Problem(
+            f"fork: the log's checkpoint of size {theirs.size} cosigned by "
+            f"{', '.join(sorted(names))} does not extend the receipt's: {e}",
+            proof.checkpoint,
+        )
+    return theirs, frozenset(names)

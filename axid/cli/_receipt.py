@@ -5,9 +5,17 @@ then the log's answers are fetched, from its database (``--db``) or from the
 public read routes of the issuer or a service (``--url``), and checked by
 :func:`axid.audit.receipt.check_receipt`.
 
+With ``--witness VKEY ... --quorum K`` the receipt's checkpoint must also be
+consistent with a checkpoint of the same or a larger size cosigned by K of the
+witnesses: the receipt's own (sync witnessing), the log's latest as served, or
+(``--db``) the newest stored checkpoint of at least its size with a quorum of
+cosignatures. Over ``--url`` only the notes the read routes serve count.
+
 Exit codes: 0 the log holds exactly that entry and its latest checkpoint
-extends the receipt's; 1 it does not (both signed views are printed: evidence
-of a rewrite, a rollback or a fork); 2 usage or I/O error, including a
+extends the receipt's (and, with a quorum, a witnessed checkpoint does); 1 it
+does not (both signed views are printed: evidence of a rewrite, a rollback or
+a fork), a cosignature by a given witness does not verify, or no witnessed
+checkpoint extends the receipt's; 2 usage or I/O error, including a
 malformed receipt, a receipt that does not verify with the vkey (it is then
 not a receipt of this log and says nothing about it), an unreachable log and
 an answer that is not a proof.
@@ -26,8 +34,10 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
+from axid.audit.cosignature import CosignatureError
 from axid.audit.merkle import ProofError
 from axid.audit.note import Checkpoint, NoteVerifier
+from axid.audit.quorum import QuorumError, WitnessPolicy
 from axid.audit.receipt import (
     ConsistencyProof,
     InclusionProof,
@@ -50,6 +60,7 @@ if TYPE_CHECKING:
     import httpx
 
     from axid.audit.store import LogStore
+    from axid.audit.verify import DatabaseSource
 
 receipt_app = typer.Typer(help="Check the receipts callers keep of recorded decisions.")
 
@@ -100,6 +111,15 @@ def _verifier(vkey: str) -> NoteVerifier:
         _fail(str(e))
 
 
+def _policy(witness: list[str], quorum: int | None) -> WitnessPolicy | None:
+    from axid.audit.verify import VerifyUsageError, load_witness_arg
+
+    try:
+        return WitnessPolicy.from_options([load_witness_arg(w) for w in witness], quorum)
+    except (VerifyUsageError, QuorumError) as e:
+        _fail(str(e))
+
+
 # --------------------------------------------------------------------------- from the database
 
 
@@ -117,8 +137,8 @@ def _log_of(vkey_name: str) -> str | None:
 
 
 @contextmanager
-def _database(db: str, log: str | None) -> Iterator[LogStore]:
-    """The log's :class:`~axid.audit.store.LogStore`; failing to read it is exit 2."""
+def _database(db: str, log: str | None) -> Iterator[DatabaseSource]:
+    """The log in the database; failing to read it is exit 2."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from axid.audit.verify import DatabaseSource, VerifyUsageError
@@ -128,22 +148,39 @@ def _database(db: str, log: str | None) -> Iterator[LogStore]:
     except VerifyUsageError as e:
         _fail(str(e))
     try:
-        yield source.store
+        yield source
+    except VerifyUsageError as e:
+        _fail(str(e))
     except SQLAlchemyError as e:
         _fail(f"cannot read the database: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     finally:
         source.close()
 
 
-def _from_database(store: LogStore, seq: int, size: int) -> LogEvidence:
-    """What the database holds about entry ``seq`` of the tree of ``size``."""
+def _from_database(
+    store: LogStore,
+    seq: int,
+    size: int,
+    source: DatabaseSource | None = None,
+    policy: WitnessPolicy | None = None,
+) -> LogEvidence:
+    """What the database holds about entry ``seq`` of the tree of ``size``; with a
+    witness ``policy``, the latest note with its stored cosignatures and the proof
+    to the newest stored checkpoint cosigned by the quorum (read from ``source``)."""
     note = store.latest_checkpoint()
+    if note is not None and policy is not None:
+        latest_size = _size_of(note)
+        note = (store.cosigned_note(latest_size) if latest_size is not None else None) or note
     latest = Missing("it has no checkpoint") if note is None else note
+    witnessed = None
+    if source is not None and policy is not None:
+        witnessed = _db_witnessed(source, size, policy)
     return LogEvidence(
         latest=latest,
         inclusion=_db_inclusion(store, seq, size),
         consistency=_db_consistency(store, size, latest),
         entry=_db_entry(store, seq),
+        witnessed=witnessed,
     )
 
 
@@ -179,6 +216,32 @@ def _db_consistency(
     except _TREE_ERRORS as e:
         return Missing(f"its stored tree lacks node {e}")
     return ConsistencyProof(old, tuple(hashes), latest)
+
+
+def _db_witnessed(
+    source: DatabaseSource, old: int, policy: WitnessPolicy
+) -> ConsistencyProof | Missing | None:
+    """The consistency proof from ``old`` to the newest stored checkpoint of at least
+    that size cosigned by the quorum (its note with its stored cosignatures); or to
+    the first one whose cosignature by a given witness does not verify, for the
+    check to report. None when there is neither."""
+    found: tuple[int, bytes] | None = None
+    for size, note in source.checkpoints():
+        if size < old:
+            continue
+        try:
+            cp = checkpoint_of(note)
+            if not policy.met_by(policy.cosigners(note, cp)):
+                continue
+        except ReceiptError:
+            continue  # not a checkpoint note: no candidate (`axid audit verify` reports it)
+        except CosignatureError:
+            found = (size, note)
+            break
+        found = (size, note)
+    if found is None:
+        return None
+    return _db_consistency(source.store, old, found[1])
 
 
 def _db_entry(store: LogStore, seq: int) -> StoredEntry | Missing:
@@ -320,7 +383,7 @@ def _describe(cp: Checkpoint) -> str:
 
 def _report(receipt: Receipt, result: ReceiptCheck) -> int:
     if isinstance(result, ReceiptFailure):
-        typer.echo(f"NOT HELD: {result.what}")
+        typer.echo(f"{'NOT WITNESSED' if result.unwitnessed else 'NOT HELD'}: {result.what}")
         typer.echo(f"entry:    {receipt.seq}")
         typer.echo("the receipt's signed checkpoint:")
         typer.echo(_printable(result.receipt_note), nl=False)
@@ -334,6 +397,10 @@ def _report(receipt: Receipt, result: ReceiptCheck) -> int:
     typer.echo(f"entry:    {receipt.seq}")
     typer.echo(f"receipt:  {_describe(result.checkpoint)}")
     typer.echo(f"latest:   {_describe(result.latest)}")
+    if result.witnessed is not None:
+        typer.echo(
+            f"witnessed: {_describe(result.witnessed)}, cosigned by {', '.join(result.cosigners)}"
+        )
     typer.echo("the log's latest signed checkpoint:")
     typer.echo(_printable(result.latest_note), nl=False)
     return EXIT_OK
@@ -405,6 +472,26 @@ def check(
             "(default: the system's); the server's certificate must name BASE's host.",
         ),
     ] = None,
+    witness: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--witness",
+            metavar="VKEY_OR_FILE",
+            help="A witness's vkey (or a file holding it): type 0x04 (Ed25519) or 0x06 "
+            "(ML-DSA-44). Repeatable; with --quorum.",
+            show_default=False,
+        ),
+    ] = None,
+    quorum: Annotated[
+        int | None,
+        typer.Option(
+            "--quorum",
+            metavar="K",
+            help="Require the receipt's checkpoint to be consistent with one of the same or "
+            "a larger size cosigned by K distinct witnesses among --witness.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Check a receipt: does the log still hold exactly that entry and extend its checkpoint?
 
@@ -415,20 +502,29 @@ def check(
     routes serve proofs, not entries: over --url a rewritten entry row shows
     only where a proof reads the tree above it; `axid audit verify` sees all).
 
+    With --witness ... --quorum K, the receipt's checkpoint must also be
+    consistent with one of the same or a larger size cosigned by K of the
+    witnesses: the receipt's own, the log's latest, or (--db) a stored one.
+
     Exit 0 the log holds it; 1 it does not (prints both signed views: evidence
-    of a rewrite, rollback or fork); 2 usage or I/O error, including a receipt
-    that does not verify with --vkey (not a receipt of this log).
+    of a rewrite, rollback or fork), a given witness's cosignature does not
+    verify, or no witnessed checkpoint extends it; 2 usage or I/O error,
+    including a receipt that does not verify with --vkey (not a receipt of
+    this log).
     """
     if url is not None and (db is not None or log is not None):
         _fail("give either --db [--log] or --url, not both")
     if url is None and (cert or key or bundle):
         _fail("--cert, --key and --bundle go with --url")
+    policy = _policy(witness or [], quorum)
     verifier = _verifier(vkey)
     receipt = _read_receipt(file)
     try:
         seq, size = receipt.seq, open_receipt(receipt, verifier).size
-        evidence = _fetch(seq, size, verifier, db=db, log=log, url=url, tls=(cert, key, bundle))
-        result = check_receipt(receipt, verifier, evidence)
+        evidence = _fetch(
+            seq, size, verifier, db=db, log=log, url=url, tls=(cert, key, bundle), policy=policy
+        )
+        result = check_receipt(receipt, verifier, evidence, policy)
     except ReceiptError as e:
         _fail(str(e))
     raise typer.Exit(_report(receipt, result))
@@ -443,12 +539,14 @@ def _fetch(
     log: str | None,
     url: str | None,
     tls: tuple[Path | None, Path | None, Path | None],
+    policy: WitnessPolicy | None = None,
 ) -> LogEvidence:
     if url is None:
-        with _database(db or DEFAULT_DB, log or _log_of(verifier.name)) as store:
+        with _database(db or DEFAULT_DB, log or _log_of(verifier.name)) as source:
+            store = source.store
             if store.origin != verifier.name:
                 _fail(f"log {store.log!r} has origin {store.origin}, the vkey is {verifier.name}")
-            return _from_database(store, seq, size)
+            return _from_database(store, seq, size, source if policy else None, policy)
     import httpx
 
     base = _base_url(url)
