@@ -465,3 +465,20 @@ def test_policy_rejects_non_keys() -> None:
     other = WitnessSigner("w1.example", Ed25519PrivateKey.generate())
     p = WitnessPolicy.from_options([W1.public(), other.public(), W1.public()], 1)
     assert p is not None and len(p.keys) == 2 and p.names == ("w1.example",)
+
+
+def test_exported_bundle_carries_the_stored_cosignatures(fx: LogFx, tmp_path: Path) -> None:
+    # `axid audit export` writes each checkpoint with its stored cosignatures:
+    # the bundle meets the quorum offline, and a bad stored line shows there too.
+    cosign_stored(fx, 230, W1_ML, W2)
+    add_lines(fx, 90, forged_line(fx.checkpoint(90), W3))
+    out = tmp_path / "exported"
+    r = runner.invoke(app, ["audit", "export", *fx.db_args(), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    code, report, _ = verify_cli(str(out), "--vkey", fx.vkey, *witness_args(W1_ML, W2, quorum=2))
+    assert code == 0, report
+    assert witness_of(report)["witnessed_size"] == 230
+    code, report, _ = verify_cli(
+        str(out), "--vkey", fx.vkey, *witness_args(W1_ML, W2, W3, quorum=2)
+    )
+    assert code == 1 and first_bad(report)["checkpoint_size"] == 90, report
