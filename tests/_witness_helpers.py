@@ -161,9 +161,9 @@ def _pump(stream: IO[str], q: queue.Queue[str]) -> None:
         q.put(line)
 
 
-@contextmanager
-def serving(config: Path, *, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`axid witness serve --config CONFIG` as a subprocess; yields its base URL."""
+def _start(
+    config: Path, env: dict[str, str] | None
+) -> tuple[subprocess.Popen[str], queue.Queue[str]]:
     proc = subprocess.Popen(
         [*axid_cmd(), "witness", "serve", "--config", str(config), "--log-level", "warning"],
         stdout=subprocess.PIPE,
@@ -174,17 +174,41 @@ def serving(config: Path, *, env: dict[str, str] | None = None) -> Iterator[str]
     q: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
     threading.Thread(target=_pump, args=(proc.stdout, q), daemon=True).start()
+    return proc, q
+
+
+def _wait_stopped(proc: subprocess.Popen[str]) -> None:
+    """Wait for a process sent one SIGTERM (a second one could kill it mid-shutdown)."""
     try:
-        yield _wait_listening(proc, q)
+        code = proc.wait(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    err = proc.stderr.read() if proc.stderr else ""
+    assert code == 0, f"exit {code}: {err}"
+
+
+@contextmanager
+def serving_many(
+    config: Path, processes: int, *, env: dict[str, str] | None = None
+) -> Iterator[list[str]]:
+    """``processes`` x `axid witness serve --config CONFIG`, started together; their URLs."""
+    started = [_start(config, env) for _ in range(processes)]
+    try:
+        yield [_wait_listening(proc, q) for proc, q in started]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        err = proc.stderr.read() if proc.stderr else ""
-        assert code == 0, err
+        for proc, _ in started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in started:
+            _wait_stopped(proc)
+
+
+@contextmanager
+def serving(config: Path, *, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`axid witness serve --config CONFIG` as a subprocess; yields its base URL."""
+    with serving_many(config, 1, env=env) as urls:
+        yield urls[0]
 
 
 def _wait_listening(proc: subprocess.Popen[str], q: queue.Queue[str]) -> str:
