@@ -123,13 +123,17 @@ def _note_size(note: bytes) -> int:
 
 
 def _signed_at(store: LogStore, size: int | None) -> tuple[int, bytes]:
-    """(size, signed note) of the checkpoint of ``size``, or of the latest one."""
+    """(size, signed note) of the checkpoint of ``size``, or of the latest one.
+
+    The note carries the witnesses' cosignatures stored beside it (C2SP form), so
+    that a caller can check a quorum from the public routes alone.
+    """
     if size is None:
-        note = store.latest_checkpoint()
-        if note is None:
+        latest = store.latest_checkpoint()
+        if latest is None:
             raise LogReadError(404, "not_found", "the decision log has no checkpoint yet")
-        return _note_size(note), note
-    note = store.checkpoint(size)
+        size = _note_size(latest)
+    note = store.cosigned_note(size)
     if note is None:
         raise LogReadError(404, "not_found", f"the decision log has no checkpoint of size {size}")
     return size, note
@@ -144,8 +148,8 @@ def _read_sync(store: LogStore, route: LogRoute, first: int | None, size: int | 
     if route == "proof":
         if first >= size:
             raise _bad(f"seq must be less than the checkpoint size {size}")
-        proof, signed = store.inclusion_proof(first, size)
-        return proof_text(first, proof, signed)
+        proof, _ = store.inclusion_proof(first, size)
+        return proof_text(first, proof, note)
     if first > size:
         raise _bad(f"old must be at most the checkpoint size {size}")
     return consistency_text(first, store.consistency_proof(first, size), note)
