@@ -21,15 +21,26 @@ keeps accepting decisions meanwhile. Each caller gets its :class:`Receipt`
 only after that transaction committed; if it failed, every caller in the
 batch gets :class:`AuditUnavailable` and must deny. The appender itself keeps
 running, so later batches succeed once the database is back.
+
+With witnesses (``witnesses=[...]``, see :mod:`axid.audit.witnessing`) every
+committed checkpoint is offered to them in the background. With
+``witness_mode="sync"`` a committed batch's callers wait, off the batcher (the
+next batches commit meanwhile), until a checkpoint of the batch's size or
+larger is cosigned by ``quorum`` witnesses, and their receipts carry that
+cosigned note; without one within ``witness_timeout`` they get
+:class:`AuditUnavailable`. Their entries ARE committed then (recorded, not
+witnessed in time): the callers deny, as for any audit failure, and the
+entries get witnessed with a later checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +64,13 @@ from axid.audit.store import (
     make_engine,
     origin_for,
     validate_log_name,
+)
+from axid.audit.witnessing import (
+    DEFAULT_WITNESS_TIMEOUT,
+    WitnessConfig,
+    Witnessing,
+    WitnessUnavailable,
+    witness_settings,
 )
 
 __all__ = ["AuditUnavailable", "DecisionLog", "Receipt"]
@@ -84,6 +102,8 @@ class DecisionLog:
         max_delay: float,
         vkey: str,
         head: _HeadFile | None,
+        witnessing: Witnessing | None = None,
+        sync_witnesses: bool = False,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -92,6 +112,9 @@ class DecisionLog:
         self._max_delay = max_delay
         self._vkey = vkey
         self._head = head
+        self._witnessing = witnessing
+        self._sync_witnesses = sync_witnesses and witnessing is not None
+        self._witness_waits: set[asyncio.Task[None]] = set()  # sync: batches awaiting a quorum
         self._loop = asyncio.get_running_loop()
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()  # something is pending (or we are closing)
@@ -118,6 +141,10 @@ class DecisionLog:
         lock_timeout: float = 30.0,
         head: str | os.PathLike[str] | None = None,
         head_required: bool = False,
+        witnesses: Sequence[WitnessConfig | Mapping[str, object]] | None = None,
+        quorum: int | None = None,
+        witness_mode: str = "async",
+        witness_timeout: float = DEFAULT_WITNESS_TIMEOUT,
     ) -> DecisionLog:
         """Open (creating tables and the log row if needed) a decision log.
 
@@ -133,6 +160,14 @@ class DecisionLog:
         :mod:`axid.audit.head`); if it does not, the log opens but every append
         raises :class:`AuditUnavailable`. ``head_required``: a missing head file
         is such a failure, not a first use.
+
+        ``witnesses`` (``{"url", "vkey"}`` mappings or
+        :class:`~axid.audit.witnessing.WitnessConfig`), ``quorum``,
+        ``witness_mode`` (``"async"`` or ``"sync"``) and ``witness_timeout``
+        (seconds) configure witnessing; they are checked by
+        :func:`~axid.audit.witnessing.witness_settings` (a
+        :class:`~axid.audit.witnessing.WitnessConfigError`, a ``ValueError``,
+        names the bad setting). See the module docstring for sync mode.
         """
         validate_log_name(log)
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
@@ -143,11 +178,13 @@ class DecisionLog:
             or not 0 <= max_delay <= 60
         ):
             raise ValueError("max_delay must be between 0 and 60 seconds")
+        settings = witness_settings(witnesses, quorum, witness_mode, witness_timeout)
         origin = origin_for(log)
         loop = asyncio.get_running_loop()
         # One thread: batches are serial anyway, and SQLite connections stay put.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"axid-audit-{log}")
         engine: Engine | None = None
+        witnessing: Witnessing | None = None
         try:
             if isinstance(key, Ed25519PrivateKey):
                 private_key = key
@@ -163,6 +200,11 @@ class DecisionLog:
                 await loop.run_in_executor(executor, _setup, engine, store, origin, vkey)
                 head_file = _HeadFile.for_log(head, key, log)
                 await loop.run_in_executor(executor, _authenticate, store, head_file, head_required)
+                if settings.witnesses:
+                    # After an integrity failure nothing the database holds is offered.
+                    witnessing = await Witnessing.start(
+                        store, settings, signer.verifier(), offer=store.integrity_failures == 0
+                    )
             except (SQLAlchemyError, OSError) as e:
                 raise AuditUnavailable(f"decision log {log!r}: database unavailable") from e
             return cls(
@@ -173,8 +215,12 @@ class DecisionLog:
                 max_delay=float(max_delay),
                 vkey=vkey,
                 head=head_file,
+                witnessing=witnessing,
+                sync_witnesses=settings.mode == "sync",
             )
         except BaseException:
+            if witnessing is not None:
+                await witnessing.close()
             if engine is not None:
                 engine.dispose()
             executor.shutdown(wait=False)
@@ -196,6 +242,11 @@ class DecisionLog:
                 "decision log %s: batcher failed", self._store.log, exc_info=self._task.exception()
             )
         try:
+            if self._witness_waits:
+                # Each waits at most witness_timeout; asyncio.wait: see above.
+                await asyncio.wait(set(self._witness_waits))
+            if self._witnessing is not None:
+                await self._witnessing.close()
             if self._head is not None:
                 await self._head.flush()
             await self._loop.run_in_executor(self._executor, self._engine.dispose)
@@ -238,6 +289,17 @@ class DecisionLog:
         """Integrity failures seen (0 or 1: the first one stops every append)."""
         return self._store.integrity_failures
 
+    @property
+    def witness_refusals(self) -> dict[str, int]:
+        """Refusals per witness name since opening (empty without witnesses)."""
+        return {} if self._witnessing is None else self._witnessing.refusals
+
+    @property
+    def witness_lag(self) -> dict[str, int]:
+        """Per witness name, this log's size minus the size of the latest checkpoint
+        it cosigned (empty without witnesses)."""
+        return {} if self._witnessing is None else self._witnessing.lag
+
     # ------------------------------------------------------------------ append
 
     async def append(self, fields: Mapping[str, object]) -> Receipt:
@@ -245,7 +307,10 @@ class DecisionLog:
 
         Raises :class:`~axid.audit.entry.EntryError` (this caller only) for
         malformed fields, and :class:`AuditUnavailable` when the batch could
-        not be committed or the log is closed.
+        not be committed or the log is closed, or (``witness_mode="sync"``)
+        when the committed batch was not cosigned by a quorum of witnesses
+        within ``witness_timeout``: the entry is recorded then, but the caller
+        must deny all the same.
         """
         if self._closing:
             raise AuditUnavailable("decision log is closed")
@@ -335,11 +400,49 @@ class DecisionLog:
             for p in batch:
                 _fail(p.future, AuditUnavailable("decision log stopped"))
             raise
+        note = results[-1].checkpoint
+        if self._witnessing is not None:
+            self._witnessing.offer(note)
+        if self._sync_witnesses:
+            task = self._loop.create_task(self._deliver_witnessed(batch, results))
+            self._witness_waits.add(task)
+            task.add_done_callback(self._witness_waits.discard)
+        else:
+            for p, receipt in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(receipt)
+        if self._head is not None:
+            self._head.offer(note)
+
+    async def _deliver_witnessed(self, batch: list[_Pending], results: list[Receipt]) -> None:
+        """Sync mode: give a committed batch's callers their receipts once a
+        checkpoint covering it is cosigned by the quorum, else AuditUnavailable."""
+        assert self._witnessing is not None
+        size = results[-1].seq + 1  # the batch's checkpoint size
+        try:
+            cosigned = await self._witnessing.wait(size)
+        except WitnessUnavailable as e:
+            _log.warning(
+                "decision log %s: batch of %d entries committed at size %d but not "
+                "witnessed in time (%s): its callers are refused",
+                self._store.log,
+                len(batch),
+                size,
+                e,
+            )
+            for p in batch:
+                err = AuditUnavailable("decision recorded but not witnessed in time")
+                err.__cause__ = e
+                _fail(p.future, err)
+            return
+        except BaseException:
+            # Cancelled (or anything else): nobody is left waiting.
+            for p in batch:
+                _fail(p.future, AuditUnavailable("decision log stopped"))
+            raise
         for p, receipt in zip(batch, results, strict=True):
             if not p.future.done():
-                p.future.set_result(receipt)
-        if self._head is not None:
-            self._head.offer(results[-1].checkpoint)
+                p.future.set_result(dataclasses.replace(receipt, checkpoint=cosigned))
 
 
 def _fail(fut: asyncio.Future[Any], err: BaseException) -> None:
