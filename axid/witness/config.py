@@ -101,10 +101,11 @@ def _tls(value: object, base: Path) -> TlsFiles | None:
     if not isinstance(value, Mapping):
         raise WitnessConfigError("must be a mapping {cert, key}", key="tls")
     _known(value, _TLS_KEYS, "tls.")
-    files = []
     for name in _TLS_KEYS:
         if name not in value:
             raise WitnessConfigError("is required", key=f"tls.{name}")
+    files = []
+    for name in _TLS_KEYS:
         path = _path(value[name], f"tls.{name}", base)
         if not path.is_file():
             raise WitnessConfigError(f"{path}: no such file", key=f"tls.{name}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -51,8 +52,17 @@ def _stop_signals(server: uvicorn.Server) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-async def _run(server: uvicorn.Server, ready: Callable[[str], None], scheme: str) -> None:
-    task = asyncio.create_task(server.serve())
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a failure is an OSError (uvicorn would
+    call sys.exit)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
+async def _run(
+    server: uvicorn.Server, sock: socket.socket, ready: Callable[[str], None], scheme: str
+) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     if not server.started:
@@ -66,7 +76,8 @@ def serve(config: WitnessConfig, *, ready: Callable[[str], None], log_level: str
     """Serve until SIGINT/SIGTERM; ``ready`` gets ``http(s)://HOST:PORT`` once listening.
 
     Keys are loaded and the state database opened (tables created) before the
-    port is bound: any failure there raises before anything is served."""
+    port is bound: any failure there raises before anything is served; a port that
+    cannot be bound raises :class:`OSError`."""
     signers = load_signers(config.keys)
     store = WitnessStore.open(config.database)
     app = WitnessApp(config.logs, signers, store)
@@ -84,8 +95,8 @@ def serve(config: WitnessConfig, *, ready: Callable[[str], None], log_level: str
     )
     server = uvicorn.Server(uv)
     try:
-        with _stop_signals(server):
-            asyncio.run(_run(server, ready, "https" if tls else "http"))
+        with _bind(config.host, config.port) as sock, _stop_signals(server):
+            asyncio.run(_run(server, sock, ready, "https" if tls else "http"))
     finally:
         app.close()
         store.close()
