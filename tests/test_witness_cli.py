@@ -121,6 +121,7 @@ def _good_doc(tmp_path: Path) -> dict[str, object]:
         ({"logs": [{"origin": "o"}]}, "logs[0].vkey: must be"),
         ({"logs": [{"origin": "o", "vkey": "o+00000000+AA==", "x": 1}]}, "logs[0].x: unknown key"),
         ({"logs": [{"origin": " o", "vkey": "v"}]}, "logs[0].origin: checkpoint origin"),
+        ({"logs": [{"origin": "o" * 256, "vkey": "v"}]}, "logs[0].origin: must be at most 255"),
         ({"tls": {"cert": "nope.pem", "key": "nope.key"}}, "tls.cert: "),
         ({"tls": {"cert": "nope.pem"}}, "tls.key: is required"),
     ],

@@ -84,7 +84,12 @@ def test_rewritten_history_signed_with_the_real_key(kind: str, tmp_path: Path) -
     assert [(e["status"], e["reason"].encode(), e["count"]) for e in rows] == [
         (422, SAME_SIZE, 2),
         (422, BAD_PROOF, 1),
-        (409, b"old size is not the latest cosigned size", 1),
+        (
+            409,
+            b"old size is not the latest cosigned size, and the checkpoint has that size"
+            b" with another root",
+            1,
+        ),
         (422, SAME_SIZE, 1),
     ]
     assert [e["body"].encode() for e in rows] == [

@@ -117,16 +117,15 @@ class WitnessApp:
         return _answer(sub, outcome, lines)
 
     def _submit(self, sub: Submission, body: bytes) -> tuple[Outcome, list[str]]:
-        now = self._clock()
-
         def step(stored: LogState) -> tuple[Outcome, list[str]]:
-            outcome = decide(stored, sub, int(now))
+            # Under the origin's lock: the cosignature's time is the decision's.
+            outcome = decide(stored, sub, int(self._clock()))
             if outcome.new_state is None:
                 return outcome, []
             ts = outcome.new_state.timestamp
             return outcome, [s.cosign(sub.checkpoint, ts) for s in self._signers]
 
-        return self._store.submit(sub.checkpoint.origin, body, now, step)
+        return self._store.submit(sub.checkpoint.origin, body, self._clock(), step)
 
 
 def _answer(sub: Submission, outcome: Outcome, lines: list[str]) -> tuple[int, bytes, bytes]:

@@ -7,7 +7,8 @@
     logs:                           # the logs it witnesses: origin and log vkey
       - {origin: example.org/axid/payments, vkey: "example.org/axid/payments+1234abcd+AB..."}
 
-Every key but ``tls`` is required; unknown keys, duplicate origins, a vkey that
+Every key but ``tls`` is required; unknown keys, duplicate origins, origins of
+more than 255 bytes (what subtree/v1 cosignatures can carry), a vkey that
 is not a C2SP Ed25519 log key (type 0x01) and missing TLS files are errors that
 name the key. Relative paths (``tls``, ``keys`` and a relative SQLite file) are
 resolved against the config file's directory. The YAML itself is read strictly
@@ -33,6 +34,7 @@ _LOG_KEYS: Final = ("origin", "vkey")
 _LISTEN_RE: Final = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(0|[1-9][0-9]{0,4})")
 _DB_PREFIXES: Final = ("sqlite:///", "postgresql://", "postgresql+psycopg://")
 _MAX_LOGS: Final = 10_000
+_MAX_ORIGIN_BYTES: Final = 255  # subtree/v1 cosignatures carry it in an opaque<1..2^8-1>
 
 
 class WitnessConfigError(ValueError):
@@ -142,6 +144,10 @@ def _logs(value: object) -> dict[str, tuple[NoteVerifier, ...]]:
             Checkpoint(origin, 0, bytes(32))  # the origin line's own rules
         except NoteError as exc:
             raise WitnessConfigError(str(exc), key=f"{key}.origin") from None
+        if len(origin.encode("utf-8")) > _MAX_ORIGIN_BYTES:
+            raise WitnessConfigError(
+                f"must be at most {_MAX_ORIGIN_BYTES} bytes (subtree/v1)", key=f"{key}.origin"
+            )
         try:
             verifier = NoteVerifier.from_vkey(_text(item.get("vkey"), f"{key}.vkey"))
         except NoteError as exc:

@@ -229,13 +229,11 @@ def decide(stored: LogState, sub: Submission, now: int) -> Outcome:
     """
     cp = sub.checkpoint
     if sub.old_size != stored.size:
+        reason = "old size is not the latest cosigned size"
         fork = cp.size == stored.size and not hmac.compare_digest(cp.root, stored.root)
-        return Outcome(
-            409,
-            "old size is not the latest cosigned size",
-            evidence=fork,
-            latest_size=stored.size,
-        )
+        if fork:
+            reason += ", and the checkpoint has that size with another root"
+        return Outcome(409, reason, evidence=fork, latest_size=stored.size)
     reason = _inconsistency(stored, sub)
     if reason is not None:
         return Outcome(422, reason, evidence=True)
