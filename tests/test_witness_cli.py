@@ -198,9 +198,9 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
             logs=[LogSide(unique_origin())],
             listen=f"127.0.0.1:{port}",
         )
-        out = run_axid("witness", "serve", "--config", str(config), "--log-level", "critical")
-    assert out.returncode == 1 and "cannot start: " in out.stderr, out.stderr
-    assert "listening" not in out.stdout
+        code, output = _serve_in_process(config)
+    assert code == 1 and "cannot start: " in output, output
+    assert "listening" not in output
 
 
 # --------------------------------------------------------------------------- serving variants
@@ -259,10 +259,13 @@ def test_https_and_an_encrypted_key_and_one_key_only(
         r = add_checkpoint(client, url, log.body(0, 3))
         assert r.status_code == 200 and r.text.count("\n") == 1
         verify_line(r.text, body_text(log, 3), witness.ed25519)
-    env = {k: v for k, v in os.environ.items() if k != "AXID_KEY_PASSPHRASE"}
-    out = run_axid("witness", "serve", "--config", str(config), env=env)
-    assert out.returncode == 1 and "AXID_KEY_PASSPHRASE is not set" in out.stderr
-    assert secret not in out.stdout + out.stderr
+    monkeypatch.delenv("AXID_KEY_PASSPHRASE")
+    code, output = _serve_in_process(config)
+    assert code == 1 and "AXID_KEY_PASSPHRASE is not set" in output
+    monkeypatch.setenv("AXID_KEY_PASSPHRASE", "wrong")
+    code, output = _serve_in_process(config)
+    assert code == 1 and "wrong passphrase" in output
+    assert secret not in output
 
 
 def test_evidence_of_a_fresh_witness(tmp_path: Path) -> None:

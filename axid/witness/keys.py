@@ -176,9 +176,9 @@ def _load_private(path: Path, passphrase: bytes | None) -> PrivateKey:
             f"{path}: {PASSPHRASE_ENV} is set but the key is not encrypted"
         ) from None
     except Exception:  # cryptography raises assorted errors on garbage or a wrong passphrase
-        raise WitnessKeyError(
-            f"{path}: not a readable PEM PKCS#8 key (or wrong passphrase)"
-        ) from None
+        if passphrase is not None and b"ENCRYPTED" in pem:
+            raise WitnessKeyError(f"{path}: wrong passphrase ({PASSPHRASE_ENV})") from None
+        raise WitnessKeyError(f"{path}: not a PEM PKCS#8 private key") from None
     if not isinstance(key, Ed25519PrivateKey | MLDSA44PrivateKey):
         raise WitnessKeyError(f"{path}: not an Ed25519 or ML-DSA-44 private key")
     return key
