@@ -42,6 +42,12 @@ named; relative paths in a file are resolved against the file's directory::
       lock_timeout: 5
       head: .axid/keys/payments.head   # the authenticated head (default: beside the key)
       head_required: false             # true: a missing head file is an integrity failure
+      witnesses:                       # C2SP tlog-witnesses that cosign the checkpoints:
+        - url: https://witness.example.org   # submission prefix (POSTs to url/add-checkpoint)
+          vkey: witness.example.org/w1+3afd8f53+BLMl8KDI291nm4KjUKUStZ2A24EOmXWZYtAzSwP1wAnc
+      quorum: 1                        # distinct witnesses a checkpoint needs (default 1)
+      witness_mode: async              # sync: a batch waits for the quorum (else 503)
+      witness_timeout: 5               # seconds: each submission; sync: each batch's wait
     replay:                            # single_use jti store; default: the log's database
       database_url: sqlite:///.axid/axid.db
     rules:                             # first match wins; see verifier.rules
@@ -71,6 +77,12 @@ from urllib.parse import urlsplit
 
 from axid import _yaml
 from axid.audit.store import StoreError, validate_log_name
+from axid.audit.witnessing import (
+    DEFAULT_WITNESS_TIMEOUT,
+    WitnessConfig,
+    WitnessConfigError,
+    witness_settings,
+)
 from axid.keys import DEFAULT_PUBLISH_LEAD, KeySet
 from axid.tokens import MAX_LEEWAY
 from mtls.spiffeid import SpiffeId, SpiffeIdError, SpiffeIdPattern
@@ -125,6 +137,10 @@ _LOG_KEYS: Final = (
     "lock_timeout",
     "head",
     "head_required",
+    "witnesses",
+    "quorum",
+    "witness_mode",
+    "witness_timeout",
 )
 _REPLAY_KEYS: Final = ("database_url", "lock_timeout")
 
@@ -398,9 +414,24 @@ class LogConfig:
     lock_timeout: float = 5.0
     head: Path | None = None  # default: <key's directory>/<log>.head
     head_required: bool = False
+    # Witnesses (axid.audit.witnessing): {url, vkey} mappings or WitnessConfig, made
+    # WitnessConfig; quorum None is 1 with witnesses, else 0.
+    witnesses: tuple[WitnessConfig, ...] | Sequence[Any] = ()
+    quorum: int | None = None
+    witness_mode: str = "async"
+    witness_timeout: float = DEFAULT_WITNESS_TIMEOUT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", _db_url(self.url, "log.url"))
+        try:
+            ws = witness_settings(
+                self.witnesses, self.quorum, self.witness_mode, self.witness_timeout
+            )
+        except WitnessConfigError as exc:
+            raise ConfigError(exc.message, key=f"log.{exc.key}") from None
+        object.__setattr__(self, "witnesses", ws.witnesses)
+        object.__setattr__(self, "quorum", ws.quorum)
+        object.__setattr__(self, "witness_timeout", ws.timeout)
         if self.head is not None:
             if not isinstance(self.head, str | os.PathLike) or not str(self.head):
                 raise ConfigError("must be the path of the log's head file", key="log.head")

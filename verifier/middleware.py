@@ -605,6 +605,10 @@ class AxidVerifier:
             lock_timeout=config.log.lock_timeout,
             head=config.log.head,
             head_required=config.log.head_required,
+            witnesses=config.log.witnesses,
+            quorum=config.log.quorum,
+            witness_mode=config.log.witness_mode,
+            witness_timeout=config.log.witness_timeout,
         )
         rt.closers.append(rt.log.close)
 

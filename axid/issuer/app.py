@@ -71,6 +71,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from axid.audit.log import AuditUnavailable, DecisionLog
 from axid.audit.metrics import LogCollector
 from axid.audit.receipt import RECEIPT_HEADER, Receipt
+from axid.audit.witnessing import DEFAULT_WITNESS_TIMEOUT, WitnessConfig
 from axid.issuer.anonymous import AnonymousGate
 from axid.issuer.config import DEFAULT_LOG_KEY, DEFAULT_LOG_NAME, IssuerConfig
 from axid.issuer.problems import Refusal, problem_response
@@ -130,6 +131,10 @@ class IssuerComponents:
     log_key: Path | Ed25519PrivateKey = DEFAULT_LOG_KEY
     log_head: Path | None = None
     log_head_required: bool = False
+    log_witnesses: tuple[WitnessConfig, ...] = ()
+    log_quorum: int | None = None
+    log_witness_mode: str = "async"
+    log_witness_timeout: float = DEFAULT_WITNESS_TIMEOUT
     admins: tuple[SpiffeIdPattern, ...] = ()
     default_ttl: int = 120
     max_ttl: int = 300
@@ -168,6 +173,10 @@ class IssuerComponents:
             log_key=config.log_key,
             log_head=config.log_head,
             log_head_required=config.log_head_required,
+            log_witnesses=config.log_witnesses,
+            log_quorum=config.log_quorum,
+            log_witness_mode=config.log_witness_mode,
+            log_witness_timeout=config.log_witness_timeout,
             admins=config.admins,
             default_ttl=config.default_ttl,
             max_ttl=config.max_ttl,
@@ -300,6 +309,10 @@ def create_app(
                 create_key=True,
                 head=components.log_head,
                 head_required=components.log_head_required,
+                witnesses=components.log_witnesses,
+                quorum=components.log_quorum,
+                witness_mode=components.log_witness_mode,
+                witness_timeout=components.log_witness_timeout,
             )
             try:
                 yield

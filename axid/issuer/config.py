@@ -25,6 +25,12 @@ the file's directory (so a config works from any working directory)::
       database_url: null                 # default: database_url
       head: .axid/keys/issuer.head       # the authenticated head (default: beside the key)
       head_required: false               # true: a missing head file is an integrity failure
+      witnesses:                         # C2SP tlog-witnesses that cosign the checkpoints:
+        - url: https://witness.example.org   # submission prefix (POSTs to url/add-checkpoint)
+          vkey: witness.example.org/w1+3afd8f53+BLMl8KDI291nm4KjUKUStZ2A24EOmXWZYtAzSwP1wAnc
+      quorum: 1                          # distinct witnesses a checkpoint needs (default 1)
+      witness_mode: async                # sync: a batch waits for the quorum (else 503)
+      witness_timeout: 5                 # seconds: each submission; sync: each batch's wait
     tokens:
       default_ttl: 120                   # seconds, when a request names none
       max_ttl: 300                       # at most 300 (the token format's limit)
@@ -46,6 +52,12 @@ from urllib.parse import urlsplit
 
 from axid._yaml import YamlError, read_yaml_file
 from axid.audit.store import StoreError, validate_log_name
+from axid.audit.witnessing import (
+    DEFAULT_WITNESS_TIMEOUT,
+    WitnessConfig,
+    WitnessConfigError,
+    witness_settings,
+)
 from axid.keys import DEFAULT_PUBLISH_LEAD
 from axid.tokens import MAX_TTL
 from mtls.spiffeid import SpiffeIdError, SpiffeIdPattern
@@ -85,7 +97,17 @@ _TOP_KEYS: Final = (
     "tokens",
 )
 _SVID_KEYS: Final = ("cert", "key", "bundle", "workload_api")
-_AUDIT_KEYS: Final = ("log", "key", "database_url", "head", "head_required")
+_AUDIT_KEYS: Final = (
+    "log",
+    "key",
+    "database_url",
+    "head",
+    "head_required",
+    "witnesses",
+    "quorum",
+    "witness_mode",
+    "witness_timeout",
+)
 _TOKEN_KEYS: Final = ("default_ttl", "max_ttl", "publish_lead")
 _HOST_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
@@ -143,6 +165,12 @@ class IssuerConfig:
     audit_database_url: str | None = None
     log_head: Path | None = None  # default: <log key's directory>/<log>.head
     log_head_required: bool = False
+    # Witnesses of the log (axid.audit.witnessing): {url, vkey} mappings or
+    # WitnessConfig, made WitnessConfig; quorum None is 1 with witnesses, else 0.
+    log_witnesses: tuple[WitnessConfig, ...] = ()
+    log_quorum: int | None = None
+    log_witness_mode: str = "async"
+    log_witness_timeout: float = DEFAULT_WITNESS_TIMEOUT
     default_ttl: int = DEFAULT_DEFAULT_TTL
     max_ttl: int = MAX_TTL
     publish_lead: float = DEFAULT_PUBLISH_LEAD
@@ -176,6 +204,15 @@ class IssuerConfig:
             )
         if not isinstance(self.log_head_required, bool):
             raise ConfigError("must be true or false", key="audit.head_required")
+        try:
+            ws = witness_settings(
+                self.log_witnesses, self.log_quorum, self.log_witness_mode, self.log_witness_timeout
+            )
+        except WitnessConfigError as exc:
+            raise ConfigError(exc.message, key=f"audit.{exc.key}") from None
+        object.__setattr__(self, "log_witnesses", ws.witnesses)
+        object.__setattr__(self, "log_quorum", ws.quorum)
+        object.__setattr__(self, "log_witness_timeout", ws.timeout)
         for name in ("registrations", "keys_dir", "log_key", "log_head", "cert", "key", "bundle"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
@@ -299,6 +336,9 @@ class IssuerConfig:
                 kwargs["log_head"] = path(audit["head"], "audit.head")
             if "head_required" in audit:
                 kwargs["log_head_required"] = audit["head_required"]
+            for name in ("witnesses", "quorum", "witness_mode", "witness_timeout"):
+                if name in audit:
+                    kwargs[f"log_{name}"] = audit[name]
         tokens = doc.get("tokens")
         if tokens is not None:
             if not isinstance(tokens, Mapping):
