@@ -43,22 +43,27 @@ def axid_cmd() -> list[str]:
     return [sys.executable, "-c", "from axid.cli import main; main()"]
 
 
-def witness_init(jobs: Sequence[tuple[Path, str]]) -> list[str]:
-    """`axid witness init --name NAME --dir DIR` for each ``(DIR, NAME)``, all at
-    once (each is a process start); returns each ``DIR/witness.vkey``'s vkey."""
+def witness_init(jobs: Sequence[tuple[Path, str, bool]]) -> list[str]:
+    """`axid witness init --name NAME --dir DIR [--ml-dsa]` for each ``(DIR, NAME,
+    ML_DSA)``, all at once (each is a process start); returns each
+    ``DIR/witness.vkey``'s vkey."""
     procs = [
         subprocess.Popen(
-            [*axid_cmd(), "witness", "init", "--name", name, "--dir", str(directory)],
+            [
+                *axid_cmd(),
+                *("witness", "init", "--name", name, "--dir", str(directory)),
+                *(["--ml-dsa"] if ml_dsa else []),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for directory, name in jobs
+        for directory, name, ml_dsa in jobs
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=WAIT)
         assert proc.returncode == 0, err
-    return [(d / "witness.vkey").read_text().strip() for d, _ in jobs]
+    return [(d / "witness.vkey").read_text().strip() for d, _, _ in jobs]
 
 
 @dataclass
@@ -75,11 +80,19 @@ class Witness:
 
     @classmethod
     def create(
-        cls, tmp: Path, names: Sequence[str], logs: Sequence[tuple[str, str]]
+        cls,
+        tmp: Path,
+        names: Sequence[str],
+        logs: Sequence[tuple[str, str]],
+        *,
+        ml_dsa: Sequence[str] = (),
     ) -> list[Witness]:
-        """Witnesses named ``names``, each for the logs ``(origin, log vkey)``."""
+        """Witnesses named ``names``, each for the logs ``(origin, log vkey)``; those
+        named in ``ml_dsa`` also have an ML-DSA-44 key."""
         homes = [tmp / f"{i}-{name.replace('/', '_')}" for i, name in enumerate(names)]
-        vkeys = witness_init([(h / "keys", n) for h, n in zip(homes, names, strict=True)])
+        vkeys = witness_init(
+            [(h / "keys", n, n in ml_dsa) for h, n in zip(homes, names, strict=True)]
+        )
         out = []
         for home, name, vkey in zip(homes, names, vkeys, strict=True):
             w = cls(name, home / "keys", vkey, home / "witness.yaml")
@@ -145,6 +158,11 @@ class Witness:
     @property
     def spec_key(self) -> SpecKey:
         return parse_vkey(self.vkey)
+
+    @property
+    def mldsa_vkey(self) -> str:
+        """The vkey of its ML-DSA-44 key (``init --ml-dsa``)."""
+        return (self.keys / "witness-mldsa.vkey").read_text().strip()
 
     def config_entry(self, vkey: str | None = None) -> dict[str, str]:
         """This witness as the log configures it: ``{url, vkey}``."""
@@ -224,9 +242,9 @@ def check_cosigned(note: bytes, origin: str, keys: Sequence[SpecKey]) -> set[str
     every witness line must be by one of them and verify."""
     body, _ = split_note(note)
     names = set()
-    by_name = {k.name: k for k in keys}
+    by_id = {(k.name, k.key_id): k for k in keys}
     for line in witness_lines(note, origin):
-        name = line[len(EM_DASH) + 1 :].split(" ", 1)[0]
-        verify_line(line, body, by_name[name])
+        name, b64 = line[len(EM_DASH) + 1 :].rstrip("\n").split(" ", 1)
+        verify_line(line, body, by_id[(name, base64.b64decode(b64)[:4])])
         names.add(name)
     return names

@@ -29,6 +29,7 @@ from _audit_witnessing_helpers import (
     split_note,
     witness_lines,
 )
+from _spec_cosignature import parse_vkey
 from prometheus_client import CollectorRegistry
 
 from axid.audit.export import export_bundle
@@ -59,8 +60,8 @@ class LogKey:
 
 @dataclass
 class Shared:
-    """Two running witnesses configured for a pool of logs, and a vkey of W1's
-    name for a key W1 does not hold."""
+    """Two running witnesses configured for a pool of logs (W2 also has an ML-DSA-44
+    key), and a vkey of W1's name for a key W1 does not hold."""
 
     pool: list[LogKey]
     w1: Witness
@@ -81,7 +82,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         mp.delenv("AXID_KEY_PASSPHRASE", raising=False)
         pool = [LogKey(tmp / "logs" / str(i)) for i in range(24)]
     logs = [(k.origin, k.vkey) for k in pool]
-    w1, w2 = Witness.create(tmp / "w", [W1, W2], logs)
+    w1, w2 = Witness.create(tmp / "w", [W1, W2], logs, ml_dsa=[W2])
     with running(w1, w2):
         yield Shared(pool, w1, w2, other_vkey(W1))
 
@@ -375,3 +376,26 @@ async def test_a_cosignature_that_does_not_verify_is_dropped_as_a_refusal(
         await batch(dl, 3, 1)
         await until(lambda: dl.witness_lag == {W1: 0})
         assert dl.witness_refusals == {W1: 0}
+
+
+async def test_a_witness_with_two_keys_counts_once(lk: LogKey, env: Shared, tmp_path: Path) -> None:
+    """W2 cosigns with Ed25519 (cosignature/v1) and ML-DSA-44 (subtree/v1): both
+    lines are verified and kept; W2 is one witness towards the quorum."""
+    w2 = env.w2
+    mldsa = parse_vkey(w2.mldsa_vkey)
+    both = [w2.config_entry(), w2.config_entry(w2.mldsa_vkey)]
+    with pytest.raises(ValueError, match="quorum"):
+        await lk.open(db_url("sqlite", tmp_path), witnesses=both, quorum=2)
+    async with await lk.open(
+        db_url("sqlite", tmp_path), witnesses=both, witness_mode="sync", witness_timeout=3
+    ) as dl:
+        (r,) = await batch(dl, 0, 1)
+        assert check_cosigned(r.checkpoint, lk.origin, [w2.spec_key, mldsa]) == {W2}
+        assert len(witness_lines(r.checkpoint, lk.origin)) == 2
+        assert dl.witness_lag == {W2: 0} and dl.witness_refusals == {W2: 0}
+        assert dl.store.cosigned_note(1) == r.checkpoint
+    # Only the Ed25519 key configured: the ML-DSA line is by an unknown key, ignored.
+    async with await lk.open(db_url("sqlite", tmp_path), witnesses=[w2.config_entry()]) as dl:
+        await batch(dl, 1, 1)
+        await until(lambda: dl.witness_lag == {W2: 0})
+        assert len(dl.store.cosignatures(2)) == 1 and dl.witness_refusals == {W2: 0}

@@ -170,14 +170,7 @@ class DecisionLog:
         names the bad setting). See the module docstring for sync mode.
         """
         validate_log_name(log)
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-            raise ValueError("max_batch must be an int >= 1")
-        if (
-            not isinstance(max_delay, int | float)
-            or isinstance(max_delay, bool)
-            or not 0 <= max_delay <= 60
-        ):
-            raise ValueError("max_delay must be between 0 and 60 seconds")
+        _check_batching(max_batch, max_delay)
         settings = witness_settings(witnesses, quorum, witness_mode, witness_timeout)
         origin = origin_for(log)
         loop = asyncio.get_running_loop()
@@ -448,6 +441,17 @@ class DecisionLog:
 def _fail(fut: asyncio.Future[Any], err: BaseException) -> None:
     if not fut.done():
         fut.set_exception(err)
+
+
+def _check_batching(max_batch: object, max_delay: object) -> None:
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise ValueError("max_batch must be an int >= 1")
+    if (
+        not isinstance(max_delay, int | float)
+        or isinstance(max_delay, bool)
+        or not 0 <= max_delay <= 60
+    ):
+        raise ValueError("max_delay must be between 0 and 60 seconds")
 
 
 def _load_key(path: str | os.PathLike[str], create: bool) -> Ed25519PrivateKey:
