@@ -6,7 +6,10 @@ The math is pure and kept apart from storage, as in transparency-dev/merkle:
 - :mod:`axid.audit.note`    C2SP signed notes, tlog checkpoints and vkeys (Ed25519)
 - :mod:`axid.audit.entry`   the RFC 8785 canonical decision entry
 - :mod:`axid.audit.store`   SQLModel storage: entries, Merkle nodes, signed checkpoints
+- :mod:`axid.audit.head`    the authenticated head: what the writer proves before it signs
 - :mod:`axid.audit.log`     :class:`DecisionLog`, the group-commit appender services use
+- :mod:`axid.audit.receipt` receipts (``AXID-Receipt``) and the caller's check of one
+- :mod:`axid.audit.cosignature` C2SP witness cosignatures (keys, cosigning, checking)
 - :mod:`axid.audit.verify`  the auditor's offline verification (database or export bundle)
 - :mod:`axid.audit.export`  the export bundle writer
 
@@ -15,7 +18,11 @@ This package imports neither ``verifier`` nor FastAPI.
 
 from axid.audit.entry import ENTRY_FIELDS, EntryError, canonical_entry, parse_entry
 from axid.audit.export import ExportError, ExportResult, export_bundle
-from axid.audit.log import AuditUnavailable, DecisionLog, Receipt
+from axid.audit.cosignature import CosignatureError, WitnessKey, WitnessSigner
+from axid.audit.head import IntegrityFailure
+from axid.audit.log import AuditUnavailable, DecisionLog
+from axid.audit.metrics import LogCollector
+from axid.audit.receipt import Receipt, ReceiptError
 from axid.audit.merkle import (
     CompactRange,
     ProofError,
@@ -42,6 +49,7 @@ from axid.audit.store import (
     StoreError,
     generate_log_key,
     load_log_key,
+    consistency_text,
     make_engine,
     proof_text,
 )
@@ -59,6 +67,7 @@ __all__ = [
     "AuditUnavailable",
     "Checkpoint",
     "CompactRange",
+    "CosignatureError",
     "DatabaseSource",
     "DecisionLog",
     "EntryError",
@@ -66,17 +75,23 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "Finding",
+    "IntegrityFailure",
+    "LogCollector",
     "LogStore",
     "NoteError",
     "NoteSigner",
     "NoteVerifier",
     "ProofError",
     "Receipt",
+    "ReceiptError",
     "StoreError",
     "VerifyReport",
     "VerifyUsageError",
+    "WitnessKey",
+    "WitnessSigner",
     "canonical_entry",
     "consistency_proof",
+    "consistency_text",
     "export_bundle",
     "generate_log_key",
     "inclusion_proof",
