@@ -16,13 +16,11 @@ The math is pure and kept apart from storage, as in transparency-dev/merkle:
 This package imports neither ``verifier`` nor FastAPI.
 """
 
+from axid.audit.cosignature import CosignatureError, WitnessKey, WitnessSigner
 from axid.audit.entry import ENTRY_FIELDS, EntryError, canonical_entry, parse_entry
 from axid.audit.export import ExportError, ExportResult, export_bundle
-from axid.audit.cosignature import CosignatureError, WitnessKey, WitnessSigner
 from axid.audit.head import IntegrityFailure
 from axid.audit.log import AuditUnavailable, DecisionLog
-from axid.audit.metrics import LogCollector
-from axid.audit.receipt import Receipt, ReceiptError
 from axid.audit.merkle import (
     CompactRange,
     ProofError,
@@ -34,6 +32,7 @@ from axid.audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from axid.audit.metrics import LogCollector
 from axid.audit.note import (
     Checkpoint,
     NoteError,
@@ -44,12 +43,13 @@ from axid.audit.note import (
     sign_checkpoint,
     sign_note,
 )
+from axid.audit.receipt import Receipt, ReceiptError
 from axid.audit.store import (
     LogStore,
     StoreError,
+    consistency_text,
     generate_log_key,
     load_log_key,
-    consistency_text,
     make_engine,
     proof_text,
 )
