@@ -13,54 +13,109 @@ The math is pure and kept apart from storage, as in transparency-dev/merkle:
 - :mod:`axid.audit.verify`  the auditor's offline verification (database or export bundle)
 - :mod:`axid.audit.export`  the export bundle writer
 
-This package imports neither ``verifier`` nor FastAPI.
+This package imports neither ``verifier`` nor FastAPI. Its names load lazily, so that
+importing a pure module (``axid.audit.note``, ``merkle``, ``cosignature``) loads
+nothing else (the witness imports only those).
 """
 
-from axid.audit.cosignature import CosignatureError, WitnessKey, WitnessSigner
-from axid.audit.entry import ENTRY_FIELDS, EntryError, canonical_entry, parse_entry
-from axid.audit.export import ExportError, ExportResult, export_bundle
-from axid.audit.head import IntegrityFailure
-from axid.audit.log import AuditUnavailable, DecisionLog
-from axid.audit.merkle import (
-    CompactRange,
-    ProofError,
-    consistency_proof,
-    inclusion_proof,
-    leaf_hash,
-    node_hash,
-    root_from_leaf_hashes,
-    verify_consistency,
-    verify_inclusion,
-)
-from axid.audit.metrics import LogCollector
-from axid.audit.note import (
-    Checkpoint,
-    NoteError,
-    NoteSigner,
-    NoteVerifier,
-    open_checkpoint,
-    open_note,
-    sign_checkpoint,
-    sign_note,
-)
-from axid.audit.receipt import Receipt, ReceiptError
-from axid.audit.store import (
-    LogStore,
-    StoreError,
-    consistency_text,
-    generate_log_key,
-    load_log_key,
-    make_engine,
-    proof_text,
-)
-from axid.audit.verify import (
-    DatabaseSource,
-    ExportDirSource,
-    Finding,
-    VerifyReport,
-    VerifyUsageError,
-    verify_log,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from axid.audit.cosignature import CosignatureError, WitnessKey, WitnessSigner
+    from axid.audit.entry import ENTRY_FIELDS, EntryError, canonical_entry, parse_entry
+    from axid.audit.export import ExportError, ExportResult, export_bundle
+    from axid.audit.head import IntegrityFailure
+    from axid.audit.log import AuditUnavailable, DecisionLog
+    from axid.audit.merkle import (
+        CompactRange,
+        ProofError,
+        consistency_proof,
+        inclusion_proof,
+        leaf_hash,
+        node_hash,
+        root_from_leaf_hashes,
+        verify_consistency,
+        verify_inclusion,
+    )
+    from axid.audit.metrics import LogCollector
+    from axid.audit.note import (
+        Checkpoint,
+        NoteError,
+        NoteSigner,
+        NoteVerifier,
+        open_checkpoint,
+        open_note,
+        sign_checkpoint,
+        sign_note,
+    )
+    from axid.audit.receipt import Receipt, ReceiptError
+    from axid.audit.store import (
+        LogStore,
+        StoreError,
+        consistency_text,
+        generate_log_key,
+        load_log_key,
+        make_engine,
+        proof_text,
+    )
+    from axid.audit.verify import (
+        DatabaseSource,
+        ExportDirSource,
+        Finding,
+        VerifyReport,
+        VerifyUsageError,
+        verify_log,
+    )
+
+_EXPORTS: dict[str, str] = {
+    "AuditUnavailable": "axid.audit.log",
+    "Checkpoint": "axid.audit.note",
+    "CompactRange": "axid.audit.merkle",
+    "CosignatureError": "axid.audit.cosignature",
+    "DatabaseSource": "axid.audit.verify",
+    "DecisionLog": "axid.audit.log",
+    "ENTRY_FIELDS": "axid.audit.entry",
+    "EntryError": "axid.audit.entry",
+    "ExportDirSource": "axid.audit.verify",
+    "ExportError": "axid.audit.export",
+    "ExportResult": "axid.audit.export",
+    "Finding": "axid.audit.verify",
+    "IntegrityFailure": "axid.audit.head",
+    "LogCollector": "axid.audit.metrics",
+    "LogStore": "axid.audit.store",
+    "NoteError": "axid.audit.note",
+    "NoteSigner": "axid.audit.note",
+    "NoteVerifier": "axid.audit.note",
+    "ProofError": "axid.audit.merkle",
+    "Receipt": "axid.audit.receipt",
+    "ReceiptError": "axid.audit.receipt",
+    "StoreError": "axid.audit.store",
+    "VerifyReport": "axid.audit.verify",
+    "VerifyUsageError": "axid.audit.verify",
+    "WitnessKey": "axid.audit.cosignature",
+    "WitnessSigner": "axid.audit.cosignature",
+    "canonical_entry": "axid.audit.entry",
+    "consistency_proof": "axid.audit.merkle",
+    "consistency_text": "axid.audit.store",
+    "export_bundle": "axid.audit.export",
+    "generate_log_key": "axid.audit.store",
+    "inclusion_proof": "axid.audit.merkle",
+    "leaf_hash": "axid.audit.merkle",
+    "load_log_key": "axid.audit.store",
+    "make_engine": "axid.audit.store",
+    "node_hash": "axid.audit.merkle",
+    "open_checkpoint": "axid.audit.note",
+    "open_note": "axid.audit.note",
+    "parse_entry": "axid.audit.entry",
+    "proof_text": "axid.audit.store",
+    "root_from_leaf_hashes": "axid.audit.merkle",
+    "sign_checkpoint": "axid.audit.note",
+    "sign_note": "axid.audit.note",
+    "verify_consistency": "axid.audit.merkle",
+    "verify_inclusion": "axid.audit.merkle",
+    "verify_log": "axid.audit.verify",
+}
 
 __all__ = [
     "ENTRY_FIELDS",
@@ -110,3 +165,16 @@ __all__ = [
     "verify_inclusion",
     "verify_log",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
