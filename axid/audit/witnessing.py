@@ -623,7 +623,11 @@ class Witnessing:
         got = self._cosigned.get(cp.size)
         if got is None:
             got = self._cosigned[cp.size] = _Cosigned(cp)
-        got.lines[w.name] = lines
+        # One line per key, the first kept (as the database does): a receipt
+        # carries exactly the stored lines.
+        have = {cosignature_key(ln) for ln in got.lines.get(w.name, [])}
+        new = [ln for ln in lines if cosignature_key(ln) not in have]
+        got.lines[w.name] = got.lines.get(w.name, []) + new
         if len(got.lines) < self._settings.quorum:
             return
         note = got.note()
