@@ -1,7 +1,8 @@
-"""A service behind AxidVerifier whose ``log:`` names a witness (a real `axid witness
-serve` on loopback): the config reaches the decision log, sync receipts carry the
-witness's cosignature, and a batch not witnessed in time is a 503 audit_unavailable
-whose decision is nevertheless recorded."""
+"""A service behind AxidVerifier whose ``log:`` names a witness, and the issuer whose
+``audit:`` does (a real `axid witness serve` on loopback): the config reaches the
+decision log, sync receipts carry the witness's cosignature, and a batch not
+witnessed in time is a 503 audit_unavailable whose decision is nevertheless
+recorded."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from typing import Any
 
 import pytest
 from _audit_witnessing_helpers import Witness, check_cosigned, running
+from _issuer_helpers import make_world
+from _issuer_helpers import running as issuer_running
 from _verifier_helpers import ISSUER, Pki, call, http_scope, key_set, make_pki, new_signing_key
 from _verifier_helpers import token_for as _token_for
 
 from axid.audit.note import NoteSigner
 from axid.audit.receipt import Receipt
 from axid.audit.store import generate_log_key, origin_for
-from verifier.config import IdentityConfig, LogConfig, VerifierConfig
+from axid.issuer.config import IssuerConfig
+from verifier.config import IdentityConfig, LogConfig, VerifierConfig, load_yaml
 from verifier.middleware import AxidVerifier
 from verifier.revocation import StaticRevocations
 from verifier.rules import RouteRule
@@ -96,3 +100,33 @@ async def test_verifier_sync_witnessing(pki: Pki, tmp_path: Path, setup: Any) ->
         assert b'"decision":"allow"' in entry
     finally:
         await verifier.shutdown()
+
+
+def test_issuer_sync_witnessing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AXID_KEY_PASSPHRASE", raising=False)
+    w = make_world(tmp_path, "sqlite")
+    origin = origin_for(w.log_name)
+    vkey = NoteSigner(origin, generate_log_key(w.tmp / "log.pem")).vkey()
+    (w1,) = Witness.create(tmp_path / "w", [W1], [(origin, vkey)])
+    with running(w1):
+        text = (
+            f"audit:\n  witnesses: [{{url: '{w1.url}', vkey: '{w1.vkey}'}}]\n"
+            "  witness_mode: sync\n  witness_timeout: 1\n"
+        )
+        doc = {"registrations": "r", "svid": {"workload_api": "x"}, **load_yaml(text)}
+        parsed = IssuerConfig.from_mapping(doc, environ={})
+        with issuer_running(
+            w,
+            log_witnesses=parsed.log_witnesses,
+            log_witness_mode=parsed.log_witness_mode,
+            log_witness_timeout=parsed.log_witness_timeout,
+        ):
+            r = w.mint("planner", **w.root_body())
+            assert r.status_code == 201, r.text
+            receipt = Receipt.from_header(r.headers["axid-receipt"])
+            assert check_cosigned(receipt.checkpoint, origin, [w1.spec_key]) == {W1}
+            w1.stop()
+            r = w.mint("planner", **w.root_body())
+            assert r.status_code == 503 and r.json()["reason"] == "audit_unavailable"
+            assert "token" not in r.json()
+            assert [e["reason"] for e in w.entries()] == ["ok", "ok"]  # both recorded
