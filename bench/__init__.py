@@ -2,6 +2,6 @@
 
 Each module registers its benchmarks by name with
 :func:`bench._harness.register`; ``axid bench`` imports the modules it finds
-(``tokens``, ``log``, ``issuer``, ``verifier``) and reports a missing one's
+(``tokens``, ``log``, ``issuer``, ``verifier``, ``witness``) and reports a missing one's
 benchmarks as skipped. Source checkouts only: a wheel ships no ``bench/``.
 """

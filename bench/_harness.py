@@ -70,12 +70,15 @@ KNOWN_BENCHES: tuple[tuple[str, str], ...] = (
     ("token.verify_cached", "verifier"),
     ("issuer.mint_http", "issuer"),
     ("log.append", "log"),
+    ("log.append_witnessed_async_p50", "witness"),
+    ("log.append_witnessed_sync_p50", "witness"),
     ("log.verify", "log"),
     ("log.proof", "log"),
     ("verifier.governed_rps", "verifier"),
     ("verifier.check_cached", "verifier"),
+    ("witness.add_checkpoint", "witness"),
 )
-MODULES: tuple[str, ...] = ("tokens", "log", "issuer", "verifier")
+MODULES: tuple[str, ...] = ("tokens", "log", "issuer", "verifier", "witness")
 _PACKAGE = __name__.rpartition(".")[0] or "bench"
 
 

@@ -134,6 +134,49 @@ def test_bench_verifier_and_issuer_benchmarks_json_shape(tmp_path: Path) -> None
     assert list(tmp_path.glob("axid-bench-*")) == []
 
 
+WITNESS_BENCHES = [
+    "log.append_witnessed_async_p50",
+    "log.append_witnessed_sync_p50",
+    "witness.add_checkpoint",
+]
+
+
+def test_bench_witness_benchmarks_json_shape(tmp_path: Path) -> None:
+    # A real `axid witness serve` process on loopback (SQLite state); tiny counts.
+    out = tmp_path / "out.json"
+    p = _axid(
+        "bench",
+        "--quick",
+        "--only",
+        ",".join(reversed(WITNESS_BENCHES)),  # reported in the known order anyway
+        "--iterations",
+        "16",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+        env={"TMPDIR": str(tmp_path)},
+    )
+    assert p.returncode == 0, p.stderr + p.stdout
+    doc = json.loads(out.read_text())
+    assert doc.get("skipped", []) == []
+    results = doc["results"]
+    assert [r["name"] for r in results] == WITNESS_BENCHES
+    assert [r["unit"] for r in results] == ["µs/op", "µs/op", "ops/s"]
+    for r in results:
+        assert set(r) == RESULT_FIELDS
+        assert isinstance(r["baseline"], str) and r["baseline"]
+        for k in ("value", "baseline_value", "ratio"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0
+        assert math.isclose(r["ratio"], r["value"] / r["baseline_value"], rel_tol=1e-9)
+    async_p50, sync_p50, _ = results
+    # The sync figure's baseline is the async figure, from the same run.
+    assert sync_p50["baseline_value"] == async_p50["value"]
+    assert "sequential caller" in p.stdout and "keep-alive" in p.stdout
+    # The witness process is gone, and so is the run's temporary directory.
+    assert _processes_mentioning(str(tmp_path)) == []
+    assert list(tmp_path.glob("axid-bench-*")) == []
+
+
 def _processes_mentioning(text: str) -> list[str]:
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
