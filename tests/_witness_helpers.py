@@ -24,11 +24,11 @@ from typing import IO, Any
 
 import httpx
 import yaml
+from _spec_cosignature import SpecKey, parse_vkey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from axid.audit.merkle import ListNodes, consistency_proof, empty_root
 from axid.audit.note import Checkpoint, NoteSigner, sign_checkpoint
-from tests._spec_cosignature import SpecKey, parse_vkey
 
 WAIT = 30.0
 

@@ -13,17 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA44PrivateKey
-from cryptography.x509.oid import NameOID
-from typer.testing import CliRunner
-
-from axid.cli import _app
-from tests._spec_cosignature import parse_vkey, verify_line
-from tests._witness_helpers import (
+from _spec_cosignature import parse_vkey, verify_line
+from _witness_helpers import (
     LogSide,
     add_checkpoint,
     body_text,
@@ -33,6 +24,15 @@ from tests._witness_helpers import (
     unique_origin,
     write_config,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA44PrivateKey
+from cryptography.x509.oid import NameOID
+from typer.testing import CliRunner
+
+from axid.cli import _app
 
 runner = CliRunner()
 NAME = "witness.example/w1"

@@ -30,11 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
-from axid.witness import WitnessStore
-from tests._pg import require_pg
-from tests._spec_cosignature import verify_line
-from tests._witness_helpers import (
+from _pg import require_pg
+from _spec_cosignature import verify_line
+from _witness_helpers import (
     LogSide,
     WitnessDir,
     add_checkpoint,
@@ -44,6 +42,8 @@ from tests._witness_helpers import (
     unique_origin,
     write_config,
 )
+
+from axid.witness import WitnessStore
 
 START, END = 10, 41  # 32 sizes
 FORK_AT = 5

@@ -9,14 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from typer.testing import CliRunner
-
-from axid.audit.note import NoteSigner
-from axid.cli import _app
-from tests._pg import require_pg
-from tests._spec_cosignature import verify_line
-from tests._witness_helpers import (
+from _pg import require_pg
+from _spec_cosignature import verify_line
+from _witness_helpers import (
     LogSide,
     add_checkpoint,
     body_text,
@@ -25,6 +20,11 @@ from tests._witness_helpers import (
     unique_origin,
     write_config,
 )
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typer.testing import CliRunner
+
+from axid.audit.note import NoteSigner
+from axid.cli import _app
 
 SAME_SIZE = b"same size as the latest cosigned checkpoint with another root"
 BAD_PROOF = b"consistency proof does not verify"

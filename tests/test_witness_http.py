@@ -14,12 +14,8 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from axid.audit.merkle import empty_root
-from axid.audit.note import Checkpoint, NoteSigner, sign_checkpoint
-from tests._spec_cosignature import SpecError, verify_line
-from tests._witness_helpers import (
+from _spec_cosignature import SpecError, verify_line
+from _witness_helpers import (
     LogSide,
     WitnessDir,
     add_checkpoint,
@@ -29,6 +25,10 @@ from tests._witness_helpers import (
     unique_origin,
     write_config,
 )
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from axid.audit.merkle import empty_root
+from axid.audit.note import Checkpoint, NoteSigner, sign_checkpoint
 
 N_LOGS = 40
 TEXT = "text/plain; charset=utf-8"

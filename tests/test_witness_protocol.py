@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 
 import pytest
+from _witness_helpers import LogSide
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from axid.witness.protocol import LogState, Refusal, Submission, decide, parse_body
-from tests._witness_helpers import LogSide
 
 ORIGIN = "example.org/axid/protocol"
 LOG = LogSide(ORIGIN).grow(70)
