@@ -295,7 +295,10 @@ class _Server(uvicorn.Server):
 
 def _listening_socket() -> socket.socket:
     # Bound before the server starts, so the issuer knows its URL (the tokens' iss).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, as the sockets uvicorn binds itself (``axid serve``): asyncio then
+    # sets TCP_NODELAY on every accepted connection (with protocol 0 it does not, and
+    # an answer written in two parts waits ~40 ms for the client's delayed ACK).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((DEMO_HOST, 0))
