@@ -1,11 +1,15 @@
 """`axid demo`, run as the README runs it: the real `axid` script in a subprocess.
 
-The demo starts the issuer and the governed "payments" service over mTLS on
-loopback, plays the story, verifies the decision logs and checks the refund's
-receipt with ``axid audit receipt check``; these tests check its exit code and
-output, and with ``--keep-running`` make a real mTLS call of their own (mint at
-the printed issuer, GET at the printed payments URL, with the planner SVID from
-the printed certs directory) before stopping it with SIGINT or SIGTERM.
+The demo starts a witness, the issuer and the governed "payments" service (mTLS)
+on loopback, both logs witnessed (async, quorum 1), plays the story, waits for the
+witness's cosignatures of the latest checkpoints, verifies the decision logs (the
+payments log with ``axid audit verify ... --witness ... --quorum 1``) and checks
+the refund's receipt with ``axid audit receipt check``; these tests check its exit
+code and output, and with ``--keep-running`` verify a cosignature on the payments
+log's checkpoint with the spec oracle (``tests/_spec_cosignature.py``, not AXID's
+code) and make a real mTLS call of their own (mint at the printed issuer, GET at
+the printed payments URL, with the planner SVID from the printed certs directory)
+before stopping it with SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,22 +23,34 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
+import _spec_cosignature as spec
 import httpx
 import pytest
 from rich.console import Console
 
+import axid.witness.server
 from axid.audit import DecisionLog
+from axid.audit.cosignature import WitnessKey
 from axid.audit.note import NoteSigner
+from axid.audit.quorum import WitnessPolicy
 from axid.audit.receipt import Receipt
 from axid.audit.store import generate_log_key, origin_for
 from axid.audit.verify import DatabaseSource, verify_log
 from axid.demo import story
 from axid.demo.payments import create_payments_app
-from axid.demo.story import DemoUsageError, check_kept_receipt, prepare_directory, run_demo
+from axid.demo.story import (
+    DemoUsageError,
+    check_kept_receipt,
+    prepare_directory,
+    provision,
+    run_demo,
+)
 from axid.issuer.client import IssuerClient
+from axid.witness import WitnessApp, WitnessStartupError
 from mtls.sources import FileSource
 from mtls.spiffeid import SpiffeId
 from mtls.tlsconfig import client_context
@@ -50,6 +66,8 @@ STORY_REASONS = (
     "token_expired",
     "revoked",
 )
+
+WITNESS = "witness.example.org/demo"  # the demo's witness name (trust domain example.org)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,6 +96,40 @@ def test_demo_plays_the_whole_story(tmp_path: Path) -> None:
     assert re.search(r"audit verify: OK \(\d+ entries, \d+ checkpoints\) log payments", out)
     assert re.search(r"audit verify: OK \(\d+ entries, \d+ checkpoints\) log issuer", out)
     assert "— axid/payments " in out  # the signed checkpoint note
+    # Async witnessing: the demo waited for the cosignatures of the latest checkpoints,
+    # and both logs' latest checkpoint (size = entries) is the witnessed one.
+    waited = re.search(
+        rf"^witness: {WITNESS} cosigned the logs' latest checkpoints "
+        r"\(issuer (\d+), payments (\d+)\); witnessing is async .* the demo waited "
+        r"[0-9.]+ s for it, at most 10 s$",
+        out,
+        re.M,
+    )
+    assert waited, out
+    for log, size in (("issuer", waited.group(1)), ("payments", waited.group(2))):
+        assert re.search(
+            rf"^audit verify: OK \({size} entries, \d+ checkpoints\) log {log} in \S+; "
+            rf"witnessed: checkpoint {size} cosigned by {WITNESS}$",
+            out,
+            re.M,
+        ), out
+    assert f"\n— {WITNESS} " in out  # the printed note carries the witness's cosignature
+    # The auditor's CLI, with the witness's vkey and a quorum of 1.
+    assert re.search(
+        r"^\$ axid audit verify --db sqlite:///\S+/axid\.db --log payments "
+        r"--vkey /\S+/keys/payments\.vkey --witness /\S+/keys/witness\.vkey --quorum 1 "
+        r"--max-unwitnessed 0$",
+        out,
+        re.M,
+    ), out
+    assert "  OK: the log is intact and witnessed" in out
+    assert re.search(
+        rf"^  witnessed: +checkpoint {waited.group(2)}, cosigned by {WITNESS} "
+        rf"\(quorum 1 of {WITNESS}\); 0 entries after it$",
+        out,
+        re.M,
+    ), out
+    assert "audit verify --witness: OK the payments log" in out
     # Every recorded step's answer carried a receipt for its very log entry.
     rows = re.findall(r"^ *(\d+) .* (issuer|payments) #(\d+) +(\S+) +✓ *$", out, re.M)
     assert [int(r[0]) for r in rows] == list(range(1, 14)), out
@@ -95,7 +147,7 @@ def test_demo_plays_the_whole_story(tmp_path: Path) -> None:
     assert "  OK: the log holds the receipted entry and extends the receipted checkpoint" in out
     checked = f"audit receipt check: OK the receipt of step 4 (seq {seq}) against the payments log"
     assert checked in out
-    assert "demo: all 14 steps did what they should" in out
+    assert "demo: all 14 steps did what they should, both logs verify and are witnessed" in out
     assert "FAILED" not in out
     # Without --dir the demo's temporary directory is gone afterwards.
     db = re.search(r"log payments in sqlite:///(\S+)", out)
@@ -203,6 +255,85 @@ def test_payments_app_needs_a_verifier_config() -> None:
         create_payments_app({"service": "payments"})  # type: ignore[arg-type]
 
 
+def test_demo_serves_its_witness_as_axid_witness_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's witness: witness.yaml as `axid witness init` and the config schema
+    want it, and the uvicorn options axid.witness.server.serve gives that config."""
+    layout = prepare_directory(tmp_path / "d")
+    provisioned = provision(layout)
+    assert (layout.witness_dir / "keys" / "witness.key").stat().st_mode & 0o077 == 0
+    published = layout.witness_vkey_file.read_text(encoding="ascii")
+    assert published == (layout.witness_dir / "keys" / "witness.vkey").read_text(encoding="ascii")
+    assert published.strip() == provisioned.witness_vkey
+    assert spec.parse_vkey(published).name == WITNESS
+    parts = story._open_witness(layout.witness_config)
+    try:
+        assert set(parts.config.logs) == {"axid/issuer", "axid/payments"}
+        assert (parts.config.host, parts.config.port, parts.config.tls) == ("127.0.0.1", 0, None)
+        ours = story.witness_uvicorn_config(parts.app, parts.config, log_level="warning")
+    finally:
+        parts.close()
+
+    built: list[object] = []
+
+    class Capture:  # stands in for uvicorn.Server: records the config, never serves
+        def __init__(self, config: object) -> None:
+            built.append(config)
+            self.started = False
+            self.should_exit = False
+
+        async def serve(self, sockets: object = None) -> None:
+            return None
+
+    monkeypatch.setattr(axid.witness.server.uvicorn, "Server", Capture)
+    with pytest.raises(WitnessStartupError):
+        axid.witness.server.serve(parts.config, ready=lambda _url: None, log_level="warning")
+    (theirs,) = built
+    assert isinstance(ours.app, WitnessApp) and isinstance(theirs.app, WitnessApp)  # type: ignore[attr-defined]
+    assert {k: v for k, v in vars(ours).items() if k != "app"} == {
+        k: v for k, v in vars(theirs).items() if k != "app"
+    }
+
+
+def test_demo_fails_when_the_witness_does_not_cosign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The witness is told another key for the payments log: it refuses (403) every
+    # checkpoint of it, so the demo's bounded wait and the auditor's verify fail.
+    wrong = NoteSigner(origin_for("payments"), generate_log_key(tmp_path / "wrong.pem")).vkey()
+    provision_witness = story._provision_witness
+
+    def misconfigured(layout: story.DemoLayout, name: str, vkeys: dict[str, str]) -> str:
+        return provision_witness(layout, name, {**vkeys, "payments": wrong})
+
+    monkeypatch.setattr(story, "_provision_witness", misconfigured)
+    monkeypatch.setattr(story, "COSIGN_WAIT", 0.5)
+    monkeypatch.delenv("AXID_DATABASE_URL", raising=False)
+    buf = io.StringIO()
+    code = run_demo(
+        tmp_path / "d", console=Console(file=buf, width=200, highlight=False, markup=False)
+    )
+    out = buf.getvalue()
+    assert code == 1, out
+    assert re.search(
+        rf"^witness: FAILED: {WITNESS} did not cosign the logs' latest checkpoints "
+        r"\(issuer \d+, payments (\d+)\) within 0\.5 s; it has cosigned issuer \d+, payments 0$",
+        out,
+        re.M,
+    ), out
+    assert re.search(r"^audit verify: OK .* log issuer in \S+; witnessed: checkpoint", out, re.M)
+    assert re.search(
+        r"^audit verify: NOT WITNESSED log payments \(intact: (\d+) entries, \1 checkpoints\): ",
+        out,
+        re.M,
+    ), out
+    assert "  NOT WITNESSED: " in out  # the CLI's verdict
+    assert "audit verify --witness: FAILED (exit 1) the payments log" in out
+    assert "demo: FAILED: the logs' latest checkpoints are not witnessed" in out
+    assert "demo: all 14 steps" not in out
+
+
 class _Lines:
     """Reads a child's stdout on a thread (to the end, so the pipe never fills)."""
 
@@ -244,26 +375,47 @@ def test_keep_running_serves_until_signalled(tmp_path: Path, sig: signal.Signals
         )
         try:
             lines = _Lines(proc).until("ready")
-            fields = dict(line.split(": ", 1) for line in lines[-5:-1])
-            assert list(fields) == ["issuer", "payments", "certs", "audit"], lines[-5:]
+            fields = dict(line.split(": ", 1) for line in lines[-7:-1])
+            assert list(fields) == ["issuer", "payments", "witness", "certs", "keys", "audit"], (
+                lines[-7:]
+            )
             assert re.fullmatch(r"https://127\.0\.0\.1:\d+", fields["issuer"])
             assert re.fullmatch(r"https://127\.0\.0\.1:\d+", fields["payments"])
+            assert re.fullmatch(r"http://127\.0\.0\.1:\d+", fields["witness"])
             certs = Path(fields["certs"])
             assert certs == demo_dir.resolve() / "certs"
+            keys = Path(fields["keys"])
+            assert keys == demo_dir.resolve() / "keys"
+            for vkey in ("issuer.vkey", "payments.vkey", "witness.vkey"):
+                assert (keys / vkey).is_file(), vkey
             assert fields["audit"] == f"sqlite:///{demo_dir.resolve()}/axid.db"
             assert "demo: all 14 steps did what they should" in "\n".join(lines)
+            source = FileSource(certs / "planner.pem", certs / "planner.key", certs / "bundle.pem")
+            payments_id = SpiffeId.parse("spiffe://example.org/svc/payments")
+
+            # The payments log's latest checkpoint, as its read route serves it: cosigned
+            # by the witness, checked here with the spec oracle and the published vkey.
+            try:
+                ctx = client_context(source, server_id=payments_id)
+                with httpx.Client(verify=ctx, timeout=10, trust_env=False) as client:
+                    served = client.get(f"{fields['payments']}/.well-known/axid/log/checkpoint")
+            except BaseException:
+                source.close()
+                raise
+            assert served.status_code == 200, served.text
+            size = _check_cosigned(served.text, (keys / "witness.vkey").read_text())
+            assert size == _logged_entries(lines)
+            # The printed witness URL is the live witness: a malformed submission is a 400.
+            answer = httpx.post(f"{fields['witness']}/add-checkpoint", content=b"x", timeout=10)
+            assert answer.status_code == 400, answer.text
 
             # By hand, as a user would: the planner mints at the issuer, then reads.
             run = f"by-hand-{uuid.uuid4().hex[:8]}"
-            source = FileSource(certs / "planner.pem", certs / "planner.key", certs / "bundle.pem")
             try:
                 with IssuerClient(fields["issuer"], source) as issuer:
                     minted = issuer.mint(
                         agent="planner", run=run, audience="payments", scope="payments:read"
                     )
-                ctx = client_context(
-                    source, server_id=SpiffeId.parse("spiffe://example.org/svc/payments")
-                )
                 with httpx.Client(verify=ctx, timeout=10, trust_env=False) as client:
                     response = client.get(
                         f"{fields['payments']}/payments/p-1002",
@@ -281,15 +433,35 @@ def test_keep_running_serves_until_signalled(tmp_path: Path, sig: signal.Signals
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    # What the demo left in --dir verifies, with the published vkey, and holds our call.
-    vkey = (demo_dir / "keys" / "payments.vkey").read_text().strip()
+    # What the demo left in --dir verifies, with the published vkeys, and holds our call;
+    # the witness cosigned it up to the demo's checkpoint at least.
+    vkey = (keys / "payments.vkey").read_text().strip()
+    witness = WitnessKey.from_vkey((keys / "witness.vkey").read_text().strip())
     source_db = DatabaseSource(fields["audit"], "payments")
     try:
-        report = verify_log(source_db, vkey=vkey)
+        report = verify_log(source_db, vkey=vkey, witnesses=WitnessPolicy((witness,), 1))
     finally:
         source_db.close()
-    assert report.ok, report.first_bad
+    assert report.ok, (report.first_bad, report.witness_failure)
     assert report.entries == _logged_entries(lines) + 1  # the story's, then ours
+    assert report.witnessed_size is not None and report.witnessed_size >= size
+    assert report.cosigners == (WITNESS,)
+
+
+def _check_cosigned(note: str, witness_vkey: str) -> int:
+    """The size of a signed checkpoint note that carries a cosignature by the witness
+    which verifies (spec oracle); the log's origin is axid/payments."""
+    body, _, signatures = note.partition("\n\n")
+    body += "\n"
+    origin, size, _root = spec.checkpoint_fields(body)
+    assert origin == "axid/payments"
+    key = spec.parse_vkey(witness_vkey)
+    assert key.name == WITNESS and key.kind == spec.TYPE_ED25519_COSIGNATURE
+    mine = [ln for ln in signatures.splitlines() if ln.startswith(f"{spec.EM_DASH} {WITNESS} ")]
+    assert len(mine) == 1, note
+    timestamp = spec.verify_line(mine[0], body, key)
+    assert abs(timestamp - time.time()) < 600
+    return size
 
 
 def _logged_entries(lines: list[str]) -> int:

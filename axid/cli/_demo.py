@@ -1,9 +1,11 @@
 """`axid demo`: the whole story on loopback (see :mod:`axid.demo.story`).
 
-Exit codes: 0 every step did what it should, both decision logs verify and the
-refund's receipt checks (``axid audit receipt check``) (with ``--keep-running``:
-then stopped by SIGINT/SIGTERM); 1 a step, the verification or the receipt check
-failed, or a server did not start; 2 bad arguments (a non-empty ``--dir``, an invalid
+Exit codes: 0 every step did what it should, both decision logs verify with the
+witness's cosignature of their latest checkpoint (``axid audit verify --witness
+... --quorum 1``) and the refund's receipt checks (``axid audit receipt check``)
+(with ``--keep-running``: then stopped by SIGINT/SIGTERM); 1 a step, the
+verification, the witnessing or the receipt check failed, or a server did not
+start; 2 bad arguments (a non-empty ``--dir``, an invalid
 trust domain); 128+N stopped by signal N before the story ended.
 """
 
@@ -28,14 +30,16 @@ def demo(
         bool,
         typer.Option(
             "--keep-running",
-            help="After the story, keep the issuer and payments up (Ctrl-C stops them).",
+            help="After the story, keep the witness, the issuer and payments up "
+            "(Ctrl-C stops them).",
         ),
     ] = False,
     trust_domain: Annotated[
         str, typer.Option("--trust-domain", help="SPIFFE trust domain of the dev PKI.")
     ] = "example.org",
 ) -> None:
-    """Play the AXID story on loopback: issuer, a governed service, agents, the audit."""
+    """Play the AXID story on loopback: a witness, the issuer, a governed service,
+    agents, the audit."""
     from axid.demo.story import DemoError, DemoUsageError, run_demo
 
     try:

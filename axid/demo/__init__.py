@@ -1,8 +1,9 @@
 """``axid demo``: the whole AXID story on loopback, and its sample governed service.
 
 - :mod:`axid.demo.payments`  the sample FastAPI service "payments" behind AxidVerifier
-- :mod:`axid.demo.story`     the dev PKI, the issuer and payments over mTLS in one
-                             process, the story's steps, the auditor's verification
+- :mod:`axid.demo.story`     the dev PKI, a witness, the issuer and payments over mTLS
+                             in one process, the story's steps, the auditor's
+                             verification (with the witness's cosignatures)
 """
 
 from axid.demo.payments import (
@@ -16,17 +17,21 @@ from axid.demo.payments import (
 )
 from axid.demo.story import (
     AuditSummary,
+    CosignWait,
     DemoError,
     DemoLayout,
     DemoStack,
     DemoUsageError,
     Provisioned,
     StepResult,
+    WitnessedAudit,
     play_story,
     prepare_directory,
     provision,
     run_demo,
     verify_logs,
+    verify_witnessed,
+    wait_for_cosignatures,
 )
 
 __all__ = [
@@ -36,12 +41,14 @@ __all__ = [
     "PAYMENTS_TENANT",
     "SAMPLE_PAYMENTS",
     "AuditSummary",
+    "CosignWait",
     "DemoError",
     "DemoLayout",
     "DemoStack",
     "DemoUsageError",
     "Provisioned",
     "StepResult",
+    "WitnessedAudit",
     "create_payments_app",
     "payments_verifier_config",
     "play_story",
@@ -49,4 +56,6 @@ __all__ = [
     "provision",
     "run_demo",
     "verify_logs",
+    "verify_witnessed",
+    "wait_for_cosignatures",
 ]

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from axid.audit.witnessing import WitnessConfig as LogWitness
 from verifier.config import IdentityConfig, JwksConfig, LogConfig, VerifierConfig
 from verifier.decision import VerifiedAction
 from verifier.middleware import AxidVerifier
@@ -75,6 +76,9 @@ def payments_verifier_config(
     issuer_id: str | None = None,
     leeway: int = 1,
     rules: Sequence[RouteRule] = PAYMENTS_RULES,
+    witnesses: Sequence[LogWitness | Mapping[str, str]] = (),
+    quorum: int | None = None,
+    witness_mode: str = "async",
 ) -> VerifierConfig:
     """The demo's verifier configuration for "payments".
 
@@ -82,7 +86,9 @@ def payments_verifier_config(
     (``cert``/``key``); ``revocations`` is a revocation source object or a
     :class:`verifier.config.RevocationConfig`. The decision log ``payments`` (its
     key ``log_key``, created 0600 if missing) and the single-use store live in
-    ``database_url``.
+    ``database_url``. ``witnesses`` (``{"url", "vkey"}`` each), ``quorum`` and
+    ``witness_mode`` are the log's ``log.witnesses``, ``log.quorum`` and
+    ``log.witness_mode``.
     """
     return VerifierConfig(
         service=PAYMENTS_SERVICE,
@@ -97,7 +103,15 @@ def payments_verifier_config(
             url=f"{issuer_url}/.well-known/jwks.json", cache_ttl=60, refetch_min_interval=1
         ),
         revocations=revocations,
-        log=LogConfig(url=database_url, key=log_key, name=PAYMENTS_SERVICE, create_key=True),
+        log=LogConfig(
+            url=database_url,
+            key=log_key,
+            name=PAYMENTS_SERVICE,
+            create_key=True,
+            witnesses=tuple(witnesses),
+            quorum=quorum,
+            witness_mode=witness_mode,
+        ),
         rules=tuple(rules),
     )
 

@@ -11,23 +11,38 @@ must be empty or absent):
 * ``registrations.yaml``: planner may mint ``payments:read payments:refund
   payments:delete``, worker ``payments:read payments:refund``, both for tenant
   ``acme`` and audience ``payments``;
-* ``keys/``: the issuer's token keyring and the two decision-log keys (0600);
+* ``keys/``: the issuer's token keyring and the two decision-log keys (0600), the
+  logs' vkeys ``issuer.vkey`` and ``payments.vkey`` and the witness's ``witness.vkey``
+  (what an auditor is given);
+* ``witness/``: the witness's own files: ``keys/`` (``witness.key`` and
+  ``witness.vkey``, as ``axid witness init --name witness.TD/demo`` writes them),
+  ``witness.yaml`` (both logs' origins and vkeys) and its state database
+  ``witness.db``;
 * ``axid.db``: one SQLite database for the issuer's runs and revocations, the
-  decision logs ``issuer`` and ``payments`` and the single-use store;
+  decision logs ``issuer`` and ``payments`` (with the witness's cosignatures) and
+  the single-use store;
 * ``refund.receipt``: the ``AXID-Receipt`` of the allowed refund, as its caller keeps it.
 
-Then it serves, on 127.0.0.1 and each on its own port, the issuer
-(:mod:`axid.issuer`) and the sample service "payments"
-(:mod:`axid.demo.payments`, behind :class:`verifier.middleware.AxidVerifier`), both
-over mTLS, both in this process's one event loop, and plays the story with real mTLS
-clients: every step is a real HTTP request, and its row shows the answer, the
-decision-log entry that recorded it and the seq of the ``AXID-Receipt`` the answer
-carried (which must be that entry's). At the end the auditor's verification
-(:func:`axid.audit.verify.verify_log`) runs over both logs with the verifier keys
-derived when the log keys were created (not the keys stored in the database), the
-latest signed checkpoint of the payments log is printed, and the allowed refund's
-receipt is checked against the payments log the way its caller would check it: by
-running ``axid audit receipt check`` (the console script) with the log's vkey.
+Then it serves, on 127.0.0.1 and each on its own port, all in this process's one
+event loop: the witness (:mod:`axid.witness`: ``witness.yaml`` read, keys loaded,
+state opened and the app given to uvicorn with the options ``axid witness serve``
+uses; plain HTTP), the issuer (:mod:`axid.issuer`) and the sample service
+"payments" (:mod:`axid.demo.payments`, behind
+:class:`verifier.middleware.AxidVerifier`), both over mTLS, both logs configured
+with the witness (``log.witnesses``, ``log.quorum: 1``, ``log.witness_mode:
+async``). It plays the story with real mTLS clients: every step is a real HTTP
+request, and its row shows the answer, the decision-log entry that recorded it and
+the seq of the ``AXID-Receipt`` the answer carried (which must be that entry's).
+At the end it waits (at most 10 s) until the witness's cosignatures of both logs'
+latest checkpoints are stored (async witnessing: in the background), the
+auditor's verification (:func:`axid.audit.verify.verify_log`) runs over both logs
+with the verifier keys derived when the log keys were created (not the keys
+stored in the database) and the witness's vkey, the latest signed and cosigned
+checkpoint of the payments log is printed, ``axid audit verify ... --witness
+keys/witness.vkey --quorum 1 --max-unwitnessed 0`` (the console script) verifies
+the payments log as an auditor would, and the allowed refund's receipt is
+checked against the payments log the way its caller would check it: by running
+``axid audit receipt check`` with the log's vkey.
 
 Nothing is faked: the expired token really expires (a 1-second token and a 1-second
 leeway, so the demo waits about a second), the revocation reaches the verifier
@@ -63,11 +78,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
 
+from axid import _yaml
+from axid.audit.cosignature import WitnessKey
 from axid.audit.note import NoteSigner
+from axid.audit.quorum import WitnessPolicy
 from axid.audit.receipt import RECEIPT_HEADER, Receipt, ReceiptError
 from axid.audit.store import LogKeyError, LogStore, generate_log_key, make_engine, origin_for
 from axid.audit.verify import DatabaseSource, VerifyUsageError, verify_log
+from axid.audit.witnessing import WitnessConfig as LogWitness
 from axid.demo.payments import (
     PAYMENTS_AUDIENCE,
     PAYMENTS_SERVICE,
@@ -79,6 +99,18 @@ from axid.issuer.app import create_app
 from axid.issuer.client import AsyncIssuerClient, IssuerError, MintResult
 from axid.issuer.config import IssuerConfig
 from axid.issuer.service import SERVICE_NAME as ISSUER_SERVICE_NAME
+from axid.witness import (
+    WitnessApp,
+    WitnessConfig,
+    WitnessConfigError,
+    WitnessKeyError,
+    WitnessStore,
+    WitnessStoreError,
+    init_keys,
+    load_signers,
+    parse_config,
+)
+from axid.witness.server import KEEP_ALIVE as WITNESS_KEEP_ALIVE
 from mtls.devpki import DevPki, DevPkiError, init_dev_pki
 from mtls.sources import FileSource
 from mtls.spiffeid import SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain
@@ -89,13 +121,16 @@ from verifier.revocation import DatabaseRevocationSource
 
 __all__ = [
     "ADMIN_PATH",
+    "COSIGN_WAIT",
     "DEMO_HOST",
     "ISSUER_LOG",
     "PLANNER_SCOPE",
     "RECEIPT_STEP",
     "STORY_STEPS",
+    "WITNESS_QUORUM",
     "WORKER_SCOPE",
     "AuditSummary",
+    "CosignWait",
     "DemoError",
     "DemoLayout",
     "DemoStack",
@@ -103,15 +138,22 @@ __all__ = [
     "Provisioned",
     "ReceiptAudit",
     "StepResult",
+    "WitnessedAudit",
     "check_kept_receipt",
     "play_story",
     "prepare_directory",
     "provision",
     "render_audit",
+    "render_cosign_wait",
     "render_receipt_check",
     "render_steps",
+    "render_witnessed_audit",
     "run_demo",
     "verify_logs",
+    "verify_witnessed",
+    "wait_for_cosignatures",
+    "witness_uvicorn_config",
+    "witnessed_verify_args",
 ]
 
 DEMO_HOST: Final = "127.0.0.1"
@@ -133,6 +175,10 @@ STORY_STEPS: Final = 14
 # The step whose receipt the demo keeps and has checked at the end: the allowed refund.
 RECEIPT_STEP: Final = 4
 _RECEIPT_CHECK_TIMEOUT: Final = 60.0
+# The logs' witness quorum, and how long the demo waits for the witness to cosign the
+# logs' latest checkpoints (async witnessing: in the background) before the audit.
+WITNESS_QUORUM: Final = 1
+COSIGN_WAIT: Final = 10.0
 
 
 class DemoError(Exception):
@@ -182,6 +228,21 @@ class DemoLayout:
     def receipt_file(self) -> Path:
         return self.root / "refund.receipt"
 
+    @property
+    def witness_dir(self) -> Path:
+        """The witness's own directory: ``keys/`` (``axid witness init``), ``witness.yaml``
+        and its state database ``witness.db``."""
+        return self.root / "witness"
+
+    @property
+    def witness_config(self) -> Path:
+        return self.witness_dir / "witness.yaml"
+
+    @property
+    def witness_vkey_file(self) -> Path:
+        """The witness's vkey as published to the logs' auditors, beside the logs' vkeys."""
+        return self.keys / "witness.vkey"
+
 
 def prepare_directory(directory: Path) -> DemoLayout:
     """Use ``directory`` for a new demo: created if absent; refused if it holds anything
@@ -197,7 +258,8 @@ def prepare_directory(directory: Path) -> DemoLayout:
         if not_empty:
             raise DemoUsageError(
                 f"{d} is not empty: give a new or empty directory (the demo writes "
-                "certs/, keys/, registrations.yaml, axid.db and refund.receipt into it)"
+                "certs/, keys/, witness/, registrations.yaml, axid.db and refund.receipt "
+                "into it)"
             )
     try:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -213,6 +275,7 @@ class Provisioned:
     layout: DemoLayout
     pki: DevPki
     vkeys: dict[str, str]
+    witness_vkey: str = ""
 
     @property
     def trust_domain(self) -> str:
@@ -253,7 +316,10 @@ def _registrations(td: str) -> dict[str, Any]:
 
 def provision(layout: DemoLayout, trust_domain: str = "example.org") -> Provisioned:
     """Write the dev PKI, the extra SVIDs, the registration file, the log keys and
-    their public verifier keys (``keys/<log>.vkey``, what an auditor is given)."""
+    their public verifier keys (``keys/<log>.vkey``, what an auditor is given), and the
+    witness: its keys (as ``axid witness init --name witness.TD/demo --dir
+    witness/keys`` writes them), its vkey published as ``keys/witness.vkey``, and
+    ``witness/witness.yaml`` naming both logs (what ``axid witness serve`` reads)."""
     try:
         td = TrustDomain.parse(trust_domain)
     except SpiffeIdError as exc:
@@ -276,9 +342,29 @@ def provision(layout: DemoLayout, trust_domain: str = "example.org") -> Provisio
             private = generate_log_key(layout.log_key(log))
             vkeys[log] = NoteSigner(origin_for(log), private).vkey()
             layout.vkey_file(log).write_text(vkeys[log] + "\n", encoding="ascii")
-    except (DevPkiError, LogKeyError, OSError) as exc:
+        witness_vkey = _provision_witness(layout, f"witness.{td.name}/demo", vkeys)
+    except (DevPkiError, LogKeyError, WitnessKeyError, OSError) as exc:
         raise DemoError(f"cannot set up the demo in {layout.root}: {exc}") from None
-    return Provisioned(layout, pki, vkeys)
+    return Provisioned(layout, pki, vkeys, witness_vkey)
+
+
+def _provision_witness(layout: DemoLayout, name: str, vkeys: dict[str, str]) -> str:
+    """The witness's keys and config (it witnesses every log in ``vkeys``); its vkey."""
+    (key,) = init_keys(layout.witness_dir / "keys", name)
+    vkey = key.vkey()
+    layout.witness_vkey_file.write_text(vkey + "\n", encoding="ascii")
+    config = {
+        "listen": f"{DEMO_HOST}:0",
+        "keys": "keys",
+        "database": "sqlite:///witness.db",
+        "logs": [{"origin": origin_for(log), "vkey": v} for log, v in vkeys.items()],
+    }
+    layout.witness_config.write_text(
+        "# axid demo: the witness (axid witness serve --config witness.yaml)\n"
+        + yaml.safe_dump(config, sort_keys=False, width=1000),
+        encoding="utf-8",
+    )
+    return vkey
 
 
 # --------------------------------------------------------------------------- the servers
@@ -293,7 +379,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _listening_socket() -> socket.socket:
+def _listening_socket(host: str = DEMO_HOST, port: int = 0) -> socket.socket:
     # Bound before the server starts, so the issuer knows its URL (the tokens' iss).
     # IPPROTO_TCP, as the sockets uvicorn binds itself (``axid serve``): asyncio then
     # sets TCP_NODELAY on every accepted connection (with protocol 0 it does not, and
@@ -301,7 +387,7 @@ def _listening_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((DEMO_HOST, 0))
+        sock.bind((host, port))
     except OSError:
         sock.close()
         raise
@@ -343,6 +429,64 @@ async def _start(name: str, app: Any, source: Any, sock: socket.socket) -> _Runn
         lifespan="on",
         timeout_graceful_shutdown=3,
     )
+    return await _launch(name, config, sock, f"https://{DEMO_HOST}:{port}")
+
+
+def witness_uvicorn_config(
+    app: Any, config: WitnessConfig, *, log_level: str = "warning"
+) -> uvicorn.Config:
+    """The witness's ``uvicorn.Config``: the very options ``axid witness serve``
+    (:func:`axid.witness.server.serve`) gives uvicorn for ``config``."""
+    tls = config.tls
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        lifespan="on",
+        log_level=log_level,
+        timeout_keep_alive=WITNESS_KEEP_ALIVE,
+        server_header=False,
+        ssl_certfile=str(tls.cert) if tls else None,
+        ssl_keyfile=str(tls.key) if tls else None,
+    )
+
+
+@dataclass
+class _WitnessParts:
+    """What ``axid witness serve`` builds from its config: the app over the keys and
+    the state database (closed after the server stopped, as it does)."""
+
+    config: WitnessConfig
+    app: WitnessApp
+    store: WitnessStore
+
+    def close(self) -> None:
+        try:
+            self.app.close()
+        finally:
+            self.store.close()
+
+
+def _open_witness(path: Path) -> _WitnessParts:
+    """Read ``witness.yaml`` as ``axid witness serve --config`` reads it, load its keys
+    and open its state database (tables created)."""
+    try:
+        config = parse_config(_yaml.read_yaml_file(path), path.resolve().parent)
+        signers = load_signers(config.keys)
+        store = WitnessStore.open(config.database)
+    except (_yaml.YamlError, WitnessConfigError, WitnessKeyError, WitnessStoreError) as exc:
+        raise DemoError(f"the witness cannot start: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise DemoError(f"the witness cannot start: state database: {type(exc).__name__}") from None
+    try:
+        app = WitnessApp(config.logs, signers, store)
+    except BaseException:
+        store.close()
+        raise
+    return _WitnessParts(config, app, store)
+
+
+async def _launch(name: str, config: uvicorn.Config, sock: socket.socket, url: str) -> _Running:
     server = _Server(config)
     task = asyncio.create_task(_serve(name, server, sock), name=f"axid-demo-{name}")
     deadline = time.monotonic() + _START_TIMEOUT
@@ -358,14 +502,17 @@ async def _start(name: str, app: Any, source: Any, sock: socket.socket) -> _Runn
             if failure is not None:
                 raise DemoError(f"{name} did not start: {type(failure).__name__}: {failure}")
         raise DemoError(f"{name} did not start within {_START_TIMEOUT:g} s")
-    return _Running(name, f"https://{DEMO_HOST}:{port}", server, task)
+    return _Running(name, url, server, task)
 
 
 class DemoStack:
-    """The issuer and "payments", served over mTLS in the running event loop.
+    """The witness, the issuer and "payments", served in the running event loop.
 
-    ``async with DemoStack(provisioned) as stack:`` starts both (issuer first: the
-    verifier fetches its JWKS at startup) and stops both on exit.
+    ``async with DemoStack(provisioned) as stack:`` starts the witness (plain HTTP,
+    as ``axid witness serve`` serves ``witness/witness.yaml``), then the issuer and
+    payments over mTLS (issuer first: the verifier fetches its JWKS at startup), both
+    logs configured with the witness (``log.witnesses``, quorum 1, ``witness_mode:
+    async``), and stops them in the reverse order on exit.
     """
 
     def __init__(self, provisioned: Provisioned) -> None:
@@ -377,6 +524,8 @@ class DemoStack:
         self._issuer: _Running | None = None
         self._payments: _Running | None = None
         self._payments_source: FileSource | None = None
+        self._witness: _Running | None = None
+        self._witness_parts: _WitnessParts | None = None
 
     @property
     def layout(self) -> DemoLayout:
@@ -392,9 +541,35 @@ class DemoStack:
         assert self._payments is not None
         return self._payments.url
 
+    @property
+    def witness_url(self) -> str:
+        """The witness's submission prefix (it serves ``POST <url>/add-checkpoint``)."""
+        assert self._witness is not None
+        return self._witness.url
+
+    @property
+    def log_witnesses(self) -> tuple[LogWitness, ...]:
+        """The logs' ``log.witnesses``: this witness, by its URL and published vkey."""
+        return (LogWitness(self.witness_url, self.provisioned.witness_vkey),)
+
+    async def _start_witness(self) -> None:
+        parts = await asyncio.to_thread(_open_witness, self.layout.witness_config)
+        self._witness_parts = parts
+        cfg = parts.config
+        if cfg.tls is not None:  # the demo's witness.yaml has none
+            raise DemoError("the demo's witness serves plain HTTP: remove tls from witness.yaml")
+        try:
+            sock = _listening_socket(cfg.host, cfg.port)
+        except OSError as exc:
+            raise DemoError(f"the witness cannot listen: {exc.strerror or exc}") from None
+        port = sock.getsockname()[1]
+        config = witness_uvicorn_config(parts.app, cfg)
+        self._witness = await _launch("witness", config, sock, f"http://{cfg.host}:{port}")
+
     async def start(self) -> None:
         p = self.provisioned
         layout = p.layout
+        await self._start_witness()
         issuer_sock = _listening_socket()
         try:
             port = issuer_sock.getsockname()[1]
@@ -412,6 +587,9 @@ class DemoStack:
                 admins=(SpiffeIdPattern.parse(str(p.spiffe_id("admin"))),),
                 log_name=ISSUER_LOG,
                 log_key=layout.log_key(ISSUER_LOG),
+                log_witnesses=self.log_witnesses,
+                log_quorum=WITNESS_QUORUM,
+                log_witness_mode="async",
             )
             issuer_app = await asyncio.to_thread(create_app, config)
         except Exception as exc:  # config, registry, SVID files, keyring, database
@@ -437,6 +615,9 @@ class DemoStack:
                 revocations=self.revocations,
                 issuer_id=str(p.spiffe_id("issuer")),
                 leeway=DEMO_LEEWAY,
+                witnesses=self.log_witnesses,
+                quorum=WITNESS_QUORUM,
+                witness_mode="async",
             )
             app = create_payments_app(verifier_config)
             self._payments_source = FileSource(p.cert("payments"), p.key("payments"), p.pki.bundle)
@@ -446,14 +627,18 @@ class DemoStack:
         self._payments = await _start("payments", app, self._payments_source, payments_sock)
 
     async def stop(self) -> None:
-        """Stop payments, then the issuer (each finishes its open requests)."""
-        running = [r for r in (self._payments, self._issuer) if r is not None]
-        self._payments = self._issuer = None
+        """Stop payments, then the issuer (each finishes its open requests and closes
+        its log), then the witness."""
+        running = [r for r in (self._payments, self._issuer, self._witness) if r is not None]
+        self._payments = self._issuer = self._witness = None
         for r in running:
             await r.stop()
         if self._payments_source is not None:
             self._payments_source.close()
             self._payments_source = None
+        if self._witness_parts is not None:
+            parts, self._witness_parts = self._witness_parts, None
+            await asyncio.to_thread(parts.close)
 
     async def __aenter__(self) -> DemoStack:
         try:
@@ -1015,10 +1200,23 @@ class AuditSummary:
     latest_note: str | None
     problem: str | None = None
     vkey: str = field(default="", repr=False)
+    # With a witness (verify_logs(witness_vkey=...)): the newest checkpoint it
+    # cosigned, by whom, and that note with its cosignature lines.
+    witnessed_size: int | None = None
+    cosigners: tuple[str, ...] = ()
+    witnessed_note: str | None = field(default=None, repr=False)
+    witness_failure: str | None = None  # intact (problem None), but not witnessed
 
 
-def verify_logs(db_url: str, vkeys: dict[str, str]) -> list[AuditSummary]:
-    """Verify each log in ``vkeys`` (log name -> trusted verifier key) in ``db_url``."""
+def verify_logs(
+    db_url: str, vkeys: dict[str, str], witness_vkey: str | None = None
+) -> list[AuditSummary]:
+    """Verify each log in ``vkeys`` (log name -> trusted verifier key) in ``db_url``;
+    with ``witness_vkey``, also require a checkpoint cosigned by that witness (quorum 1;
+    every cosignature by it must verify)."""
+    policy = None
+    if witness_vkey is not None:
+        policy = WitnessPolicy((WitnessKey.from_vkey(witness_vkey),), WITNESS_QUORUM)
     out = []
     for log, vkey in vkeys.items():
         try:
@@ -1027,18 +1225,82 @@ def verify_logs(db_url: str, vkeys: dict[str, str]) -> list[AuditSummary]:
             out.append(AuditSummary(log, False, 0, 0, None, str(exc), vkey))
             continue
         try:
-            report = verify_log(source, vkey=vkey)
+            report = verify_log(source, vkey=vkey, witnesses=policy)
         except VerifyUsageError as exc:
             out.append(AuditSummary(log, False, 0, 0, None, str(exc), vkey))
             continue
         finally:
             source.close()
         note = report.latest_note.decode("utf-8", "replace") if report.latest_note else None
-        problem = None if report.ok else str(report.first_bad or "verification failed")
+        problem = None
+        if report.first_bad is not None:
+            problem = str(report.first_bad)
+        elif not report.ok and report.witness_failure is None:
+            problem = "verification failed"
+        witnessed = report.witnessed_note
         out.append(
-            AuditSummary(log, report.ok, report.entries, report.checkpoints, note, problem, vkey)
+            AuditSummary(
+                log,
+                report.ok,
+                report.entries,
+                report.checkpoints,
+                note,
+                problem,
+                vkey,
+                report.witnessed_size,
+                tuple(report.cosigners),
+                witnessed.decode("utf-8", "replace") if witnessed else None,
+                None if problem is not None else report.witness_failure,
+            )
         )
     return out
+
+
+@dataclass(frozen=True)
+class CosignWait:
+    """How waiting for the witness's cosignatures on the logs' latest checkpoints went."""
+
+    witness: str
+    sizes: dict[str, int]  # log -> its latest checkpoint's size
+    cosigned: dict[str, int]  # log -> the largest size the witness cosigned (0: none)
+    seconds: float  # waited
+    limit: float  # the most it would have waited
+
+    @property
+    def ok(self) -> bool:
+        return all(self.cosigned.get(log, -1) >= size for log, size in self.sizes.items())
+
+
+async def wait_for_cosignatures(
+    db_url: str, logs: list[str], witness_vkey: str, timeout: float | None = None
+) -> CosignWait:
+    """Wait (at most ``timeout`` seconds, default :data:`COSIGN_WAIT`) until the
+    witness's cosignature of each log's latest checkpoint is stored beside it, as the
+    logs' background witnessing stores it (``witness_mode: async``: no request waited
+    for it)."""
+    limit = COSIGN_WAIT if timeout is None else timeout
+    key = WitnessKey.from_vkey(witness_vkey)
+    stored_as = (key.name, key.key_id.hex())
+    engine = make_engine(db_url)
+
+    def look() -> tuple[dict[str, int], dict[str, int]]:
+        sizes, cosigned = {}, {}
+        for log in logs:
+            store = LogStore(engine, log)
+            sizes[log] = store.size()
+            cosigned[log] = store.cosigned_sizes().get(stored_as, 0)
+        return sizes, cosigned
+
+    try:
+        began = time.monotonic()
+        while True:
+            sizes, cosigned = await asyncio.to_thread(look)
+            wait = CosignWait(key.name, sizes, cosigned, time.monotonic() - began, limit)
+            if wait.ok or wait.seconds >= limit:
+                return wait
+            await asyncio.sleep(0.02)
+    finally:
+        await asyncio.to_thread(engine.dispose)
 
 
 @dataclass(frozen=True)
@@ -1055,6 +1317,67 @@ class ReceiptAudit:
     @property
     def ok(self) -> bool:
         return self.code == 0
+
+
+@dataclass(frozen=True)
+class WitnessedAudit:
+    """``axid audit verify ... --witness VKEY --quorum 1`` run on a log: its
+    arguments (after ``axid``), exit code (None: it did not finish in time), output."""
+
+    log: str
+    args: list[str]
+    code: int | None
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+def witnessed_verify_args(
+    layout: DemoLayout, log: str, max_unwitnessed: int | None = 0
+) -> list[str]:
+    """The auditor's command (after ``axid``): the log verified with its vkey, and a
+    checkpoint cosigned by the witness required, by default with no entry after it
+    (the demo waited for the latest checkpoint's cosignature)."""
+    args = [
+        *("audit", "verify", "--db", layout.db_url, "--log", log),
+        *("--vkey", str(layout.vkey_file(log))),
+        *("--witness", str(layout.witness_vkey_file), "--quorum", str(WITNESS_QUORUM)),
+    ]
+    if max_unwitnessed is not None:
+        args += ["--max-unwitnessed", str(max_unwitnessed)]
+    return args
+
+
+async def verify_witnessed(layout: DemoLayout, log: str) -> WitnessedAudit:
+    """Run :func:`witnessed_verify_args` as an auditor would: a child process."""
+    args = witnessed_verify_args(layout, log)
+    code, output = await _run_axid(args)
+    return WitnessedAudit(log, args, code, output)
+
+
+async def _run_axid(args: list[str]) -> tuple[int | None, str]:
+    """``axid ARGS`` in a child process: (exit code, None if it did not finish within
+    the time limit; its output)."""
+    proc = await asyncio.create_subprocess_exec(
+        *_axid_command(),
+        *args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), _RECEIPT_CHECK_TIMEOUT)
+    except BaseException as exc:  # the timeout, or the demo being stopped
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(BaseException):
+            await proc.wait()
+        if not isinstance(exc, TimeoutError):
+            raise
+        return None, f"did not finish within {_RECEIPT_CHECK_TIMEOUT:g} s"
+    return proc.returncode, out.decode("utf-8", "replace")
 
 
 def _axid_command() -> list[str]:
@@ -1079,26 +1402,8 @@ async def check_kept_receipt(layout: DemoLayout, log: str, receipt: Receipt) -> 
         *("audit", "receipt", "check", str(layout.receipt_file)),
         *("--vkey", str(layout.vkey_file(log)), "--db", layout.db_url, "--log", log),
     ]
-    proc = await asyncio.create_subprocess_exec(
-        *_axid_command(),
-        *args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), _RECEIPT_CHECK_TIMEOUT)
-    except BaseException as exc:  # the timeout, or the demo being stopped
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with contextlib.suppress(BaseException):
-            await proc.wait()
-        if not isinstance(exc, TimeoutError):
-            raise
-        timed_out = f"did not finish within {_RECEIPT_CHECK_TIMEOUT:g} s"
-        return ReceiptAudit(log, receipt.seq, args, None, timed_out)
-    output = out.decode("utf-8", "replace")
-    return ReceiptAudit(log, receipt.seq, args, proc.returncode, output)
+    code, output = await _run_axid(args)
+    return ReceiptAudit(log, receipt.seq, args, code, output)
 
 
 # --------------------------------------------------------------------------- output
@@ -1143,24 +1448,76 @@ def render_steps(console: Console, steps: list[StepResult]) -> None:
     console.print(table)
 
 
+def render_cosign_wait(console: Console, wait: CosignWait) -> None:
+    sizes = ", ".join(f"{log} {size}" for log, size in wait.sizes.items())
+    if wait.ok:
+        console.print(
+            f"witness: {wait.witness} cosigned the logs' latest checkpoints ({sizes}); "
+            f"witnessing is async (no request waited for it): the demo waited "
+            f"{wait.seconds:.2f} s for it, at most {wait.limit:g} s",
+            soft_wrap=True,
+        )
+        return
+    got = ", ".join(f"{log} {wait.cosigned.get(log, 0)}" for log in wait.sizes)
+    console.print(
+        f"witness: FAILED: {wait.witness} did not cosign the logs' latest checkpoints "
+        f"({sizes}) within {wait.limit:g} s; it has cosigned {got}",
+        soft_wrap=True,
+    )
+
+
 def render_audit(console: Console, audits: list[AuditSummary], db_url: str) -> None:
     for a in audits:
+        witnessed = ""
+        if a.witnessed_size is not None:
+            witnessed = (
+                f"; witnessed: checkpoint {a.witnessed_size} cosigned by {', '.join(a.cosigners)}"
+            )
         if a.ok:
             console.print(
                 f"audit verify: OK ({a.entries} entries, {a.checkpoints} checkpoints)"
-                f" log {a.log} in {db_url}",
+                f" log {a.log} in {db_url}{witnessed}",
+                soft_wrap=True,
+            )
+        elif a.problem is None and a.witness_failure is not None:
+            console.print(
+                f"audit verify: NOT WITNESSED log {a.log} (intact: {a.entries} entries, "
+                f"{a.checkpoints} checkpoints): {a.witness_failure}",
                 soft_wrap=True,
             )
         else:
             console.print(f"audit verify: FAILED log {a.log}: {a.problem}", soft_wrap=True)
     payments = next((a for a in audits if a.log == PAYMENTS_SERVICE), None)
     if payments is not None and payments.latest_note:
+        note, cosigned = payments.latest_note, ""
+        if payments.witnessed_note and payments.witnessed_size == payments.entries:
+            note, cosigned = (
+                payments.witnessed_note,
+                f", cosigned by {', '.join(payments.cosigners)}",
+            )
         console.print(
             "latest checkpoint of the payments log (C2SP signed note, "
-            f"verified with vkey {payments.vkey}):",
+            f"verified with vkey {payments.vkey}{cosigned}):",
             soft_wrap=True,
         )
-        console.print(payments.latest_note.rstrip("\n"), soft_wrap=True)
+        console.print(note.rstrip("\n"), soft_wrap=True)
+
+
+def render_witnessed_audit(console: Console, audit: WitnessedAudit) -> None:
+    """The auditor's verify with the witness: the command, its report (up to the latest
+    checkpoint, printed above already; all of it when it failed), the result."""
+    console.print(f"$ axid {' '.join(audit.args)}", soft_wrap=True)
+    output = audit.output
+    if audit.ok:
+        output = output.split("latest checkpoint (keep it", 1)[0]
+    for line in output.rstrip("\n").splitlines():
+        console.print(f"  {line}", soft_wrap=True)
+    what = f"the {audit.log} log, with the witness's cosignature required (quorum {WITNESS_QUORUM})"
+    if audit.ok:
+        console.print(f"audit verify --witness: OK {what}", soft_wrap=True)
+    else:
+        code = "no exit" if audit.code is None else f"exit {audit.code}"
+        console.print(f"audit verify --witness: FAILED ({code}) {what}", soft_wrap=True)
 
 
 def render_receipt_check(console: Console, check: ReceiptAudit, step: int) -> None:
@@ -1238,24 +1595,41 @@ async def _main(
                 console.print("demo: interrupted", style="yellow")
                 return 128 + signals[0]
             render_steps(console, steps)
+            # Async witnessing: wait (bounded) for the latest checkpoints' cosignatures.
+            finished, wait = await _until(
+                stop,
+                wait_for_cosignatures(
+                    layout.db_url, list(provisioned.vkeys), provisioned.witness_vkey
+                ),
+            )
+            if not finished:
+                console.print("demo: interrupted", style="yellow")
+                return 128 + signals[0]
+            render_cosign_wait(console, wait)
             finished, audits = await _until(
-                stop, asyncio.to_thread(verify_logs, layout.db_url, provisioned.vkeys)
+                stop,
+                asyncio.to_thread(
+                    verify_logs, layout.db_url, provisioned.vkeys, provisioned.witness_vkey
+                ),
             )
             if not finished:
                 console.print("demo: interrupted", style="yellow")
                 return 128 + signals[0]
             render_audit(console, audits, layout.db_url)
-            # The allowed refund's receipt, kept and checked as its caller would.
+            # The auditor's verify with the witness required, and the allowed refund's
+            # receipt, kept and checked as its caller would: two child processes.
             kept_receipt = steps[RECEIPT_STEP - 1].receipt if len(steps) >= RECEIPT_STEP else None
-            receipt_check: ReceiptAudit | None = None
+            checks: list[Awaitable[Any]] = [verify_witnessed(layout, PAYMENTS_SERVICE)]
             if kept_receipt is not None:
-                finished, receipt_check = await _until(
-                    stop, check_kept_receipt(layout, PAYMENTS_SERVICE, kept_receipt)
-                )
-                if not finished or stop.is_set():  # the signal reached the child too
-                    console.print("demo: interrupted", style="yellow")
-                    return 128 + signals[0]
-                assert receipt_check is not None
+                checks.append(check_kept_receipt(layout, PAYMENTS_SERVICE, kept_receipt))
+            finished, done = await _until(stop, asyncio.gather(*checks))
+            if not finished or stop.is_set():  # the signal reached the children too
+                console.print("demo: interrupted", style="yellow")
+                return 128 + signals[0]
+            witnessed: WitnessedAudit = done[0]
+            receipt_check: ReceiptAudit | None = done[1] if kept_receipt is not None else None
+            render_witnessed_audit(console, witnessed)
+            if receipt_check is not None:
                 render_receipt_check(console, receipt_check, RECEIPT_STEP)
             elapsed = time.monotonic() - began
             failed = [s for s in steps if not s.ok]
@@ -1270,8 +1644,14 @@ async def _main(
             if len(steps) != STORY_STEPS:
                 console.print(f"demo: FAILED: {len(steps)} steps played, not {STORY_STEPS}")
                 return 1
-            if not all(a.ok for a in audits):
+            if any(a.problem is not None for a in audits):
                 console.print("demo: FAILED: a decision log does not verify", style="bold red")
+                return 1
+            if not wait.ok or not witnessed.ok or not all(a.ok for a in audits):
+                console.print(
+                    "demo: FAILED: the logs' latest checkpoints are not witnessed",
+                    style="bold red",
+                )
                 return 1
             if receipt_check is None or not receipt_check.ok:
                 console.print(
@@ -1280,17 +1660,18 @@ async def _main(
                 )
                 return 1
             console.print(
-                f"demo: all {len(steps)} steps did what they should, both logs verify, "
-                f"the refund's receipt checks ({elapsed:.1f} s)",
+                f"demo: all {len(steps)} steps did what they should, both logs verify and "
+                f"are witnessed, the refund's receipt checks ({elapsed:.1f} s)",
                 style="bold green",
                 soft_wrap=True,
             )
             if kept:
                 console.print(
-                    f"kept in {layout.root}; audit it again with: axid audit verify "
-                    f"--db {layout.db_url} --log {PAYMENTS_SERVICE} "
-                    f"--vkey {layout.vkey_file(PAYMENTS_SERVICE)}; check the refund's receipt "
-                    f"again with: axid audit receipt check {layout.receipt_file} "
+                    f"kept in {layout.root}; audit it again with: axid "
+                    f"{' '.join(witnessed_verify_args(layout, PAYMENTS_SERVICE, None))} "
+                    "(new entries are cosigned in the background: --max-unwitnessed N allows "
+                    "N entries after the newest cosigned checkpoint); check the refund's "
+                    f"receipt again with: axid audit receipt check {layout.receipt_file} "
                     f"--vkey {layout.vkey_file(PAYMENTS_SERVICE)} --db {layout.db_url} "
                     f"--log {PAYMENTS_SERVICE}",
                     soft_wrap=True,
@@ -1309,7 +1690,9 @@ def _print_endpoints(console: Console, stack: DemoStack) -> None:
         "still serving; mint as the planner with: axid token mint "
         f"--issuer {stack.issuer_url} --cert {certs}/planner.pem --key {certs}/planner.key "
         f"--bundle {certs}/bundle.pem --agent planner --run my-run --aud payments "
-        '--scope "payments:read"; Ctrl-C stops both servers',
+        '--scope "payments:read"; the witness serves POST '
+        f"{stack.witness_url}/add-checkpoint (its state: {layout.witness_dir}/witness.db); "
+        "Ctrl-C stops the servers",
         soft_wrap=True,
     )
     console.file.flush()
@@ -1317,7 +1700,9 @@ def _print_endpoints(console: Console, stack: DemoStack) -> None:
     for line in (
         f"issuer: {stack.issuer_url}",
         f"payments: {stack.payments_url}",
+        f"witness: {stack.witness_url}",
         f"certs: {certs}",
+        f"keys: {layout.keys}",
         f"audit: {layout.db_url}",
         "ready",
     ):
