@@ -12,15 +12,13 @@ auditor's trusted checkpoint) exits 1.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from _audit_helpers import AXID_BIN
+from _audit_helpers import runner
 from _insider import (
     Entry,
     Snapshot,
@@ -33,7 +31,9 @@ from _insider import (
 from _pg import require_pg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_reliability import HEADER, Stack, Worker, uid, worker, write_config
-from test_reliability import stack as stack
+from test_reliability import stack as stack  # the fixture
+
+from axid.cli import app
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,20 +73,20 @@ def allow(stack: Stack, w: Worker, token: str, *paths: str) -> str:
     return r.headers["axid-receipt"]
 
 
+def auditor(*args: str) -> int:
+    """Exit status of an `axid audit ...` command, run in-process (the same code the
+    console script runs; a subprocess would only add its start-up time)."""
+    result = runner.invoke(app, ["audit", *args], env={"NO_COLOR": "1"})
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code
+
+
 def receipt_check(stack: Stack, url: str, log: str, receipt: str) -> int:
     """The caller's check of a receipt it kept: exit status of `axid audit receipt check`."""
     path = stack.tmp / f"receipt-{uid()[:8]}"
     path.write_text(receipt)
-    argv = [AXID_BIN, "audit", "receipt", "check", str(path), "--vkey", stack.vkey(log)]
-    cli = subprocess.run(
-        [*argv, "--db", url, "--log", log],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
-    assert cli.returncode in (0, 1), cli.stdout + cli.stderr
-    return cli.returncode
+    vkey = stack.vkey(log)
+    return auditor("receipt", "check", str(path), "--vkey", vkey, "--db", url, "--log", log)
 
 
 def assert_fails_closed(stack: Stack, w: Worker, token: str, url: str, log: str) -> None:
@@ -104,16 +104,12 @@ def assert_one_error_line(w: Worker) -> None:
 
 
 def audit_verify(stack: Stack, url: str, log: str, trusted: bytes | None) -> int:
-    argv = [AXID_BIN, "audit", "verify", "--db", url, "--log", log, "--vkey", stack.vkey(log)]
+    argv = ["verify", "--db", url, "--log", log, "--vkey", stack.vkey(log)]
     if trusted is not None:
         path = stack.tmp / f"trusted-{uid()[:8]}"
         path.write_bytes(trusted)
         argv += ["--trusted-checkpoint", str(path)]
-    cli = subprocess.run(
-        argv, capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"}
-    )
-    assert cli.returncode in (0, 1), cli.stdout + cli.stderr
-    return cli.returncode
+    return auditor(*argv)
 
 
 def _size(note: bytes) -> int:
