@@ -136,7 +136,6 @@ class WitnessProcess:
         self._stderr = workdir / "witness.stderr"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
-        env.pop("AXID_KEY_PASSPHRASE", None)  # the bench's witness key is not encrypted
         with self._stderr.open("wb") as err:
             self._proc = subprocess.Popen(
                 [*_SERVE, "--config", str(config), "--log-level", "warning"],
