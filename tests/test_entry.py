@@ -21,10 +21,10 @@ from axid.audit.entry import (
     EntryError,
     canonical_entry,
     encode_entry,
+    entries_clean,
     format_ts,
     parse_entry,
     parse_ts,
-    scan_entries,
     validate_fields,
 )
 
@@ -394,12 +394,12 @@ def test_fast_serialiser_edge_strings() -> None:
         assert data == rfc8785.dumps(json.loads(data))
 
 
-def test_fast_path_self_check_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert entry_mod._FAST  # CPython's json escaper agrees with rfc8785 here
-    fast = _entry(FULL)
-    monkeypatch.setattr(entry_mod, "_FAST", False)
-    assert _entry(FULL) == fast
-    assert parse_entry(fast)["note"] == FULL["note"]
+def test_encoder_self_check() -> None:
+    """The one encoder's import-time check against rfc8785 (importing fails without it)."""
+    assert entry_mod._encoder_matches_rfc8785()  # CPython's json escaper agrees here
+    data = _entry(FULL)
+    assert data == rfc8785.dumps(json.loads(data))
+    assert parse_entry(data)["note"] == FULL["note"]
 
 
 def test_validate_fields_returns_complete_private_copy() -> None:
@@ -475,24 +475,42 @@ def test_parse_ts_round_trips(ms: int) -> None:
     assert int(dt.timestamp()) * 1000 + int(ts[20:23]) == ms
 
 
-# --------------------------------------------------------------------------- scan_entries
-# The verifier's batch fast path. It may decline anything (None: the caller
-# then uses parse_entry), but what it accepts parse_entry's full route must
-# accept too, with the same seq, log and prev.
+# --------------------------------------------------------------------------- entries_clean
+# The "clean or don't know" check (the verifier's batch fast path, and
+# parse_entry's shortcut). It may decline anything (the caller then uses
+# parse_entry), but what it calls clean parse_entry's full route must accept
+# too, with the seq, log and prev it was told to expect.
 
-_strict = entry_mod._parse_entry_strict
+
+def _strict(data: bytes) -> dict[str, object]:
+    """parse_entry's full route: the one parser, then the full check (no shortcut)."""
+    obj = entry_mod._decode_entry(data)
+    entry_mod._check_entry(obj, data)
+    assert isinstance(obj, dict)
+    return obj
 
 
 def _scan_sound(datas: list[bytes]) -> bool:
-    """scan_entries(datas) is None, or every entry parses strictly to what it says."""
-    got = scan_entries(datas)
-    if got is None:
+    """entries_clean(datas) is False, or every entry parses strictly, and the check
+    accepts exactly what they say (seq, log, prev) as expectations."""
+    if not entries_clean(datas):
         return False
-    logs, prevs, seqs = got
-    assert len(logs) == len(prevs) == len(seqs) == len(datas)
-    for data, log, prev, seq in zip(datas, logs, prevs, seqs, strict=True):
-        obj = _strict(data)  # must not raise
-        assert (obj["log"], obj["prev"], obj["seq"]) == (log.decode(), prev.decode(), seq)
+    objs = [_strict(data) for data in datas]  # must not raise
+    start = objs[0]["seq"]
+    assert isinstance(start, int)
+    log = str(objs[0]["log"])
+    prevs = b"".join(str(o["prev"]).encode() for o in objs)
+    said = [(o["seq"], o["log"]) for o in objs]
+    if said == [(start + i, log) for i in range(len(objs))]:
+        assert entries_clean(datas, start=start, log=log, prevs=prevs)
+    else:
+        assert not entries_clean(datas, start=start, log=log)
+    # Anything else expected: not clean.
+    assert not entries_clean(datas, start=start + 1)
+    assert not entries_clean(datas, log=log + "x")
+    other = (b"1" if prevs[:1] == b"0" else b"0") + prevs[1:]
+    assert not entries_clean(datas, prevs=other)
+    assert not entries_clean(datas, prevs=prevs[:-64])
     return True
 
 
@@ -633,22 +651,24 @@ SCAN_NEAR_MISSES: list[tuple[str, bytes]] = [
 @pytest.mark.parametrize(("desc", "data"), SCAN_NEAR_MISSES, ids=[m[0] for m in SCAN_NEAR_MISSES])
 def test_scan_declines_near_misses(desc: str, data: bytes) -> None:
     assert data != GOOD, "the substitution did not apply"
-    assert scan_entries([data]) is None
-    assert scan_entries([GOOD, data, GOOD]) is None  # one bad entry spoils the batch
+    assert not entries_clean([data])
+    assert not entries_clean([GOOD, data, GOOD])  # one bad entry spoils the batch
     with pytest.raises(EntryError):
         parse_entry(data)
 
 
 def test_scan_batch() -> None:
     datas = [_entry(seq=i, prev=ZERO_HASH_HEX if i == 0 else PREV) for i in range(5)]
-    got = scan_entries(datas)
-    assert got is not None
-    logs, prevs, seqs = got
-    assert seqs == [0, 1, 2, 3, 4] and set(logs) == {b"payments"}
-    assert prevs == [ZERO_HASH_HEX.encode()] + [PREV.encode()] * 4
-    assert scan_entries([]) == ([], [], [])
-    assert scan_entries([GOOD.decode()]) is None  # type: ignore[list-item]
-    assert scan_entries([bytearray(GOOD)]) is None  # type: ignore[list-item]
+    prevs = ZERO_HASH_HEX.encode() + PREV.encode() * 4
+    assert entries_clean(datas, start=0, log="payments", prevs=prevs)
+    assert _scan_sound(datas)
+    assert not entries_clean(datas, start=1)
+    assert not entries_clean(datas, log="payment")
+    assert not entries_clean(datas, prevs=PREV.encode() * 5)
+    assert not entries_clean([datas[0], datas[2]], start=0)  # a gap
+    assert entries_clean([])
+    assert not entries_clean([GOOD.decode()])  # type: ignore[list-item]
+    assert not entries_clean([bytearray(GOOD)])  # type: ignore[list-item]
     # Raw DEL, U+2028 and non-ASCII text need no escape: the fast grammar takes them.
     raw = _entry({"decision": "allow", "reason": "ok", "note": "\x7f\u2028\u00e9"})
     assert _scan_sound([raw])

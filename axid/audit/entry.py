@@ -1,5 +1,9 @@
 """Decision-log entries: building and strictly parsing their canonical bytes.
 
+(Longer than most modules, on purpose: the entry format's one encoder, its one
+parser and the grammar that proves bytes canonical mirror each other line for
+line, and a reader checking that they agree needs them side by side.)
+
 An entry is the RFC 8785 (JCS) canonical JSON of an object holding exactly
 :data:`ENTRY_FIELDS`; those bytes are what gets hashed (leaf hash =
 SHA-256(0x00 || bytes)) and exported, one per line, in ``entries.jsonl``.
@@ -30,20 +34,29 @@ items; a whole entry is at most :data:`MAX_ENTRY_SIZE` bytes.
 
 Hot path: :class:`~axid.audit.log.DecisionLog` checks a caller's fields once,
 with :func:`validate_fields`, before queueing them; the commit batch then only
-adds the log's fields and serialises (:func:`encode_entry`). Serialising
-fills a fixed template (the keys in canonical order) with values escaped by
-the standard library's JSON string encoder (C-accelerated, the one
-``json.dumps`` uses), which for this schema (ASCII keys; values str, None,
-int within the JCS range, list of str) gives exactly the RFC 8785 bytes:
-ASCII keys sort the same by UTF-16 code units as by code points, integers
-print the same, and the string escaping is ECMAScript ``JSON.stringify``'s:
-quote, backslash, backspace, form feed, newline, carriage return and tab as
-two-character escapes, the other controls U+0000-U+001F as six-character
-escapes with lowercase hex, everything else (U+007F and U+2028/U+2029
-included) as raw UTF-8; lone surrogates never get that far (validation
-refuses them). ``rfc8785`` stays the reference: the equivalence is checked
-once at import (falling back to ``rfc8785`` if it ever fails) and
-property-tested.
+adds the log's fields and serialises (:func:`encode_entry`).
+
+ONE encoder: it fills a fixed template (the keys in canonical order) with
+values escaped by the standard library's JSON string encoder (C-accelerated,
+the one ``json.dumps`` uses), which for this schema (ASCII keys; values str,
+None, int within the JCS range, list of str) gives exactly the RFC 8785
+bytes: ASCII keys sort the same by UTF-16 code units as by code points,
+integers print the same, and the string escaping is ECMAScript
+``JSON.stringify``'s: quote, backslash, backspace, form feed, newline,
+carriage return and tab as two-character escapes, the other controls
+U+0000-U+001F as six-character escapes with lowercase hex, everything else
+(U+007F and U+2028/U+2029 included) as raw UTF-8; lone surrogates never get
+that far (validation refuses them). ``rfc8785`` is the oracle, not a second
+encoder: the equivalence is checked at import (importing fails if it ever
+does not hold) and property-tested.
+
+ONE parser: :func:`parse_entry` reads the bytes with one strict JSON decoder
+(no duplicate keys, no NaN or Infinity) and then requires them to be exactly
+the canonical encoding of a valid entry. :func:`entries_clean` is not a
+parser: it answers only "clean" (these bytes are entries ``parse_entry``
+accepts, saying what the caller expects) or "don't know", from one regular
+expression per entry; ``parse_entry`` uses it to skip the full check, and
+the auditor's accelerator to vouch for whole ranges of entries at once.
 """
 
 from __future__ import annotations
@@ -68,10 +81,10 @@ __all__ = [
     "EntryError",
     "canonical_entry",
     "encode_entry",
+    "entries_clean",
     "format_ts",
     "parse_entry",
     "parse_ts",
-    "scan_entries",
     "validate_fields",
 ]
 
@@ -171,12 +184,12 @@ def parse_ts(ts: str) -> int:
 # (for ASCII, UTF-16 code-unit order is Python's str order) and the skeleton
 # can be a template; each value is encoded by the standard library's JSON
 # string escaper (the one json.dumps uses; C-accelerated), "null" or the
-# decimal int. This is the hot path of every append and every verification.
+# decimal int. This is the hot path of every append.
 _SORTED_FIELDS: tuple[str, ...] = tuple(sorted(ENTRY_FIELDS))
 _TEMPLATE = "{" + ",".join(f'"{k}":%s' for k in _SORTED_FIELDS) + "}"
 
 
-def _fast_jcs(entry: dict[str, object]) -> bytes:
+def _fill_template(entry: dict[str, object]) -> bytes:
     """JCS bytes of a dict holding exactly ENTRY_FIELDS with validated values."""
     if len(entry) != len(_SORTED_FIELDS):
         raise TypeError("not an entry")
@@ -196,8 +209,8 @@ def _fast_jcs(entry: dict[str, object]) -> bytes:
     return (_TEMPLATE % tuple(values)).encode("utf-8")
 
 
-def _fast_matches_reference() -> bool:
-    """Whether the fast path yields the ``rfc8785`` bytes here (checked once, at import)."""
+def _encoder_matches_rfc8785() -> bool:
+    """Whether the template yields the ``rfc8785`` bytes on this Python (checked at import)."""
     tricky = {
         "note": "".join(map(chr, range(0x80))),  # every control char, DEL, quote, backslash
         "path": "\u0080\u00e9\u00ff\u0100\u07ff\u0800\u2028\u2029\ufeff\ufffd\uffff",
@@ -209,29 +222,28 @@ def _fast_matches_reference() -> bool:
     }
     sample: dict[str, object] = {**dict.fromkeys(ENTRY_FIELDS), **tricky}
     try:
-        return _fast_jcs(sample) == rfc8785.dumps(sample)
+        return _fill_template(sample) == rfc8785.dumps(sample)
     except (ValueError, TypeError):  # pragma: no cover - defensive
         return False
 
 
-_FAST = _fast_matches_reference()
+if not _encoder_matches_rfc8785():  # pragma: no cover - CPython's escaper is ECMAScript's
+    raise ImportError(
+        "axid.audit.entry: this Python's JSON string escaper does not write RFC 8785 "
+        "strings, so decision-log entries cannot be encoded here"
+    )
 
 
 def _jcs(entry: dict[str, object]) -> bytes:
     """RFC 8785 bytes of a validated entry (values str, None, int in range, list of str).
 
-    Only validated dicts may come here: the fast encoder is byte-identical to
+    Only validated dicts may come here: the template is byte-identical to
     ``rfc8785`` for exactly these types and this key set (floats, for one,
     would differ), which validation guarantees.
     """
-    if _FAST:
-        try:
-            return _fast_jcs(entry)
-        except (UnicodeEncodeError, ValueError, TypeError, KeyError) as e:  # ruled out
-            raise EntryError("entry cannot be canonicalized") from e
-    try:  # pragma: no cover - only where the self-check above failed
-        return rfc8785.dumps(entry)
-    except rfc8785.CanonicalizationError as e:  # pragma: no cover
+    try:
+        return _fill_template(entry)
+    except (UnicodeEncodeError, ValueError, TypeError, KeyError) as e:  # ruled out
         raise EntryError("entry cannot be canonicalized") from e
 
 
@@ -285,7 +297,7 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> int:
 # at their longest, and the quotes and comma of every chain item.
 _SKELETON = (
     len(
-        rfc8785.dumps(
+        _jcs(
             {
                 **dict.fromkeys(ENTRY_FIELDS),
                 "v": ENTRY_VERSION,
@@ -475,28 +487,36 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no
 
 
 def parse_entry(data: bytes) -> dict[str, object]:
-    """Parse entry bytes; they must be exactly the canonical form of a valid entry."""
+    """Parse entry bytes; they must be exactly the canonical form of a valid entry.
+
+    One strict JSON reading makes the value. That the bytes are exactly the
+    canonical encoding of a valid entry is then proven at once by
+    :func:`entries_clean` for nearly every entry, and otherwise checked in
+    full (validation, re-encoding, comparison), which names what is wrong.
+    """
+    obj = _decode_entry(data)
+    if not entries_clean((data,)):
+        _check_entry(obj, data)
+    return obj  # type: ignore[return-value]  # a dict: entries_clean or _check_entry says so
+
+
+def _decode_entry(data: bytes) -> object:
+    """The JSON value of entry bytes (the one parser): strict, and bounded in size."""
     if not isinstance(data, bytes):
         raise TypeError(f"entry must be bytes, got {type(data).__name__}")
-    if scan_entries((data,)) is not None:
-        # Proven canonical and valid (see scan_entries): the plain C parser
-        # reads it (the grammar already excludes duplicate keys and floats).
-        obj: dict[str, object] = json.loads(data.decode("utf-8"))
-        return obj
-    return _parse_entry_strict(data)
-
-
-def _parse_entry_strict(data: bytes) -> dict[str, object]:
-    """parse_entry for any input: full parse, validation and re-encoding, precise errors."""
     if len(data) > MAX_ENTRY_SIZE:
         raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
     try:
-        text = data.decode("utf-8")
-        obj = _DECODER.decode(text)
+        return _DECODER.decode(data.decode("utf-8"))
     except EntryError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise EntryError("entry is not valid UTF-8 JSON") from e
+
+
+def _check_entry(obj: object, data: bytes) -> None:
+    """The full check: ``obj`` (what ``data`` parsed to) is a valid entry and ``data``
+    exactly its canonical encoding; precise errors."""
     if not isinstance(obj, dict):
         raise EntryError("entry is not a JSON object")
     if obj.keys() != _ENTRY_KEYS:
@@ -511,14 +531,13 @@ def _parse_entry_strict(data: bytes) -> dict[str, object]:
     valid = _validate_fields({k: obj[k] for k in _DECISION_FIELDS}, size_check=False)
     canonical = encode_entry(
         valid,
-        seq=obj["seq"],  # type: ignore[arg-type]
-        prev=obj["prev"],  # type: ignore[arg-type]
-        log=obj["log"],  # type: ignore[arg-type]
+        seq=obj["seq"],
+        prev=obj["prev"],
+        log=obj["log"],
         ts=_ts_str(obj["ts"]),
     )
     if canonical != data:
         raise EntryError("entry is not in RFC 8785 canonical form")
-    return obj
 
 
 def _ts_str(ts: object) -> str:
@@ -528,9 +547,9 @@ def _ts_str(ts: object) -> str:
     return ts
 
 
-# --------------------------------------------------------------------------- fast scan
+# --------------------------------------------------------------------------- clean or don't know
 
-# The exact grammar of the bytes _fast_jcs writes for a valid entry, as one
+# The exact grammar of the bytes the template writes for a valid entry, as one
 # regular expression over the fixed template. A JCS string: raw UTF-8 except
 # quote, backslash and U+0000-U+001F; those only as the two-character escapes
 # (\" \\ \b \f \n \r \t) or, for the other controls, \u00xx with lowercase
@@ -550,8 +569,8 @@ def _scan_re(s: bytes, log: bytes) -> re.Pattern[bytes]:
         "v": b"%d" % ENTRY_VERSION,
         "seq": rb"(0|[1-9][0-9]{0,15})",
         "ts": rb'"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z)"',
-        # A log name with an escape is valid but left to the full parser: the
-        # caller gets the name's bytes as they stand.
+        # A log name with an escape is valid but left to the full check: the
+        # group compared with an expected name is the name's bytes as they stand.
         "log": b'"(' + log + b')"',
         "prev": rb'"([0-9a-f]{64})"',
         "decision": rb'"(?:' + b"|".join(sorted(d.encode() for d in _DECISIONS)) + rb')"',
@@ -568,7 +587,7 @@ def _scan_re(s: bytes, log: bytes) -> re.Pattern[bytes]:
 
 _SCAN_RE = _scan_re(_SCAN_STR, rb'[^"\\\x00-\x1f]++')
 _SCAN_RE_PLAIN = _scan_re(_SCAN_STR_PLAIN, rb"[ !#-\[\]-\xff]++")
-# scan_entries unpacks the capture groups in this (template) order.
+# entries_clean unpacks the capture groups in this (template) order.
 if tuple(f for f in _SORTED_FIELDS if f in ("log", "prev", "seq", "ts")) != (
     "log",
     "prev",
@@ -579,15 +598,23 @@ if tuple(f for f in _SORTED_FIELDS if f in ("log", "prev", "seq", "ts")) != (
 _ZERO_HEX_B = ZERO_HASH_HEX.encode()
 
 
-def scan_entries(datas: Sequence[bytes]) -> tuple[list[bytes], list[bytes], list[int]] | None:
-    """Batch fast path of :func:`parse_entry`: prove many entries valid at once.
+def entries_clean(
+    datas: Sequence[bytes],
+    *,
+    start: int | None = None,
+    log: str | None = None,
+    prevs: bytes | None = None,
+) -> bool:
+    """Whether every entry is proven one :func:`parse_entry` accepts, saying what is expected.
 
-    Returns, per entry, its ``log`` (UTF-8 bytes), ``prev`` (ASCII hex bytes)
-    and ``seq`` when EVERY entry is one :func:`parse_entry` accepts, with
-    those values; None when any is not, or is merely outside the fast path
-    (an escape in the log name, an entry longer than :data:`MAX_STR_LEN`
-    bytes): the caller then uses :func:`parse_entry`, for the verdict and a
-    precise error. It never accepts what :func:`parse_entry` refuses:
+    A check, not a parser: True means "clean", False only "don't know" (an
+    entry may still be valid, e.g. one with an escape in its log name or
+    longer than :data:`MAX_STR_LEN` bytes): the caller then asks
+    :func:`parse_entry`, for the verdict and a precise error. Given, the
+    expectations must hold too: entry ``i`` says ``seq`` ``start + i``, its
+    ``log`` is ``log``, its ``prev`` is ``prevs[64 * i : 64 * (i + 1)]``
+    (lowercase ASCII hex, all entries' end to end). It never says "clean" of
+    what :func:`parse_entry` refuses:
 
     - the template and value grammar (``_SCAN_RE``) admit exactly the
       canonical encodings of the allowed types (so no duplicate, missing or
@@ -600,29 +627,52 @@ def scan_entries(datas: Sequence[bytes]) -> tuple[list[bytes], list[bytes], list
     - ``_SCAN_RE_PLAIN``, tried first, is that grammar minus escapes;
     - the remaining rules are checked here: ``seq`` range, real calendar
       timestamps, and the zero ``prev`` exactly at seq 0.
+
+    The grammar's groups are compared with the expectations here and never
+    leave this function.
     """
     if not datas:
-        return [], [], []
+        return True
     if set(map(type, datas)) != {bytes} or max(map(len, datas)) > MAX_STR_LEN:
-        return None
+        return False
     plain, full = _SCAN_RE_PLAIN.fullmatch, _SCAN_RE.fullmatch
     try:
         for data in filterfalse(bytes.isascii, datas):
             data.decode("utf-8")
         rows = [(plain(d) or full(d)).groups() for d in datas]  # type: ignore[union-attr]
     except (UnicodeDecodeError, AttributeError):  # AttributeError: no match (None)
-        return None
-    logs, prevs, seq_b, tss = (list(col) for col in zip(*rows, strict=True))
-    seqs = list(map(int, seq_b))  # plain ASCII decimal (the grammar)
-    if max(seqs) > _MAX_SEQ:
-        return None
+        return False
+    logs, prev_hex, seq_digits, tss = (list(col) for col in zip(*rows, strict=True))
+    seqs = list(map(int, seq_digits))  # plain ASCII decimal (the grammar)
+    if max(seqs) > _MAX_SEQ or not _as_expected(logs, prev_hex, seqs, start, log, prevs):
+        return False
     try:
         for ts in set(tss):
             _parse_ts_cached(ts.decode("ascii"))
     except EntryError:
-        return None
-    if (0 in seqs or _ZERO_HEX_B in prevs) and any(
-        (s == 0) != (p == _ZERO_HEX_B) for s, p in zip(seqs, prevs, strict=True)
-    ):
-        return None
-    return logs, prevs, seqs
+        return False
+    return not (
+        (0 in seqs or _ZERO_HEX_B in prev_hex)
+        and any((s == 0) != (p == _ZERO_HEX_B) for s, p in zip(seqs, prev_hex, strict=True))
+    )
+
+
+def _as_expected(
+    logs: list[bytes],
+    prev_hex: list[bytes],
+    seqs: list[int],
+    start: int | None,
+    log: str | None,
+    prevs: bytes | None,
+) -> bool:
+    """The grammar's groups (UTF-8 log names, hex prevs, seqs) against the expectations."""
+    if start is not None and seqs != list(range(start, start + len(seqs))):
+        return False
+    if log is not None:
+        try:
+            want = log.encode("utf-8")  # a name with an escape never matches: don't know
+        except (AttributeError, UnicodeEncodeError):
+            return False
+        if logs.count(want) != len(logs):
+            return False
+    return prevs is None or b"".join(prev_hex) == prevs

@@ -30,7 +30,7 @@ is attributed with one entry of look-ahead: if entry ``k`` was altered, its
 hash no longer matches ``prev`` of ``k + 1`` while ``k`` itself still links to
 ``k - 1``; if ``k``'s own ``prev`` was altered, both of its links break.
 
-Speed: entries are checked a chunk at a time (:func:`~axid.audit.entry.scan_entries`
+Speed: entries are checked a chunk at a time (:func:`~axid.audit.entry.entries_clean`
 proves a whole chunk canonical and valid with one regular expression per
 entry; the chain links of the chunk are compared at once; its Merkle subtrees
 are hashed level by level; its index columns are found in the entry bytes),
@@ -71,10 +71,10 @@ from axid.audit.entry import (
     MAX_ENTRY_SIZE,
     ZERO_HASH_HEX,
     EntryError,
+    entries_clean,
     format_ts,
     parse_entry,
     parse_ts,
-    scan_entries,
 )
 from axid.audit.merkle import HASH_SIZE, CompactRange, leaf_hash
 from axid.audit.note import (
@@ -113,7 +113,7 @@ _PROGRESS_EVERY = 1024
 _WINDOW = 2
 _MAX_VKEY_FILE = 4096
 
-# The fast path checks entries a chunk at a time (scan_entries, the leaf
+# The fast path checks entries a chunk at a time (entries_clean, the leaf
 # hashes, the chain links, the chunk's Merkle subtrees) and goes entry by
 # entry, through the reference code above, for any chunk where anything is
 # off: findings come from that code alone. A power of two, so that every
@@ -640,7 +640,7 @@ class _Pass:
         log_b, first_prev, _layers = checked
         if start != self.n or not hmac.compare_digest(first_prev, self._prev_hash or _ZERO32):
             return False
-        log = log_b.decode("utf-8")  # scan_entries checked it is UTF-8
+        log = log_b.decode("utf-8")  # parse_entry read it
         if self._expected_log is None:
             self._expected_log = log
         return log == self._expected_log
@@ -885,23 +885,23 @@ _Checked = tuple[bytes, bytes, list[bytes]]
 
 def _check_chunk(start: int, datas: Sequence[bytes]) -> _Checked | None:
     """The fast verdict on entries from position ``start``: not None only when
-    every entry is one :func:`parse_entry` accepts (:func:`scan_entries`),
-    its ``seq`` field is its position, its ``prev`` the leaf hash of the
-    entry before it (the first's is returned, for the caller to match) and
-    all name one log. Pure, so that a worker process can run it."""
-    scan = scan_entries(datas)
-    if scan is None or not datas:
+    every entry is one :func:`parse_entry` accepts, its ``seq`` field is its
+    position, its ``prev`` the leaf hash of the entry before it (the first's
+    is returned, for the caller to match) and all name the first one's log
+    (:func:`entries_clean`). Pure, so that a worker process can run it."""
+    if not datas or type(datas[0]) is not bytes:
         return None
-    logs, prevs, seqs = scan
-    if seqs != list(range(start, start + len(datas))) or logs.count(logs[0]) != len(logs):
+    try:
+        first = parse_entry(datas[0])
+    except EntryError:
         return None
     sha256 = hashlib.sha256
     lhs = [sha256(b"\x00" + d).digest() for d in datas]
     layer0 = b"".join(lhs)
-    # Every link at once: the prev values (64 lowercase hex each, by the
-    # grammar) decoded end to end, against the leaf hashes shifted by one.
-    links = binascii.unhexlify(b"".join(prevs))
-    if not hmac.compare_digest(links[HASH_SIZE:], layer0[:-HASH_SIZE]):
+    # Every link at once: entry i's prev is the hex of leaf hash i - 1.
+    prevs = str(first["prev"]).encode() + binascii.hexlify(layer0[:-HASH_SIZE])
+    log = str(first["log"])
+    if not entries_clean(datas, start=start, log=log, prevs=prevs):
         return None
     layers = [layer0]
     layer = lhs
@@ -909,7 +909,7 @@ def _check_chunk(start: int, datas: Sequence[bytes]) -> _Checked | None:
         pairs = iter(layer)  # an odd last node has no sibling yet: zip drops it
         layer = [sha256(b"\x01" + a + b).digest() for a, b in zip(pairs, pairs, strict=False)]
         layers.append(b"".join(layer))
-    return logs[0], links[:HASH_SIZE], layers
+    return log.encode(), binascii.unhexlify(prevs[: 2 * HASH_SIZE]), layers
 
 
 # --------------------------------------------------------------------------- index columns
@@ -977,7 +977,7 @@ def _index_clean(datas: Sequence[bytes], index: Sequence[Sequence[Any]]) -> bool
     """The fast verdict on index columns: True only when every entry provably
     agrees with its columns (``index``: one tuple per column, empty for a bundle).
 
-    Only for entries :func:`~axid.audit.entry.scan_entries` accepted: RFC 8785
+    Only for entries :func:`~axid.audit.entry.entries_clean` said are clean: RFC 8785
     text with the fields in their fixed order, so a ``"`` not preceded by a
     backslash is a string delimiter and every key occurs once. Then
     ``X"KEY":V`` found in the bytes (X is ``{`` or ``,``, not a backslash, so
