@@ -343,3 +343,31 @@ def test_sqlite_file_paths(tmp_path: Path) -> None:
     assert LogConfig(url=tmp_path / "x.db", key="k").url == f"sqlite:///{tmp_path}/x.db"
     with pytest.raises(ConfigError):
         LogConfig(url=":memory:", key="k")
+
+
+def test_package_exports_what_a_service_calls() -> None:
+    """``verifier`` exports the middleware, its config and the types a service reads
+    or builds; internals are imported from their modules."""
+    import verifier
+
+    assert set(verifier.__all__) == {
+        "AxidVerifier",
+        "BudgetLedger",
+        "CheckResult",
+        "ConfigError",
+        "CustomCheck",
+        "Decision",
+        "IdentityConfig",
+        "JwksConfig",
+        "LogConfig",
+        "ReplayConfig",
+        "RequestInfo",
+        "RevocationConfig",
+        "RouteRule",
+        "TrustedProxies",
+        "VerifiedAction",
+        "VerifierConfig",
+        "VerifierMetrics",
+    }
+    assert all(hasattr(verifier, name) for name in verifier.__all__)
+    assert not hasattr(verifier, "Pipeline") and not hasattr(verifier, "PeerResolver")

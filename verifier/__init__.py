@@ -5,6 +5,11 @@
     from verifier import AxidVerifier, VerifierConfig
     app.add_middleware(AxidVerifier, config=VerifierConfig.from_file("verifier.yaml"))
 
+This package exports what a service calls: the middleware, its configuration and
+the parts of it built in code, the verified action a route reads, custom-check
+types, metrics and the configuration error. Everything else is imported from its
+module (``verifier.pipeline.Pipeline``, ``verifier.identity.PeerResolver``, ...).
+
 One module per concept:
 
 - :mod:`verifier.config`        ``VerifierConfig`` (YAML or code), strict
@@ -23,7 +28,6 @@ This package never imports the issuer service (``axid.issuer``).
 
 from verifier.checks import BudgetLedger, CheckResult, CustomCheck, RequestInfo
 from verifier.config import (
-    DEFAULT_HEADER,
     IdentityConfig,
     JwksConfig,
     LogConfig,
@@ -32,62 +36,28 @@ from verifier.config import (
     TrustedProxies,
     VerifierConfig,
 )
-from verifier.decision import REASONS, STATUS, Decision, VerifiedAction, status_of
+from verifier.decision import Decision, VerifiedAction
 from verifier.errors import ConfigError
-from verifier.identity import BundleFiles, PeerError, PeerIdentity, PeerResolver
-from verifier.jwks import FileJwks, HttpJwks, JwksSource, StaticJwks
 from verifier.middleware import AxidVerifier
-from verifier.observability import VerifierMetrics, annotate_span
-from verifier.pipeline import Pipeline, Presented, TokenCache
-from verifier.replay import ReplayGuard
-from verifier.revocation import (
-    DatabaseRevocationSource,
-    IssuerRevocationPoller,
-    RevocationSet,
-    RevocationSource,
-    StaticRevocations,
-)
-from verifier.rules import RouteRule, RuleSet
+from verifier.observability import VerifierMetrics
+from verifier.rules import RouteRule
 
 __all__ = [
-    "DEFAULT_HEADER",
-    "REASONS",
-    "STATUS",
     "AxidVerifier",
     "BudgetLedger",
-    "BundleFiles",
     "CheckResult",
     "ConfigError",
     "CustomCheck",
-    "DatabaseRevocationSource",
     "Decision",
-    "FileJwks",
-    "HttpJwks",
     "IdentityConfig",
-    "IssuerRevocationPoller",
     "JwksConfig",
-    "JwksSource",
     "LogConfig",
-    "PeerError",
-    "PeerIdentity",
-    "PeerResolver",
-    "Pipeline",
-    "Presented",
     "ReplayConfig",
-    "ReplayGuard",
     "RequestInfo",
     "RevocationConfig",
-    "RevocationSet",
-    "RevocationSource",
     "RouteRule",
-    "RuleSet",
-    "StaticJwks",
-    "StaticRevocations",
-    "TokenCache",
     "TrustedProxies",
     "VerifiedAction",
     "VerifierConfig",
     "VerifierMetrics",
-    "annotate_span",
-    "status_of",
 ]
