@@ -558,6 +558,7 @@ class LogStore:
         self._signer_vkey = signer.vkey() if signer is not None else None
         self._sql = _AppendSQL.for_engine(engine)
         self._entries_sql: _DriverStmt | None = None
+        self._nodes_sql: dict[int, _DriverStmt] = {}  # by number of nodes read
         self._verifier = signer.verifier() if signer is not None else None
         # The authenticated head (see axid.audit.head): the last checkpoint this
         # store signed or verified. Every batch proves the database extends it.
@@ -807,7 +808,7 @@ class LogStore:
             check_extends(t.cp if t is not None else None, None, [])
             return None
         edge: list[bytes] = []
-        check_complete(cp, stored_size, lambda: self._stored_root(conn, cp, last_leaf, edge))
+        check_complete(cp, stored_size, lambda: self._stored_root(cur, cp, last_leaf, edge))
         own_tail = t is not None and t.cp.size == cp.size and t.last_leaf is not None
         if cp.size % 2 == 0 and not (own_tail and hmac.compare_digest(t.last_leaf, last_leaf)):
             # Odd sizes: the last leaf is on the right edge, covered by the root.
@@ -821,7 +822,7 @@ class LogStore:
         check_extends(t.cp if t is not None else None, cp, proof)
         return _Head(note, cp, last_leaf, tuple(edge))
 
-    def _stored_root(self, conn: Connection, cp: Checkpoint, last_leaf: bytes, out: list) -> bytes:
+    def _stored_root(self, cur: Any, cp: Checkpoint, last_leaf: bytes, out: list) -> bytes:
         """The root of the stored tree of size ``cp.size`` from its right-edge nodes."""
         size = cp.size
         want: list[tuple[int, int]] = []  # one perfect node per set bit, largest first
@@ -835,8 +836,8 @@ class LogStore:
             got[(0, size - 1)] = last_leaf  # the lowest edge node is the last leaf itself
         upper = [(lv, i) for lv, i in want if lv > 0]
         if upper:
-            for r in self._read_nodes(conn, upper):
-                got[(int(r.level), int(r.idx))] = _b(r.hash)
+            for level, idx, h in self._read_nodes_raw(cur, upper):
+                got[(int(level), int(idx))] = _b(h)
         missing = [c for c in want if c not in got or len(got[c]) != HASH_SIZE]
         if missing:
             raise IntegrityFailure("complete", f"stored tree nodes {missing} are missing")
@@ -1151,6 +1152,21 @@ class LogStore:
             return h
 
         return get
+
+    def _read_nodes_raw(self, cur: Any, coords: Sequence[tuple[int, int]]) -> list[Any]:
+        """:meth:`_read_nodes` on the driver's cursor (the per-batch head check: SQLAlchemy's
+        statement handling would cost more than SQLite's work)."""
+        stmt = self._nodes_sql.get(len(coords))
+        if stmt is None:
+            stmt = self._nodes_sql[len(coords)] = _compile_for(
+                self._engine, _nodes_stmt(len(coords))
+            )
+        values: dict[str, Any] = {"log": self.log}
+        for i, (level, idx) in enumerate(coords):
+            values[f"lv{i}"] = level
+            values[f"ix{i}"] = idx
+        cur.execute(stmt.sql, stmt.params(**values))
+        return list(cur.fetchall())
 
     def _read_nodes(self, conn: Connection, coords: Sequence[tuple[int, int]]) -> Any:
         """Rows ``(level, idx, hash)`` of the stored nodes at ``coords`` (levels >= 1)."""
