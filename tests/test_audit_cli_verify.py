@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from axid.audit import verify as verify_mod
+from axid.audit import accelerate as accelerate_mod
+from axid.audit import reference as reference_mod
 from axid.audit.entry import canonical_entry, format_ts, parse_entry, parse_ts
 from axid.audit.note import NoteSigner
 from axid.audit.store import LogStore, create_schema, make_engine
@@ -374,13 +375,13 @@ def _modes_agree(monkeypatch: pytest.MonkeyPatch, fx: LogFx) -> VerifyReport:
             source.close()
 
     with monkeypatch.context() as m:
-        m.setattr(verify_mod, "_check_chunk", lambda start, datas: None)  # never fast
+        m.setattr(accelerate_mod, "check_chunk", lambda start, datas: None)  # never fast
         ref = run(0)
     for workers, chunk in _MODES:
         with monkeypatch.context() as m:
-            m.setattr(verify_mod, "_CHUNK", chunk)
+            m.setattr(accelerate_mod, "_CHUNK", chunk)
             # Workers read the rows themselves once the log looks long enough.
-            m.setattr(verify_mod, "_POOL_AFTER_CHUNKS", 2)
+            m.setattr(accelerate_mod, "_POOL_AFTER_CHUNKS", 2)
             assert _key(run(workers)) == _key(ref), (workers, chunk)
     return ref
 
@@ -415,14 +416,14 @@ def test_fast_path_modes_agree_on_index_columns(
 def test_fast_path_is_taken_with_index_columns(sfx: LogFx, monkeypatch: pytest.MonkeyPatch) -> None:
     """The columns of an intact log pass the fast check: no entry goes one by one."""
     calls: list[int] = []
-    orig = verify_mod._Pass._take_one
+    orig = reference_mod.Pass._take_one
 
     def counting(self: Any, *row: Any) -> None:
         calls.append(self.n)
         orig(self, *row)
 
-    monkeypatch.setattr(verify_mod._Pass, "_take_one", counting)
-    monkeypatch.setattr(verify_mod, "_CHUNK", 4)
+    monkeypatch.setattr(reference_mod.Pass, "_take_one", counting)
+    monkeypatch.setattr(accelerate_mod, "_CHUNK", 4)
     for workers in (0, 2):
         rep = verify_log(DatabaseSource(sfx.url, sfx.log), vkey=sfx.vkey, workers=workers)
         assert rep.ok and rep.entries == N
@@ -477,7 +478,7 @@ def test_fast_index_check_never_passes_a_disagreement(
     column: str | None,
     other: object,
 ) -> None:
-    """_index_clean (fast) True implies index_disagreements (reference) finds nothing;
+    """index_clean (fast) True implies index_disagreements (reference) finds nothing;
     and on columns that agree the fast check passes (the fast path stays fast)."""
     fields = {k: v for k, v in fields.items() if k == "chain" or v is None or v != ""}
     fields.update(decision=decision, reason="ok")
@@ -485,11 +486,11 @@ def test_fast_index_check_never_passes_a_disagreement(
     entry = parse_entry(data)
     row = [parse_ts(str(entry["ts"])) if c == "ts" else entry[c] for c in INDEX_COLUMNS]
     assert index_disagreements(entry, row) == []
-    assert verify_mod._index_clean([data], [(v,) for v in row])
+    assert accelerate_mod.index_clean([data], [(v,) for v in row])
     if column is not None:
         row[INDEX_COLUMNS.index(column)] = other
     wrong = index_disagreements(entry, row)
-    if verify_mod._index_clean([data], [(v,) for v in row]):
+    if accelerate_mod.index_clean([data], [(v,) for v in row]):
         assert wrong == [], (column, other)
     else:
         assert wrong, (column, other)

@@ -42,7 +42,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from axid.audit import verify as verify_mod
+from axid.audit import accelerate as accelerate_mod
+from axid.audit import forkpool as forkpool_mod
+from axid.audit import reference as reference_mod
 from axid.audit.entry import canonical_entry, parse_ts
 from axid.audit.merkle import CompactRange, leaf_hash
 from axid.audit.note import Checkpoint, NoteSigner, NoteVerifier, open_checkpoint, sign_checkpoint
@@ -731,11 +733,11 @@ def _modes_agree(
                 source.close()
 
     with monkeypatch.context() as m:
-        m.setattr(verify_mod, "_check_chunk", lambda start, datas: None)  # never fast
+        m.setattr(accelerate_mod, "check_chunk", lambda start, datas: None)  # never fast
         ref = run(0)
     for workers, chunk in _MODES:
         with monkeypatch.context() as m:
-            m.setattr(verify_mod, "_CHUNK", chunk)
+            m.setattr(accelerate_mod, "_CHUNK", chunk)
             assert _key(run(workers)) == _key(ref), (workers, chunk)
     return ref
 
@@ -947,18 +949,54 @@ def test_fast_path_modes_agree_on_unusual_entries(
 def test_fast_path_is_taken(sfx: LogFx, monkeypatch: pytest.MonkeyPatch) -> None:
     """On an intact log no entry goes entry by entry, in any mode (the modes are real)."""
     calls: list[int] = []
-    orig = verify_mod._Pass._take_one
+    orig = reference_mod.Pass._take_one
 
     def counting(self: Any, *row: Any) -> None:
         calls.append(self.n)
         orig(self, *row)
 
-    monkeypatch.setattr(verify_mod._Pass, "_take_one", counting)
-    monkeypatch.setattr(verify_mod, "_CHUNK", 16)
+    monkeypatch.setattr(reference_mod.Pass, "_take_one", counting)
+    monkeypatch.setattr(accelerate_mod, "_CHUNK", 16)
     for workers in (0, 2):
         rep = verify_log(DatabaseSource(sfx.url, sfx.log), vkey=sfx.vkey, workers=workers)
         assert rep.ok and rep.entries == N_ENTRIES
     assert calls == []
+
+
+def _flip(layer: bytes) -> bytes:
+    return layer[:-1] + bytes([layer[-1] ^ 1]) if layer else layer
+
+
+@pytest.mark.parametrize("levels", ["subtrees", "leaves"])
+@pytest.mark.parametrize("case", ["intact", "rechain"])
+def test_wrong_accelerator_hashes_cost_time_never_a_finding(
+    levels: str, case: str, sfx: LogFx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clean verdict whose hashes are wrong (an accelerator bug) makes the pass
+    check that part again itself: the report is the reference's, in every mode."""
+    _TAMPER[case](sfx)
+    bundle = _export(sfx, tmp_path / "bundle")
+    sources: list[Callable[[], Any]] = [_db_source(sfx), lambda: ExportDirSource(bundle)]
+    with monkeypatch.context() as m:
+        m.setattr(accelerate_mod, "check_chunk", lambda start, datas: None)  # never fast
+        refs = [_key(verify_log(make(), vkey=sfx.vkey, workers=0)) for make in sources]
+    assert refs[0][0] is (case == "intact")
+    real = accelerate_mod.check_chunk
+    first = 0 if levels == "leaves" else 1
+
+    def wrong(start: int, datas: Any) -> Any:
+        clean = real(start, datas)
+        if clean is None:
+            return None
+        layers = [_flip(x) if k >= first else x for k, x in enumerate(clean.layers)]
+        return clean._replace(layers=layers)
+
+    monkeypatch.setattr(accelerate_mod, "check_chunk", wrong)
+    for chunk in (16, 64):
+        monkeypatch.setattr(accelerate_mod, "_CHUNK", chunk)
+        for workers in (0, 2):
+            for make, ref in zip(sources, refs, strict=True):
+                assert _key(verify_log(make(), vkey=sfx.vkey, workers=workers)) == ref
 
 
 def test_failing_workers_only_cost_time(sfx: LogFx, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -966,14 +1004,14 @@ def test_failing_workers_only_cost_time(sfx: LogFx, monkeypatch: pytest.MonkeyPa
     bundle = _export(sfx, sfx.tmp / "bundle")
     sources: list[Callable[[], Any]] = [_db_source(sfx), lambda: ExportDirSource(bundle)]
     refs = [_key(verify_log(make(), vkey=sfx.vkey, workers=0)) for make in sources]
-    monkeypatch.setattr(verify_mod, "_CHUNK", 16)
-    monkeypatch.setattr(verify_mod, "_WORKER_TIMEOUT", 0.3)
-    monkeypatch.setattr(verify_mod, "_REAP_GRACE", 0.1)
+    monkeypatch.setattr(accelerate_mod, "_CHUNK", 16)
+    monkeypatch.setattr(forkpool_mod, "_WORKER_TIMEOUT", 0.3)
+    monkeypatch.setattr(forkpool_mod, "_REAP_GRACE", 0.1)
     for broken in (
         lambda conn, reader: None,  # exits at once
         lambda conn, reader: time.sleep(30),  # hangs (killed at close)
     ):
-        monkeypatch.setattr(verify_mod, "_worker_loop", broken)
+        monkeypatch.setattr(forkpool_mod, "_worker_loop", broken)
         for make, ref in zip(sources, refs, strict=True):
             assert _key(verify_log(make(), vkey=sfx.vkey, workers=2)) == ref
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from axid.audit.verify import DatabaseSource, VerifyUsageError
+from axid.audit.findings import VerifyUsageError
+from axid.audit.sources import DatabaseSource
 
 __all__ = ["ExportError", "ExportResult", "export_bundle"]
 
