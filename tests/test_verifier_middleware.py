@@ -806,7 +806,7 @@ async def test_ip_proxies_only_from_the_transport_extension(
     """scope["client"] and scope["scheme"] are what X-Forwarded-For/-Proto make them:
     only mtls.uvicorn's axid.transport extension names a trusted sidecar."""
     w = make_world(pki, tmp_path)  # trusts 127.0.0.1/32
-    with caplog.at_level("WARNING", logger="verifier.middleware"):
+    with caplog.at_level("WARNING", logger="verifier"):
         await w.verifier.startup()
     assert any("trusted_proxies names IP networks" in r.getMessage() for r in caplog.records)
     try:
@@ -814,7 +814,7 @@ async def test_ip_proxies_only_from_the_transport_extension(
         xfcc = [("X-Forwarded-Client-Cert", _planner_xfcc(pki))]
         # Another server (no extension): the IP network is never matched, fail closed.
         scope = http_scope("/payments/1", tls=False, token=token, headers=xfcc, transport=False)
-        with caplog.at_level("WARNING", logger="verifier.middleware"):
+        with caplog.at_level("WARNING", logger="verifier"):
             assert_denied(await call(w.verifier, scope), "no_peer_cert")
         assert "ignored" in w.last()["note"]
         assert any("no axid.transport scope extension" in r.getMessage() for r in caplog.records)
@@ -1016,7 +1016,7 @@ async def test_lazy_start_backs_off_during_an_outage(
     key = tmp_path / "later.pem"
     bad = LogConfig(url=f"sqlite:///{tmp_path}/x.db", key=key, create_key=False, max_delay=0)
     w = make_world(pki, tmp_path, log=bad)
-    with caplog.at_level("WARNING", logger="verifier.middleware"):
+    with caplog.at_level("WARNING", logger="verifier"):
         for _ in range(5):
             assert_denied(await w.get("/payments/1", token=w.token()), "audit_unavailable")
     attempts = [r for r in caplog.records if "start" in r.getMessage()]
@@ -1025,7 +1025,7 @@ async def test_lazy_start_backs_off_during_an_outage(
     generate_log_key(key)  # the outage ends
     await asyncio.sleep(1.1)  # past the first backoff (1 s)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="verifier.middleware"):
+    with caplog.at_level("WARNING", logger="verifier"):
         assert (await w.get("/payments/1", token=w.token())).status == 200
     assert any("started after 1 failed attempt" in r.getMessage() for r in caplog.records)
     await w.verifier.shutdown()

@@ -27,23 +27,21 @@ synchronous database reads: they run on a worker thread, never on the event loop
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
-from http import HTTPStatus
 from typing import Any, Final, Literal
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from axid.audit.note import Checkpoint, NoteError
 from axid.audit.store import LogStore, NotFound, consistency_text, proof_text
+from verifier.responses import problem_json
 
 __all__ = [
     "LOG_ROUTES",
     "LogReadError",
     "LogRoute",
-    "problem_json",
     "read_log",
     "serve_log_route",
 ]
@@ -176,22 +174,6 @@ async def _read_or_fail(store: LogStore, route: LogRoute, query: bytes) -> str:
     except Exception:
         _log.exception("serving a decision-log read route failed")
         raise LogReadError(503, "audit_unavailable", "the decision log could not be read") from None
-
-
-def problem_json(status: int, reason: str, detail: str) -> bytes:
-    """An RFC 9457 problem+json body, the shape of the verifier's denies."""
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
-    doc = {
-        "type": "about:blank",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "reason": reason,
-    }
-    return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
 async def _answer(
