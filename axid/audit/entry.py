@@ -292,24 +292,19 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> int:
     return value
 
 
+# The log's own fields at their longest (the log name: the longest the store allows).
+_LONGEST_LOG_FIELDS: dict[str, object] = {
+    "v": ENTRY_VERSION,
+    "seq": _MAX_SEQ,
+    "ts": "9999-12-31T23:59:59.999Z",
+    "log": "x" * _RESERVED_LOG_LEN,
+    "prev": "f" * 64,
+}
 # Worst-case bytes of everything but the caller's string characters: the
 # skeleton of an entry with every optional field null, the log's own fields
 # at their longest, and the quotes and comma of every chain item.
 _SKELETON = (
-    len(
-        _jcs(
-            {
-                **dict.fromkeys(ENTRY_FIELDS),
-                "v": ENTRY_VERSION,
-                "seq": _MAX_SEQ,
-                "ts": "9999-12-31T23:59:59.999Z",
-                "log": "x" * _RESERVED_LOG_LEN,
-                "prev": "f" * 64,
-                "chain": [],
-            }
-        )
-    )
-    + 3 * MAX_CHAIN
+    len(_jcs({**dict.fromkeys(ENTRY_FIELDS), "chain": [], **_LONGEST_LOG_FIELDS})) + 3 * MAX_CHAIN
 )
 # A str character takes at most 6 bytes in JCS (\u00xx); astral ones, 2
 # UTF-16 units but one Python character, take 4.
@@ -332,6 +327,22 @@ def validate_fields(fields: Mapping[str, object]) -> dict[str, object]:
 
 
 def _validate_fields(fields: Mapping[str, object], *, size_check: bool) -> dict[str, object]:
+    out = _complete(fields)
+    chars = _check_values(out)
+    # Only when the bound says it might not fit (tens of KiB of text): measure
+    # exactly, with the longest log fields.
+    if (
+        size_check
+        and _SKELETON + _MAX_BYTES_PER_CHAR * chars > MAX_ENTRY_SIZE
+        and len(_jcs({**out, **_LONGEST_LOG_FIELDS})) > MAX_ENTRY_SIZE
+    ):
+        raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
+    return out
+
+
+def _complete(fields: Mapping[str, object]) -> dict[str, object]:
+    """A private copy of the caller's fields with every decision field (defaults
+    filled in); unknown, log-set and missing required fields refused."""
     if type(fields) is dict:
         given = fields.copy()
     elif isinstance(fields, Mapping):
@@ -350,7 +361,12 @@ def _validate_fields(fields: Mapping[str, object], *, size_check: bool) -> dict[
     out: dict[str, object] = dict.fromkeys(_DECISION_FIELDS)
     out["chain"] = []
     out.update(given)  # keeps out's own (plain str) keys
+    return out
 
+
+def _check_values(out: dict[str, object]) -> int:
+    """Check and normalise (in place) every decision field's value; the number of
+    characters of text they hold."""
     decision = out["decision"]
     if not isinstance(decision, str) or _exact_str(decision) not in _DECISIONS:
         raise EntryError(f"field 'decision' must be 'allow' or 'deny', got {decision!r}")
@@ -377,25 +393,7 @@ def _validate_fields(fields: Mapping[str, object], *, size_check: bool) -> dict[
         raise EntryError(f"field 'chain' has more than {MAX_CHAIN} items")
     items = [_check_str(f"chain[{i}]", run) for i, run in enumerate(chain)]
     out["chain"] = items
-    chars += sum(map(len, items))
-
-    if size_check and _SKELETON + _MAX_BYTES_PER_CHAR * chars > MAX_ENTRY_SIZE:
-        # Rare (tens of KiB of text): measure exactly, with the longest log fields.
-        size = len(
-            _jcs(
-                {
-                    **out,
-                    "v": ENTRY_VERSION,
-                    "seq": _MAX_SEQ,
-                    "ts": "9999-12-31T23:59:59.999Z",
-                    "log": "x" * _RESERVED_LOG_LEN,
-                    "prev": "f" * 64,
-                }
-            )
-        )
-        if size > MAX_ENTRY_SIZE:
-            raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
-    return out
+    return chars + sum(map(len, items))
 
 
 def _set_log_fields(

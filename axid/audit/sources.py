@@ -90,21 +90,28 @@ def _vkey_text(value: str, option: str) -> str:
     except OSError:  # e.g. a name too long to be a path: then it is not a file
         is_file = False
     if is_file:
-        try:
-            raw = p.read_bytes()[: _MAX_VKEY_FILE + 1]
-        except OSError as e:
-            raise VerifyUsageError(f"cannot read vkey file {value}: {e}") from e
-        try:
-            text = raw.decode("ascii")
-        except UnicodeDecodeError as e:
-            raise VerifyUsageError(f"vkey file {value} is not ASCII") from e
+        text = _read_vkey_file(p, f"vkey file {value}")
+        if text is None:
+            raise VerifyUsageError(f"vkey file {value} is not ASCII")
         line = text[:-1] if text.endswith("\n") else text
-        if not line or "\n" in line or "\r" in line or len(raw) > _MAX_VKEY_FILE:
+        if not line or "\n" in line or "\r" in line or len(text) > _MAX_VKEY_FILE:
             raise VerifyUsageError(f"vkey file {value} must hold exactly one vkey line")
         return line
     if "+" not in value:
         raise VerifyUsageError(f"{option} {_clip(value)}: no such file, and not a vkey")
     return value
+
+
+def _read_vkey_file(p: Path, name: str) -> str | None:
+    """A vkey file's text, up to one character over the limit; None: not ASCII."""
+    try:
+        raw = p.read_bytes()[: _MAX_VKEY_FILE + 1]
+    except OSError as e:
+        raise VerifyUsageError(f"cannot read {name}: {e}") from e
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
 
 
 class ExportDirSource:
@@ -237,16 +244,11 @@ class ExportDirSource:
         p = self.path / "vkey"
         if not p.exists():
             return None
-        try:
-            raw = p.read_bytes()[: _MAX_VKEY_FILE + 1]
-        except OSError as e:
-            raise VerifyUsageError(f"cannot read {p}: {e}") from e
-        try:
-            text = raw.decode("ascii")
-        except UnicodeDecodeError as e:
-            raise SourceFormatError("vkey file is not ASCII") from e
+        text = _read_vkey_file(p, str(p))
+        if text is None:
+            raise SourceFormatError("vkey file is not ASCII")
         if (
-            len(raw) > _MAX_VKEY_FILE
+            len(text) > _MAX_VKEY_FILE
             or not text.endswith("\n")
             or len(text) < 2
             or "\n" in text[:-1]
