@@ -43,7 +43,7 @@ from typing import Final
 from mtls.x509bundle import BundleError, BundleSet
 from mtls.x509svid import SvidError, VerifiedSvid, verify_svid
 from mtls.xfcc import XfccError, parse_xfcc
-from verifier.config import TrustedProxies
+from verifier.proxies import TrustedProxies
 
 __all__ = [
     "BundleFiles",

@@ -26,10 +26,11 @@ weaker one below it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from verifier._values import boolean, init_frozen
 from verifier.errors import ConfigError
 
 __all__ = [
@@ -145,7 +146,7 @@ def _methods(value: object) -> frozenset[str] | None:
     return frozenset(out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RouteRule:
     """One route rule. Construct in code or with :meth:`from_dict` (YAML).
 
@@ -153,29 +154,48 @@ class RouteRule:
     must all hold; ``agents``/``tenants`` of ``None`` allow any; ``single_use``
     lets each token ``jti`` through once; ``governed=False`` passes matching
     requests to the app unchecked and unrecorded (then no other option may be set).
+    The constructor parses ``methods``, ``scope``, ``agents`` and ``tenants`` (a
+    string or a list) into frozensets.
     """
 
     path: str
-    methods: frozenset[str] | Sequence[str] | str | None = None
-    scope: frozenset[str] | Sequence[str] | str = frozenset()
-    agents: frozenset[str] | Sequence[str] | None = None
-    tenants: frozenset[str] | Sequence[str] | None = None
-    single_use: bool = False
-    governed: bool = True
-    name: str | None = None
-    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    methods: frozenset[str] | None
+    scope: frozenset[str]
+    agents: frozenset[str] | None
+    tenants: frozenset[str] | None
+    single_use: bool
+    governed: bool
+    name: str | None
+    _regex: re.Pattern[str] = field(repr=False, compare=False)
+
+    def __init__(
+        self,
+        path: str,
+        methods: Iterable[str] | str | None = None,
+        scope: Iterable[str] | str = frozenset(),
+        agents: Iterable[str] | None = None,
+        tenants: Iterable[str] | None = None,
+        single_use: bool = False,
+        governed: bool = True,
+        name: str | None = None,
+    ) -> None:
+        init_frozen(
+            self,
+            _regex=compile_glob(path),
+            path=path,
+            methods=_methods(methods),
+            scope=parse_scope(scope),
+            agents=None if agents is None else _slugs(agents, "agents"),
+            tenants=None if tenants is None else _slugs(tenants, "tenants"),
+            single_use=boolean(single_use, "single_use"),
+            governed=boolean(governed, "governed"),
+            name=name,
+        )
 
     def __post_init__(self) -> None:
-        regex = compile_glob(self.path)
-        methods = _methods(self.methods)
-        scope = parse_scope(self.scope)
-        agents = None if self.agents is None else _slugs(self.agents, "agents")
-        tenants = None if self.tenants is None else _slugs(self.tenants, "tenants")
-        if type(self.single_use) is not bool:
-            raise ConfigError("must be true or false", key="single_use")
-        if type(self.governed) is not bool:
-            raise ConfigError("must be true or false", key="governed")
-        if not self.governed and (scope or agents is not None or tenants is not None):
+        if not self.governed and (
+            self.scope or self.agents is not None or self.tenants is not None
+        ):
             raise ConfigError(
                 "an ungoverned rule checks nothing: remove scope/agents/tenants", key="governed"
             )
@@ -185,11 +205,6 @@ class RouteRule:
             not isinstance(self.name, str) or _NAME_RE.fullmatch(self.name) is None
         ):
             raise ConfigError("must be a short printable name", key="name")
-        object.__setattr__(self, "methods", methods)
-        object.__setattr__(self, "scope", scope)
-        object.__setattr__(self, "agents", agents)
-        object.__setattr__(self, "tenants", tenants)
-        object.__setattr__(self, "_regex", regex)
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> RouteRule:
@@ -212,7 +227,7 @@ class RouteRule:
     @property
     def scope_required(self) -> str | None:
         """The required scope, space-delimited and sorted (``None`` if none)."""
-        return " ".join(sorted(self.scope)) or None  # type: ignore[arg-type]
+        return " ".join(sorted(self.scope)) or None
 
     @property
     def label(self) -> str:
