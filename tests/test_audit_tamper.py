@@ -968,7 +968,7 @@ def _flip(layer: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("levels", ["subtrees", "leaves"])
-@pytest.mark.parametrize("case", ["intact", "rechain"])
+@pytest.mark.parametrize("case", ["intact", "rechain", "after the end"])
 def test_wrong_accelerator_hashes_cost_time_never_a_finding(
     levels: str, case: str, sfx: LogFx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -997,6 +997,33 @@ def test_wrong_accelerator_hashes_cost_time_never_a_finding(
         for workers in (0, 2):
             for make, ref in zip(sources, refs, strict=True):
                 assert _key(verify_log(make(), vkey=sfx.vkey, workers=workers)) == ref
+
+
+def test_wrong_accelerator_hashes_in_an_unsigned_tail(
+    sfx: LogFx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clean range after the last checkpoint (an unsigned tail, so no root
+    vouches for it) with wrong hashes: the reported root is still the reference's."""
+    _t_after_end(sfx)
+    bundle = _export(sfx, tmp_path / "bundle")
+    sources: list[Callable[[], Any]] = [_db_source(sfx), lambda: ExportDirSource(bundle)]
+    with monkeypatch.context() as m:
+        m.setattr(accelerate_mod, "check_chunk", lambda start, datas: None)  # never fast
+        refs = [_key(verify_log(make(), vkey=sfx.vkey, workers=0)) for make in sources]
+    assert not refs[0][0] and refs[0][4] is not None  # a finding, and the root of it all
+    real = accelerate_mod.check_chunk
+
+    def wrong_in_tail(start: int, datas: Any) -> Any:
+        clean = real(start, datas)
+        if clean is None or start < N_ENTRIES:
+            return clean
+        return clean._replace(layers=[_flip(x) for x in clean.layers])
+
+    monkeypatch.setattr(accelerate_mod, "check_chunk", wrong_in_tail)
+    monkeypatch.setattr(accelerate_mod, "_CHUNK", 4)  # 300 = 75 * 4: the tail is a chunk
+    for workers in (0, 2):
+        for make, ref in zip(sources, refs, strict=True):
+            assert _key(verify_log(make(), vkey=sfx.vkey, workers=workers)) == ref
 
 
 def test_failing_workers_only_cost_time(sfx: LogFx, monkeypatch: pytest.MonkeyPatch) -> None:

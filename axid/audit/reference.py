@@ -12,9 +12,10 @@ exactly what the pass has read: it reads the range's first entry itself
 adds no finding; it moves the pass as reading those clean entries one by one
 would (the position, the last leaf hash, the Merkle tree), so checkpoints
 inside it are checked against subtree hashes the accelerator computed.
-Where a finding would rest on such hashes while no verified checkpoint
-vouches for them (a root mismatch, or a broken link right after the range),
-the pass records :attr:`Pass.doubt`, and :func:`~axid.audit.verify.verify_log`
+Where a finding (or the root reported for the whole log) would rest on such
+hashes while no verified checkpoint vouches for them (a root mismatch, a
+broken link right after the range, an unsigned tail), the pass records
+:attr:`Pass.doubt`, and :func:`~axid.audit.verify.verify_log`
 runs it again with the accelerator held back to the entries the last verified
 checkpoint covers: every reported finding is then made here, from bytes read
 here or from hashes a signed root vouched for.
@@ -611,3 +612,5 @@ class Pass:
                 f"{self.trusted.size} but the log has only {n} entries; first missing seq {n}",
                 checkpoint_size=self.trusted.size,
             )
+        # The root reported for the whole log rests on every clean range's hashes.
+        self._doubt()
