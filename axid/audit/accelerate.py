@@ -24,7 +24,7 @@ import binascii
 import hashlib
 import hmac
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from functools import partial
 from itertools import accumulate, islice, pairwise
 from json.encoder import encode_basestring as _json_str  # the encoder entries are built with
@@ -279,7 +279,7 @@ class Accelerator:
         if self._pool is not None:
             self._pool.close()
 
-    def ranged(self) -> Iterator[Chunk]:
+    def ranged(self) -> Generator[Chunk, None, None]:
         """With workers on a database, the chunks they read and judge themselves.
 
         Worker ``k`` reads the rows with seq in ``[k * _CHUNK, (k + 1) * _CHUNK)``,

@@ -310,7 +310,7 @@ class Pass:
                 if not taken:
                     return
         finally:
-            ranged.close()  # type: ignore[attr-defined]  # a generator
+            ranged.close()  # collects what workers still hold
         entries = source.entries() if self.n == 0 else source.entries_from(self.n)
         for chunk in accel.chunks(iter(entries), self.n):
             if not self._take_chunk(chunk):
