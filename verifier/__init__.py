@@ -13,6 +13,8 @@ module (``verifier.pipeline.Pipeline``, ``verifier.identity.PeerResolver``, ...)
 One module per concept:
 
 - :mod:`verifier.config`        ``VerifierConfig`` (YAML or code), strict
+- :mod:`verifier.sections`      its sections: identity, jwks, revocations, log, replay
+- :mod:`verifier.proxies`       ``TrustedProxies``: whose XFCC header is believed
 - :mod:`verifier.rules`         route rules: method + path glob, scope, agents, tenants
 - :mod:`verifier.identity`      step 1: the peer's SVID (TLS extension or trusted XFCC)
 - :mod:`verifier.jwks`          the issuer's keys (file, or over mTLS with a cache)
@@ -20,7 +22,10 @@ One module per concept:
 - :mod:`verifier.replay`        single-use jtis across replicas (a shared table)
 - :mod:`verifier.checks`        step 7: custom checks, and ``BudgetLedger``
 - :mod:`verifier.pipeline`      steps 1-7, free of ASGI
-- :mod:`verifier.middleware`    ``AxidVerifier``: step 8 and the HTTP answers
+- :mod:`verifier.runtime`       the resources of one config, opened and closed together
+- :mod:`verifier.middleware`    ``AxidVerifier``: the ASGI layer, step 8
+- :mod:`verifier.responses`     the deny answer (problem+json) and the AXID-Receipt header
+- :mod:`verifier.logroutes`     the decision log's public read routes
 - :mod:`verifier.observability` Prometheus metrics, OpenTelemetry attributes, logs
 
 This package never imports the issuer service (``axid.issuer``).

@@ -255,6 +255,17 @@ class _Facts:
         )
 
 
+def _bound(claims: ActionClaims, peer: PeerIdentity) -> None:
+    """Step 3: minted for this peer's SPIFFE ID and its very certificate (constant-time)."""
+    if not hmac.compare_digest(claims.sub.encode(), peer.spiffe_id.encode()):
+        raise _Deny("subject_mismatch", "the token was minted for another workload")
+    if not hmac.compare_digest(claims.cnf_x5t_s256.encode(), peer.x5t_s256.encode()):
+        raise _Deny(
+            "cert_binding_mismatch",
+            "the token is bound to another certificate of this workload",
+        )
+
+
 class Pipeline:
     """Steps 1-7 for one verifier; built by the middleware from its config."""
 
@@ -269,7 +280,7 @@ class Pipeline:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._issuer = config.issuer
-        self._audience: str = config.audience  # type: ignore[assignment]  # set by the config
+        self._audience = config.audience
         self._leeway = config.leeway
         self._tenants = None if config.any_tenant else frozenset(config.tenants)
         self._checks = tuple((check_name(c), c) for c in config.checks)
@@ -293,7 +304,28 @@ class Pipeline:
         return facts.decision("ok", "", action)
 
     async def _steps(self, req: Presented, rule: RouteRule | None, facts: _Facts) -> VerifiedAction:
-        # 1. Peer identity.
+        peer = self._peer(req, facts)  # 1
+        if req.token_headers > 1:  # 2
+            raise _Deny("token_malformed", "more than one token header")
+        if req.token is None:
+            raise _Deny("token_missing", "no action token was presented")
+        claims = await self._verify_token(req.token, facts)
+        facts.set_claims(claims)
+        _bound(claims, peer)  # 3
+        rule = self._authorized(req, rule, claims)  # 4, 5
+        if rule.single_use:
+            await self._unused(claims)  # a look only: claimed last, see the module doc
+        self._not_revoked(claims)  # 6
+        action = VerifiedAction.from_claims(claims)
+        if self._checks:
+            await self._checked(action, req.info, facts)  # 7
+        # Single use: the one consuming step, last (before the middleware's log append).
+        if rule.single_use:
+            await self._claim_once(claims)
+        return action
+
+    def _peer(self, req: Presented, facts: _Facts) -> PeerIdentity:
+        """Step 1: the peer's identity."""
         try:
             peer = self._peers.resolve(
                 req.tls_chain, req.client_ip, req.xfcc, xfcc_headers=req.xfcc_headers
@@ -303,29 +335,15 @@ class Pipeline:
             facts.note(exc.note)
             raise _Deny(exc.reason, exc.detail, note=exc.detail) from None
         facts.set_peer(peer)
+        return peer
 
-        # 2. The token.
-        if req.token_headers > 1:
-            raise _Deny("token_malformed", "more than one token header")
-        if req.token is None:
-            raise _Deny("token_missing", "no action token was presented")
-        claims = await self._verify_token(req.token, facts)
-        facts.set_claims(claims)
-
-        # 3. Bound to this peer: minted for its SPIFFE ID and its very certificate.
-        if not hmac.compare_digest(claims.sub.encode(), peer.spiffe_id.encode()):
-            raise _Deny("subject_mismatch", "the token was minted for another workload")
-        if not hmac.compare_digest(claims.cnf_x5t_s256.encode(), peer.x5t_s256.encode()):
-            raise _Deny(
-                "cert_binding_mismatch",
-                "the token is bound to another certificate of this workload",
-            )
-
-        # 4. Audience (checked by verify) and tenant.
+    def _authorized(
+        self, req: Presented, rule: RouteRule | None, claims: ActionClaims
+    ) -> RouteRule:
+        """Steps 4 (audience, checked by verify, and tenant) and 5 (the route rule, but
+        for the single-use look)."""
         if self._tenants is not None and claims.tenant not in self._tenants:
             raise _Deny("tenant_not_allowed", "this service does not serve the token's tenant")
-
-        # 5. The route rule.
         if rule is None:
             if req.unroutable is not None:  # already in the note (decide)
                 raise _Deny(
@@ -336,17 +354,17 @@ class Pipeline:
             raise _Deny("agent_not_allowed", "this route does not allow the token's agent")
         if rule.tenants is not None and claims.tenant not in rule.tenants:
             raise _Deny("tenant_not_allowed", "this route does not allow the token's tenant")
-        if not rule.scope <= claims.scope:  # type: ignore[operator]  # frozenset after init
-            missing = " ".join(sorted(rule.scope - claims.scope))  # type: ignore[operator]
+        if not rule.scope <= claims.scope:
+            missing = " ".join(sorted(rule.scope - claims.scope))
             raise _Deny(
                 "scope_insufficient",
                 "the token's scope lacks what this route requires",
                 note=f"missing {missing}",
             )
-        if rule.single_use:
-            await self._unused(claims)  # a look only: claimed last, see the module doc
+        return rule
 
-        # 6. Not revoked.
+    def _not_revoked(self, claims: ActionClaims) -> None:
+        """Step 6."""
         revocations = self._revocations.current()
         if revocations is None:
             raise _Deny("revocation_unavailable", "the revocation list is not fresh")
@@ -354,12 +372,12 @@ class Pipeline:
         if hit is not None:
             raise _Deny("revoked", "the action is revoked", note=hit.describe())
 
-        # 7. Custom checks.
-        action = VerifiedAction.from_claims(claims)
+    async def _checked(self, action: VerifiedAction, info: RequestInfo, facts: _Facts) -> None:
+        """Step 7: the custom checks, in order; the first deny (or failure) denies."""
         for name, check in self._checks:
             try:
                 async with asyncio.timeout(self._check_timeout):
-                    result = await check(action, req.info)
+                    result = await check(action, info)
             except (Exception, asyncio.CancelledError) as exc:  # a failing check denies
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise  # the request itself is cancelled (client gone, shutdown)
@@ -378,11 +396,6 @@ class Pipeline:
             if not result.allow:
                 raise _Deny("custom_check_denied", "denied by a custom check", note=note or name)
             facts.note(note)
-
-        # Single use: the one consuming step, last (before the middleware's log append).
-        if rule.single_use:
-            await self._claim_once(claims)
-        return action
 
     async def _verify_token(self, token: str, facts: _Facts) -> ActionClaims:
         keys = self._jwks.key_set()
