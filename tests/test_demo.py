@@ -40,15 +40,14 @@ from axid.audit.quorum import WitnessPolicy
 from axid.audit.receipt import Receipt
 from axid.audit.store import generate_log_key, origin_for
 from axid.audit.verify import DatabaseSource, verify_log
-from axid.demo import story
+from axid.demo import audit as demo_audit
+from axid.demo import provisioning
+from axid.demo import run as demo_run
+from axid.demo import stack as demo_stack
+from axid.demo.audit import check_kept_receipt
 from axid.demo.payments import create_payments_app
-from axid.demo.story import (
-    DemoUsageError,
-    check_kept_receipt,
-    prepare_directory,
-    provision,
-    run_demo,
-)
+from axid.demo.provisioning import DemoLayout, DemoUsageError, prepare_directory, provision
+from axid.demo.run import run_demo
 from axid.issuer.client import IssuerClient
 from axid.witness import WitnessApp, WitnessStartupError
 from mtls.sources import FileSource
@@ -161,7 +160,7 @@ def test_demo_fails_when_its_receipt_does_not_check(
 ) -> None:
     # Keep the first mint's receipt instead: an issuer receipt, which the CLI refuses
     # to check against the payments log with the payments vkey (exit 2).
-    monkeypatch.setattr(story, "RECEIPT_STEP", 1)
+    monkeypatch.setattr(demo_run, "RECEIPT_STEP", 1)
     monkeypatch.delenv("AXID_DATABASE_URL", raising=False)
     buf = io.StringIO()
     code = run_demo(
@@ -267,11 +266,11 @@ def test_demo_serves_its_witness_as_axid_witness_serve(
     assert published == (layout.witness_dir / "keys" / "witness.vkey").read_text(encoding="ascii")
     assert published.strip() == provisioned.witness_vkey
     assert spec.parse_vkey(published).name == WITNESS
-    parts = story._open_witness(layout.witness_config)
+    parts = demo_stack._open_witness(layout.witness_config)
     try:
         assert set(parts.config.logs) == {"axid/issuer", "axid/payments"}
         assert (parts.config.host, parts.config.port, parts.config.tls) == ("127.0.0.1", 0, None)
-        ours = story.witness_uvicorn_config(parts.app, parts.config, log_level="warning")
+        ours = demo_stack.witness_uvicorn_config(parts.app, parts.config, log_level="warning")
     finally:
         parts.close()
 
@@ -302,13 +301,13 @@ def test_demo_fails_when_the_witness_does_not_cosign(
     # The witness is told another key for the payments log: it refuses (403) every
     # checkpoint of it, so the demo's bounded wait and the auditor's verify fail.
     wrong = NoteSigner(origin_for("payments"), generate_log_key(tmp_path / "wrong.pem")).vkey()
-    provision_witness = story._provision_witness
+    provision_witness = provisioning._provision_witness
 
-    def misconfigured(layout: story.DemoLayout, name: str, vkeys: dict[str, str]) -> str:
+    def misconfigured(layout: DemoLayout, name: str, vkeys: dict[str, str]) -> str:
         return provision_witness(layout, name, {**vkeys, "payments": wrong})
 
-    monkeypatch.setattr(story, "_provision_witness", misconfigured)
-    monkeypatch.setattr(story, "COSIGN_WAIT", 0.5)
+    monkeypatch.setattr(provisioning, "_provision_witness", misconfigured)
+    monkeypatch.setattr(demo_audit, "COSIGN_WAIT", 0.5)
     monkeypatch.delenv("AXID_DATABASE_URL", raising=False)
     buf = io.StringIO()
     code = run_demo(

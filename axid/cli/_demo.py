@@ -1,4 +1,4 @@
-"""`axid demo`: the whole story on loopback (see :mod:`axid.demo.story`).
+"""`axid demo`: the whole story on loopback (see :mod:`axid.demo.run`).
 
 Exit codes: 0 every step did what it should, both decision logs verify with the
 witness's cosignature of their latest checkpoint (``axid audit verify --witness
@@ -40,7 +40,8 @@ def demo(
 ) -> None:
     """Play the AXID story on loopback: a witness, the issuer, a governed service,
     agents, the audit."""
-    from axid.demo.story import DemoError, DemoUsageError, run_demo
+    from axid.demo.provisioning import DemoError, DemoUsageError
+    from axid.demo.run import run_demo
 
     try:
         code = run_demo(directory, keep_running=keep_running, trust_domain=trust_domain)
