@@ -20,6 +20,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +49,8 @@ from axid.demo.audit import check_kept_receipt
 from axid.demo.payments import create_payments_app
 from axid.demo.provisioning import DemoLayout, DemoUsageError, prepare_directory, provision
 from axid.demo.run import run_demo
+from axid.demo.stack import DemoStack
+from axid.demo.steps import RECEIPT_STEP, STEPS, STORY_STEPS, Call
 from axid.issuer.client import IssuerClient
 from axid.witness import WitnessApp, WitnessStartupError
 from mtls.sources import FileSource
@@ -293,6 +296,61 @@ def test_demo_serves_its_witness_as_axid_witness_serve(
     assert {k: v for k, v in vars(ours).items() if k != "app"} == {
         k: v for k, v in vars(theirs).items() if k != "app"
     }
+
+
+def test_the_story_is_a_table() -> None:
+    """The printed story is STEPS, in order: 14 rows, every deny the README names, and
+    the kept receipt is the allowed refund's."""
+    assert len(STEPS) == STORY_STEPS == 14
+    assert {step.expect[1] for step in STEPS} >= set(STORY_REASONS)
+    refund = STEPS[RECEIPT_STEP - 1]
+    assert isinstance(refund.request, Call)
+    assert (refund.request.method, refund.request.path) == ("POST", "/payments/p-1001/refund")
+    assert refund.expect == (200, "ok")
+    assert [step.recorded for step in STEPS] == [True] * 13 + [False]  # the TLS refusal
+
+
+def test_demo_servers_set_tcp_nodelay(tmp_path: Path) -> None:
+    """Every connection the demo's witness, issuer and payments accept has TCP_NODELAY,
+    as axid witness serve's and axid serve's do: no answer written in two parts waits
+    ~40 ms for the client's delayed ACK."""
+    provisioned = provision(prepare_directory(tmp_path / "d"))
+    certs = provisioned.layout.certs
+
+    async def main() -> dict[str, list[int]]:
+        async with DemoStack(provisioned) as stack:
+            source = FileSource(certs / "planner.pem", certs / "planner.key", certs / "bundle.pem")
+            clients = [
+                httpx.AsyncClient(
+                    verify=client_context(source, server_id=provisioned.spiffe_id(server)),
+                    trust_env=False,
+                )
+                for server in ("issuer", "payments")
+            ]
+            clients.append(httpx.AsyncClient(trust_env=False))
+            try:
+                urls = (stack.issuer_url, stack.payments_url, stack.witness_url)
+                for client, url in zip(clients, urls, strict=True):
+                    await client.get(f"{url}/healthz")  # any answer: the connection stays
+                # The connections are still open (keep-alive): read the servers' side.
+                return {
+                    name: [
+                        conn.transport.get_extra_info("socket").getsockopt(
+                            socket.IPPROTO_TCP, socket.TCP_NODELAY
+                        )
+                        for conn in server.server_state.connections
+                    ]
+                    for name, server in stack.servers().items()
+                }
+            finally:
+                for client in clients:
+                    await client.aclose()
+                source.close()
+
+    nodelay = asyncio.run(main())
+    assert set(nodelay) == {"witness", "issuer", "payments"}
+    for name, flags in nodelay.items():
+        assert flags and all(flags), (name, flags)
 
 
 def test_demo_fails_when_the_witness_does_not_cosign(
