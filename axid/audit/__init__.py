@@ -10,7 +10,11 @@ The math is pure and kept apart from storage, as in transparency-dev/merkle:
 - :mod:`axid.audit.log`     :class:`DecisionLog`, the group-commit appender services use
 - :mod:`axid.audit.receipt` receipts (``AXID-Receipt``) and the caller's check of one
 - :mod:`axid.audit.cosignature` C2SP witness cosignatures (keys, cosigning, checking)
-- :mod:`axid.audit.verify`  the auditor's offline verification (database or export bundle)
+- :mod:`axid.audit.witnessing` submissions to witnesses, stored cosignatures
+- :mod:`axid.audit.verify`  the auditor's offline verification (database or export bundle):
+  :mod:`~axid.audit.reference` decides every finding; :mod:`~axid.audit.accelerate` and
+  :mod:`~axid.audit.forkpool` may only say "this range is clean"; sources, findings,
+  columns, witnessed, quorum and tree hold one concept each
 - :mod:`axid.audit.export`  the export bundle writer
 
 This package imports neither ``verifier`` nor FastAPI. Its names load lazily, so that
