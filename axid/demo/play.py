@@ -204,7 +204,9 @@ class _Clients:
             return entry
         return None
 
-    async def last_entry(self, log: str, path: str, method: str | None = None) -> Any:
+    async def last_entry(
+        self, log: str, path: str, method: str | None = None
+    ) -> dict[str, Any] | None:
         """The log's last entry if it is for ``path`` (and ``method``), else None."""
         entry = await asyncio.to_thread(self._read_last, log)
         if entry is None or entry.get("path") != path:
