@@ -1039,19 +1039,8 @@ class LogStore:
         self, nxt: int, end: int, batch: int
     ) -> Iterator[list[tuple[int, bytes, bytes]]]:
         stmt = self._read_sql()
-        dialect = self._engine.dialect
-        db_error: type[Exception] = dialect.loaded_dbapi.Error
         while nxt < end:
-            params = stmt.params(log=self.log, lo=nxt, hi=end, n=batch)
-            with self._engine.connect() as conn:
-                cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cur.execute(stmt.sql, params)
-                    rows: list[Any] = cur.fetchall()
-                except db_error as e:
-                    raise DBAPIError.instance(stmt.sql, params, e, db_error, dialect=dialect) from e
-                finally:
-                    cur.close()
+            rows = self._fetch_page(stmt, nxt, end, batch)
             if not rows:
                 return
             # The drivers give int and bytes; anything else (a value of another
@@ -1280,19 +1269,8 @@ class LogStore:
     def _indexed_pages(
         self, stmt: _DriverStmt, nxt: int, end: int, batch: int
     ) -> Iterator[list[tuple[Any, ...]]]:
-        dialect = self._engine.dialect
-        db_error: type[Exception] = dialect.loaded_dbapi.Error
         while nxt < end:
-            params = stmt.params(log=self.log, lo=nxt, hi=end, n=batch)
-            with self._engine.connect() as conn:
-                cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cur.execute(stmt.sql, params)
-                    rows: list[Any] = cur.fetchall()
-                except db_error as e:
-                    raise DBAPIError.instance(stmt.sql, params, e, db_error, dialect=dialect) from e
-                finally:
-                    cur.close()
+            rows = self._fetch_page(stmt, nxt, end, batch)
             if not rows:
                 return
             if (
@@ -1306,6 +1284,24 @@ class LogStore:
             if len(rows) < batch:
                 return
             nxt = rows[-1][0] + 1
+
+    def _fetch_page(self, stmt: _DriverStmt, lo: int, hi: int, n: int) -> list[Any]:
+        """One page of a seq-range read, on the driver's own cursor in a short transaction.
+
+        Driver errors are raised as SQLAlchemy's, as from the rest of this class.
+        """
+        dialect = self._engine.dialect
+        db_error: type[Exception] = dialect.loaded_dbapi.Error
+        params = stmt.params(log=self.log, lo=lo, hi=hi, n=n)
+        with self._engine.connect() as conn:
+            cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cur.execute(stmt.sql, params)
+                return list(cur.fetchall())
+            except db_error as e:
+                raise DBAPIError.instance(stmt.sql, params, e, db_error, dialect=dialect) from e
+            finally:
+                cur.close()
 
     @staticmethod
     def _raw_bytes(value: Any) -> bytes:
