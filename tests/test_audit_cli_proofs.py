@@ -8,15 +8,12 @@ checkpoint, which must be the stored note of exactly that size.
 from __future__ import annotations
 
 import base64
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import _spec_rfc9162 as rfc9162
-import pytest
 from _audit_helpers import LogFx, runner
-from _pg import require_pg
-from test_audit_cli_verify import N, build, drop_pg_log
+from test_audit_cli_verify import N
+from test_audit_cli_verify import fx as fx  # the fixtures
+from test_audit_cli_verify import sfx as sfx
 
 from axid.audit.merkle import root_from_leaf_hashes, verify_consistency, verify_inclusion
 from axid.audit.note import Checkpoint, NoteVerifier, open_checkpoint
@@ -25,29 +22,6 @@ from axid.cli import app
 CP_SIZES = (12, 21, 40)  # test_audit_cli_verify.BATCHES
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LogFx]:
-    if request.param == "sqlite":
-        f = build(f"sqlite:///{tmp_path / 'db.sqlite'}", "payments", tmp_path)
-        try:
-            yield f
-        finally:
-            f.close()
-    else:
-        f = build(require_pg(), f"t-{uuid.uuid4().hex[:16]}", tmp_path)
-        try:
-            yield f
-        finally:
-            drop_pg_log(f)
-
-
-@pytest.fixture
-def sfx(tmp_path: Path) -> Iterator[LogFx]:
-    f = build(f"sqlite:///{tmp_path / 'db.sqlite'}", "payments", tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 def leaves(fx: LogFx) -> list[bytes]:

@@ -9,43 +9,17 @@ make the exit status 1.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from _audit_helpers import LogFx, runner
-from _pg import require_pg
-from test_audit_cli_verify import N, build, drop_pg_log, log_fields, set_column
+from test_audit_cli_verify import N, log_fields, set_column
+from test_audit_cli_verify import fx as fx  # the fixtures
+from test_audit_cli_verify import sfx as sfx
 
 from axid.audit.entry import parse_entry, parse_ts
 from axid.cli import app
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LogFx]:
-    if request.param == "sqlite":
-        f = build(f"sqlite:///{tmp_path / 'db.sqlite'}", "payments", tmp_path)
-        try:
-            yield f
-        finally:
-            f.close()
-    else:
-        f = build(require_pg(), f"t-{uuid.uuid4().hex[:16]}", tmp_path)
-        try:
-            yield f
-        finally:
-            drop_pg_log(f)
-
-
-@pytest.fixture
-def sfx(tmp_path: Path) -> Iterator[LogFx]:
-    f = build(f"sqlite:///{tmp_path / 'db.sqlite'}", "payments", tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 def show(fx: LogFx, *args: str) -> tuple[int, list[dict[str, Any]], Any]:
