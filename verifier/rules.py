@@ -30,10 +30,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from verifier._values import boolean, init_frozen
+from verifier._values import boolean, init_frozen, integer
 from verifier.errors import ConfigError
 
 __all__ = [
+    "MAX_COST",
     "SCOPE_TOKEN_RE",
     "SLUG_RE",
     "RouteRule",
@@ -51,6 +52,8 @@ _GLOB_CHAR_RE: Final = re.compile(r"[\x21-\x7e]*")
 _GLOB_FORBIDDEN: Final = frozenset('?[]{}\\#"')
 _MAX_GLOB: Final = 1024
 _MAX_ITEMS: Final = 256
+# The largest rule cost (e.g. cents): budget sums stay far inside a signed 64-bit column.
+MAX_COST: Final = 10**12
 
 _RULE_KEYS: Final = (
     "name",
@@ -61,6 +64,7 @@ _RULE_KEYS: Final = (
     "tenants",
     "single_use",
     "governed",
+    "cost",
 )
 
 
@@ -152,8 +156,10 @@ class RouteRule:
 
     ``methods=None`` matches any method; ``scope`` is the set of actions the token
     must all hold; ``agents``/``tenants`` of ``None`` allow any; ``single_use``
-    lets each token ``jti`` through once; ``governed=False`` passes matching
-    requests to the app unchecked and unrecorded (then no other option may be set).
+    lets each token ``jti`` through once; ``cost`` (an integer in [0, MAX_COST],
+    e.g. cents) is what a budget check (:class:`verifier.BudgetLedger`) reserves
+    for an allowed request; ``governed=False`` passes matching requests to the app
+    unchecked and unrecorded (then no other option may be set).
     The constructor parses ``methods``, ``scope``, ``agents`` and ``tenants`` (a
     string or a list) into frozensets.
     """
@@ -166,6 +172,7 @@ class RouteRule:
     single_use: bool
     governed: bool
     name: str | None
+    cost: int
     _regex: re.Pattern[str] = field(repr=False, compare=False)
 
     def __init__(
@@ -178,6 +185,7 @@ class RouteRule:
         single_use: bool = False,
         governed: bool = True,
         name: str | None = None,
+        cost: int = 0,
     ) -> None:
         init_frozen(
             self,
@@ -190,6 +198,7 @@ class RouteRule:
             single_use=boolean(single_use, "single_use"),
             governed=boolean(governed, "governed"),
             name=name,
+            cost=integer(cost, "cost", lo=0, hi=MAX_COST),
         )
 
     def __post_init__(self) -> None:
@@ -201,6 +210,8 @@ class RouteRule:
             )
         if not self.governed and self.single_use:
             raise ConfigError("an ungoverned rule cannot be single_use", key="single_use")
+        if not self.governed and self.cost:
+            raise ConfigError("an ungoverned rule cannot have a cost", key="cost")
         if self.name is not None and (
             not isinstance(self.name, str) or _NAME_RE.fullmatch(self.name) is None
         ):
