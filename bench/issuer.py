@@ -34,10 +34,6 @@ import contextlib
 import importlib
 import json
 import math
-import os
-import re
-import select
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -50,6 +46,7 @@ from typing import Any, Final, TypeVar
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
 from bench._harness import BenchError, Context, Result, register
+from bench._http import AnswerProtocol, child_env, first_line, stderr_tail, stop_child
 
 HOST: Final = "127.0.0.1"
 ISS: Final = "https://issuer.bench.axid.test"
@@ -57,10 +54,7 @@ AUDIENCE: Final = "payments"
 MINT_CLIENTS: Final = 16
 SERVER_START_TIMEOUT: Final = 60.0
 _KEEP_ALIVE: Final = 120  # s: an idle pool waits while the other pool's round runs
-_STOP_TIMEOUT: Final = 10.0
-_ROOT: Final = Path(__file__).resolve().parent.parent  # holds the bench/ package
 _CHILD: Final = "import sys\nfrom bench.issuer import serve_child\nserve_child(sys.argv[1:])\n"
-_CONTENT_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*\r\n", re.I)
 _MAX_ANSWER: Final = 1 << 20
 
 T = TypeVar("T")
@@ -181,8 +175,7 @@ class ServerProcess:
         self.label = label
         self.port: int | None = None
         self._stderr_path = workdir / f"{label}.stderr"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
+        env = child_env()
         spec = json.dumps({"factory": factory, "args": args})
         with self._stderr_path.open("wb") as err:
             self._proc = subprocess.Popen(
@@ -196,53 +189,16 @@ class ServerProcess:
 
     def wait_port(self, deadline: float) -> int:
         """The port, once the server printed it (BenchError on exit or timeout)."""
-        out = self._proc.stdout
-        assert out is not None
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"{self.label} server did not start in time{self._tail()}")
-            ready, _, _ = select.select([out], [], [], min(left, 0.5))
-            if ready:
-                chunk = os.read(out.fileno(), 4096)
-                if not chunk:
-                    self._proc.wait(timeout=_STOP_TIMEOUT)
-                    raise BenchError(
-                        f"{self.label} server exited ({self._proc.returncode}){self._tail()}"
-                    )
-                buf += chunk
-        line = buf.split(b"\n", 1)[0].decode("ascii", "replace").strip()
+        line = first_line(self._proc, deadline, f"{self.label} server", self._stderr_path)
         if not line.startswith("PORT ") or not line[5:].isdigit():
-            raise BenchError(f"{self.label} server said {line[:80]!r}{self._tail()}")
+            tail = stderr_tail(self._stderr_path)
+            raise BenchError(f"{self.label} server said {line[:80]!r}{tail}")
         self.port = int(line[5:])
         return self.port
 
-    def _tail(self) -> str:
-        with contextlib.suppress(OSError):
-            text = self._stderr_path.read_text(errors="replace").strip()
-            if text:
-                return ": ..." + " | ".join(text.splitlines()[-6:])[-600:]
-        return ""
-
     def stop(self) -> None:
         """Graceful stop (stdin closed, SIGTERM), then a kill if it lingers."""
-        proc = self._proc
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert proc.stdin is not None
-                proc.stdin.close()
-            with contextlib.suppress(OSError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=_STOP_TIMEOUT)
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        stop_child(self._proc)
 
 
 @contextlib.contextmanager
@@ -263,30 +219,21 @@ def serving(workdir: Path, *specs: tuple[str, str, dict[str, Any]]) -> Iterator[
 # --------------------------------------------------------------------------- the client
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(AnswerProtocol):
     """One keep-alive connection sending the same request again and again."""
 
     def __init__(self, pool: LoadPool, request: bytes) -> None:
+        super().__init__(pool.label, _MAX_ANSWER)
         self.pool = pool
         self.request = request
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.done: asyncio.Future[None] | None = None
         self.left = 0
         self.count = 0  # good answers in the current round
         self.last_body = b""
         self.lost = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._fail(BenchError(f"{self.pool.label}: the server closed a connection"))
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(exc)
 
     def start(self, done: asyncio.Future[None], left: int) -> None:
         assert self.transport is not None
@@ -297,24 +244,10 @@ class _Conn(asyncio.Protocol):
         self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > _MAX_ANSWER:
-                self._fail(BenchError(f"{self.pool.label}: oversized answer head"))
+        answer = self._answer(data)
+        if answer is None:
             return
-        m = _CONTENT_LENGTH.search(buf, 0, end + 2)
-        if m is None:
-            self._fail(BenchError(f"{self.pool.label}: an answer without Content-Length"))
-            return
-        total = end + 4 + int(m[1])
-        if len(buf) < total:
-            return
-        status = bytes(buf[9:12])
-        body = bytes(buf[end + 4 : total])
-        extra = len(buf) > total
-        buf.clear()
+        status, body, extra = answer
         if extra:
             self._fail(BenchError(f"{self.pool.label}: more bytes than one answer"))
             return
@@ -560,6 +493,12 @@ def _mint_request(port: int, client: int) -> bytes:
     )
 
 
+async def _mint_pool(label: str, port: int, ssl_ctx: Any) -> LoadPool:
+    """``MINT_CLIENTS`` connections to ``port``, each minting for its own run."""
+    requests = [_mint_request(port, i) for i in range(MINT_CLIENTS)]
+    return await LoadPool.open(label, port, ssl_ctx, requests, expect=201)
+
+
 def _check_minted(body: bytes, jwks: bytes, pki: BenchPki) -> None:
     """A benchmark answer must hold a token that verifies against the issuer's JWKS."""
     from axid import tokens
@@ -611,21 +550,9 @@ def issuer_mint_http(ctx: Context) -> Result:
 
         async def main() -> tuple[float, float]:
             nonlocal answered
-            value = await LoadPool.open(
-                "issuer",
-                issuer_port,
-                ssl_ctx,
-                [_mint_request(issuer_port, i) for i in range(MINT_CLIENTS)],
-                expect=201,
-            )
+            value = await _mint_pool("issuer", issuer_port, ssl_ctx)
             try:
-                base = await LoadPool.open(
-                    "bare",
-                    bare_port,
-                    ssl_ctx,
-                    [_mint_request(bare_port, i) for i in range(MINT_CLIENTS)],
-                    expect=201,
-                )
+                base = await _mint_pool("bare", bare_port, ssl_ctx)
                 try:
                     rates = await compare_pools(value, base, plan)
                 finally:

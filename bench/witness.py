@@ -47,15 +47,11 @@ and ``sync`` alternate and the best p50 of each counts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import hashlib
 import json
 import math
-import os
 import re
-import select
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -74,6 +70,7 @@ from axid.audit.merkle import ListNodes, consistency_proof
 from axid.audit.note import Checkpoint, NoteSigner, NoteVerifier, open_checkpoint, sign_note
 from axid.audit.store import consistency_text, origin_for
 from bench._harness import BenchError, Context, Result, rate, register
+from bench._http import AnswerProtocol, child_env, first_line, stderr_tail, stop_child
 
 HOST: Final = "127.0.0.1"
 WITNESS_NAME: Final = "bench.witness.test/w1"
@@ -82,11 +79,8 @@ CP_STEP: Final = 16  # entries between two checkpoints of one log (one commit ba
 APPEND_LOGS: Final = {"none": "wnone", "async": "wasync", "sync": "wsync"}
 START_TIMEOUT: Final = 60.0
 COSIGNED_WAIT: Final = 10.0
-_STOP_TIMEOUT: Final = 10.0
-_ROOT: Final = Path(__file__).resolve().parent.parent  # holds the axid package
 # The CLI's own entry point (the ``axid`` console script), from this checkout.
 _SERVE: Final = (sys.executable, "-c", "from axid.cli import main; main()", "witness", "serve")
-_CONTENT_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*\r\n", re.I)
 _MAX_ANSWER: Final = 1 << 16
 
 
@@ -134,8 +128,7 @@ class WitnessProcess:
     def __init__(self, config: Path, workdir: Path) -> None:
         self.url = ""
         self._stderr = workdir / "witness.stderr"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
+        env = child_env()
         with self._stderr.open("wb") as err:
             self._proc = subprocess.Popen(
                 [*_SERVE, "--config", str(config), "--log-level", "warning"],
@@ -148,25 +141,10 @@ class WitnessProcess:
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
         """The URL it printed (``listening http://HOST:PORT``); BenchError otherwise."""
-        out = self._proc.stdout
-        assert out is not None
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"the witness did not start in time{self._tail()}")
-            ready, _, _ = select.select([out], [], [], min(left, 0.5))
-            if ready:
-                chunk = os.read(out.fileno(), 4096)
-                if not chunk:
-                    self._proc.wait(timeout=_STOP_TIMEOUT)
-                    raise BenchError(f"the witness exited ({self._proc.returncode}){self._tail()}")
-                buf += chunk
-        line = buf.split(b"\n", 1)[0].decode("ascii", "replace").strip()
+        line = first_line(self._proc, time.monotonic() + timeout, "the witness", self._stderr)
         m = re.fullmatch(r"listening (http://127\.0\.0\.1:[0-9]+)", line)
         if m is None:
-            raise BenchError(f"the witness said {line[:80]!r}{self._tail()}")
+            raise BenchError(f"the witness said {line[:80]!r}{self.problems()}")
         self.url = m.group(1)
         return self.url
 
@@ -174,30 +152,12 @@ class WitnessProcess:
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
-    def _tail(self) -> str:
-        with contextlib.suppress(OSError):
-            text = self._stderr.read_text(errors="replace").strip()
-            if text:
-                return ": ..." + " | ".join(text.splitlines()[-6:])[-600:]
-        return ""
-
     def problems(self) -> str:
         """What it logged at WARNING or above (empty when nothing)."""
-        return self._tail()
+        return stderr_tail(self._stderr)
 
     def stop(self) -> None:
-        proc = self._proc
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=_STOP_TIMEOUT)
-        if proc.stdout is not None:
-            with contextlib.suppress(OSError):
-                proc.stdout.close()
+        stop_child(self._proc)
 
 
 @dataclass
@@ -274,27 +234,17 @@ def _new_key() -> Ed25519PrivateKey:
 # --------------------------------------------------------------------------- witness.add_checkpoint
 
 
-class _Submitter(asyncio.Protocol):
+class _Submitter(AnswerProtocol):
     """One keep-alive connection sending its log's requests one after the other."""
 
     def __init__(self, label: str) -> None:
-        self.label = label
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        super().__init__(label, _MAX_ANSWER)
         self.requests: Sequence[bytes] = ()
         self.next = 0
-        self.done: asyncio.Future[None] | None = None
         self.last_body = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(BenchError(f"{self.label}: the witness closed the connection"))
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(exc)
 
     def start(self, requests: Sequence[bytes]) -> asyncio.Future[None]:
         assert self.transport is not None and requests
@@ -304,23 +254,10 @@ class _Submitter(asyncio.Protocol):
         return self.done
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > _MAX_ANSWER:
-                self._fail(BenchError(f"{self.label}: oversized answer head"))
+        answer = self._answer(data)
+        if answer is None:
             return
-        m = _CONTENT_LENGTH.search(buf, 0, end + 2)
-        if m is None:
-            self._fail(BenchError(f"{self.label}: an answer without Content-Length"))
-            return
-        total = end + 4 + int(m[1])
-        if len(buf) < total:
-            return
-        status, body = bytes(buf[9:12]), bytes(buf[end + 4 : total])
-        extra = len(buf) > total
-        buf.clear()
+        status, body, extra = answer
         if extra or status != b"200":
             why = "more bytes than one answer" if extra else f"HTTP {status.decode('latin-1')}"
             self._fail(BenchError(f"{self.label}: {why}: {body[:200].decode('utf-8', 'replace')}"))
