@@ -43,6 +43,7 @@ __all__ = [
     "MODULES",
     "Bench",
     "BenchError",
+    "BenchSkipped",
     "Context",
     "Outcome",
     "Result",
@@ -70,11 +71,14 @@ KNOWN_BENCHES: tuple[tuple[str, str], ...] = (
     ("token.verify_cached", "verifier"),
     ("issuer.mint_http", "issuer"),
     ("log.append", "log"),
+    ("log.append_pg", "log"),
     ("log.append_witnessed_async_p50", "witness"),
     ("log.append_witnessed_sync_p50", "witness"),
     ("log.verify", "log"),
     ("log.proof", "log"),
     ("verifier.governed_rps", "verifier"),
+    ("verifier.latency_p50", "verifier"),
+    ("verifier.latency_p99", "verifier"),
     ("verifier.check_cached", "verifier"),
     ("witness.add_checkpoint", "witness"),
 )
@@ -84,6 +88,11 @@ _PACKAGE = __name__.rpartition(".")[0] or "bench"
 
 class BenchError(Exception):
     """A benchmark could not produce a trustworthy figure (e.g. its self-check failed)."""
+
+
+class BenchSkipped(Exception):
+    """A benchmark cannot run here (e.g. no database configured): reported as skipped
+    with this message as its reason, not as a failure."""
 
 
 class UnknownBench(ValueError):
@@ -279,6 +288,8 @@ def run(
                 if not isinstance(res, Result) or res.name != name:
                     raise BenchError(f"{name}: the benchmark returned {res!r}")
                 o = Outcome(name, result=res, detail=ctx._details.get(name))
+            except BenchSkipped as e:
+                o = Outcome(name, skipped=str(e))
             except Exception as e:
                 o = Outcome(name, error=f"{type(e).__name__}: {e}")
             o = replace(o, seconds=time.perf_counter() - t0)

@@ -1,5 +1,5 @@
 """Verifier benchmarks: ``token.verify_cached``, ``verifier.governed_rps``,
-``verifier.check_cached``.
+``verifier.latency_p50``, ``verifier.latency_p99``, ``verifier.check_cached``.
 
 - ``token.verify_cached``: the verifier's token step for a token it has seen
   before (``Pipeline``'s token verification: key set, :class:`TokenCache` hit,
@@ -11,6 +11,11 @@
   committed to the SQLite decision log before the route runs. Baseline: the
   same FastAPI route without the middleware, same server set-up. Aim: ratio
   >= 0.7.
+- ``verifier.latency_p50`` / ``verifier.latency_p99``: microseconds per
+  governed request (the same route, valid repeated token, allowed, committed
+  to the decision log) from ONE keep-alive mTLS client sending sequentially.
+  Baseline: the same percentile of the bare route, same run, same server
+  set-up, same client. Both figures come from one measurement.
 - ``verifier.check_cached``: the in-process cost of one governed request's
   checks, steps 1-7 (:meth:`verifier.pipeline.Pipeline.decide`) with a repeated
   token: no HTTP, no log append. Baseline: one bare Ed25519 verify. The human
@@ -27,8 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
+import re
+import socket
 import ssl
+import statistics
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -44,6 +53,7 @@ from axid.tokens import mint
 from bench._harness import BenchError, Context, Result, compare_rates, rate, register
 from bench.issuer import (
     AUDIENCE,
+    HOST,
     ISS,
     BenchPki,
     LoadPool,
@@ -356,11 +366,8 @@ def verifier_governed_rps(ctx: Context) -> Result:
     """
     pki = bench_pki(ctx)
     m = _material(ctx, pki)
-    d = ctx.tempdir("governed-")
-    config = _governed_config(d, pki, m)
+    d, governed, bare = governed_servers(ctx, "governed")
     tokens = [_token(m, f"bench-run-{i:02d}") for i in range(GOVERNED_CLIENTS)]
-    svid = {"cert": str(pki.cert("payments")), "key": str(pki.key("payments"))}
-    svid["bundle"] = str(pki.bundle)
     plan = http_plan(ctx, GOVERNED_CLIENTS)
     ssl_ctx = client_ssl(pki, client="planner", server="payments")
     answered = 0
@@ -368,11 +375,7 @@ def verifier_governed_rps(ctx: Context) -> Result:
     def requests(port: int) -> list[bytes]:
         return [http_request("GET", PATH, port, [(HEADER, t)]) for t in tokens]
 
-    with serving(
-        d,
-        ("governed", "bench.verifier:governed_app", {**svid, "config": str(config)}),
-        ("bare", "bench.issuer:bare_app", svid),
-    ) as (governed_port, bare_port):
+    with serving(d, governed, bare) as (governed_port, bare_port):
 
         async def main() -> tuple[float, float]:
             nonlocal answered
@@ -407,3 +410,193 @@ def verifier_governed_rps(ctx: Context) -> Result:
         "the same FastAPI route without AxidVerifier",
         base_rate,
     )
+
+
+# --------------------------------------------------------------------------- latency
+
+_LATENCY_BLOCK: Final = 100  # requests per block; governed and bare blocks alternate
+_HEAD_END: Final = b"\r\n\r\n"
+_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*\r\n", re.I)
+_MAX_HEAD: Final = 1 << 16
+
+
+class SeqClient:
+    """One keep-alive mTLS connection sending one pre-built request at a time.
+
+    A blocking :mod:`ssl` socket with ``TCP_NODELAY``: the cheapest client there
+    is, so that the time measured is the server's (and the loopback's).
+    """
+
+    def __init__(self, label: str, port: int, ssl_ctx: ssl.SSLContext, request: bytes) -> None:
+        self.label = label
+        self.request = request
+        self.answered = 0
+        self.last_body = b""
+        raw = socket.create_connection((HOST, port), timeout=30)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = ssl_ctx.wrap_socket(raw)
+        except BaseException:
+            raw.close()
+            raise
+        self._buf = bytearray()
+
+    def once(self) -> None:
+        """Send the request, read one Content-Length-framed answer, check it is a 200."""
+        self.sock.sendall(self.request)
+        buf = self._buf
+        while (end := buf.find(_HEAD_END)) < 0:
+            if len(buf) > _MAX_HEAD:
+                raise BenchError(f"{self.label}: oversized answer head")
+            self._recv()
+        m = _LENGTH.search(buf, 0, end + 2)
+        if m is None:
+            raise BenchError(f"{self.label}: an answer without Content-Length")
+        total = end + 4 + int(m[1])
+        while len(buf) < total:
+            self._recv()
+        if len(buf) > total:
+            raise BenchError(f"{self.label}: more bytes than one answer")
+        status, body = bytes(buf[9:12]), bytes(buf[end + 4 : total])
+        buf.clear()
+        if status != b"200":
+            detail = body[:300].decode("utf-8", "replace")
+            raise BenchError(f"{self.label}: HTTP {status.decode('ascii', 'replace')} {detail}")
+        self.answered += 1
+        self.last_body = body
+
+    def _recv(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise BenchError(f"{self.label}: the server closed the connection")
+        self._buf += chunk
+
+    def timed(self, n: int, out: list[float]) -> None:
+        """``n`` requests, each one's seconds appended to ``out`` (gc paused)."""
+        gc_was = gc.isenabled()
+        gc.disable()
+        try:
+            clock, once = time.perf_counter, self.once
+            for _ in range(n):
+                t0 = clock()
+                once()
+                out.append(clock() - t0)
+        finally:
+            if gc_was:
+                gc.enable()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass(frozen=True)
+class _Latency:
+    governed: list[float]  # seconds per request, in order
+    bare: list[float]
+    entries: int  # decisions in the log after the server stopped
+
+
+def percentile(samples: list[float], q: int) -> float:
+    """The ``q``-th percentile (1..99) of ``samples`` in microseconds."""
+    if len(samples) < 2:
+        return samples[0] * 1e6
+    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1] * 1e6
+
+
+def governed_servers(ctx: Context, label: str) -> tuple[Path, tuple[Any, ...], tuple[Any, ...]]:
+    """The temporary directory and :func:`serving` specs of the governed app and the bare
+    app (the same as ``verifier.governed_rps``'s); the governed one logs to
+    ``<dir>/verifier.db``."""
+    pki = bench_pki(ctx)
+    m = _material(ctx, pki)
+    d = ctx.tempdir(f"{label}-")
+    config = _governed_config(d, pki, m)
+    svid = {"cert": str(pki.cert("payments")), "key": str(pki.key("payments"))}
+    svid["bundle"] = str(pki.bundle)
+    governed = ("governed", "bench.verifier:governed_app", {**svid, "config": str(config)})
+    return d, governed, ("bare", "bench.issuer:bare_app", svid)
+
+
+def _measure_latency(ctx: Context) -> _Latency:
+    pki = bench_pki(ctx)
+    m = _material(ctx, pki)
+    d, governed, bare = governed_servers(ctx, "latency")
+    token = _token(m, "bench-latency")
+    ssl_ctx = client_ssl(pki, client="planner", server="payments")
+    total = ctx.n(full=3000, quick=600)
+    warmup = min(total, 300 if not ctx.quick else 100)
+    times: dict[str, list[float]] = {"governed": [], "bare": []}
+    with serving(d, governed, bare) as ports:
+        clients = [
+            SeqClient(label, port, ssl_ctx, http_request("GET", PATH, port, [(HEADER, token)]))
+            for label, port in zip(times, ports, strict=True)
+        ]
+        try:
+            for c in clients:  # handshake done; caches, log connection, first batches
+                for _ in range(warmup):
+                    c.once()
+            done = 0
+            while done < total:  # alternate blocks: a busy moment hits both figures
+                k = min(_LATENCY_BLOCK, total - done)
+                for c in clients:
+                    c.timed(k, times[c.label])
+                done += k
+            answered = clients[0].answered
+        finally:
+            for c in clients:
+                c.close()
+    entries = log_entries(d / "verifier.db", SERVICE)
+    if entries != answered:
+        raise BenchError(f"verifier.latency: {answered} governed answers, {entries} log entries")
+    return _Latency(times["governed"], times["bare"], entries)
+
+
+def _latency(ctx: Context) -> _Latency:
+    got = ctx.shared.get("verifier.latency")
+    if got is None:
+        got = _measure_latency(ctx)
+        ctx.shared["verifier.latency"] = got
+    return got  # type: ignore[no-any-return]
+
+
+def _latency_result(ctx: Context, q: int) -> Result:
+    """``verifier.latency_p{q}`` from the run's one latency measurement."""
+    lat = _latency(ctx)
+    name = f"verifier.latency_p{q}"
+    other = 99 if q == 50 else 50
+    ctx.detail(
+        name,
+        f"1 sequential keep-alive mTLS client, {len(lat.governed):,} requests each, "
+        f"{lat.entries:,} logged decisions; p{other} {percentile(lat.governed, other):,.0f} µs "
+        f"(bare {percentile(lat.bare, other):,.0f} µs)",
+    )
+    return Result.of(
+        name,
+        percentile(lat.governed, q),
+        "µs/op",
+        f"p{q} of the same FastAPI route without AxidVerifier",
+        percentile(lat.bare, q),
+    )
+
+
+@register("verifier.latency_p50")
+def verifier_latency_p50(ctx: Context) -> Result:
+    """Median microseconds per governed request, one sequential keep-alive mTLS client.
+
+    Measured: ``GET /payments/p-1001`` with one valid token (cache hit after
+    the first request), allowed, its decision appended and committed (SQLite,
+    WAL, ``synchronous=FULL``: one entry and one fsync per request, since the
+    client waits for each answer) before the route answers; the servers are
+    ``verifier.governed_rps``'s (uvicorn, httptools, uvloop, TCP_NODELAY, own
+    process). The client: a blocking TLS socket with pre-built request bytes.
+    After a warm-up, blocks of 100 governed and 100 bare requests alternate;
+    every request is timed from the first byte sent to the last byte read.
+    Self-check: the decision log holds one entry per governed answer.
+    """
+    return _latency_result(ctx, 50)
+
+
+@register("verifier.latency_p99")
+def verifier_latency_p99(ctx: Context) -> Result:
+    """The 99th percentile of the same samples as ``verifier.latency_p50``."""
+    return _latency_result(ctx, 99)
