@@ -57,6 +57,11 @@ read went through.
 - ``handshake_timeout`` (10 s): passed to :func:`mtls.tlsconfig.server_context` by
   :func:`uvicorn_config` (see there for what it bounds).
 
+- A request with both ``Content-Length`` and ``Transfer-Encoding`` (the request
+  smuggling shape; RFC 9112 section 6.1 lets a server refuse it and requires it to
+  close the connection): 400. h11 alone would frame it by ``Transfer-Encoding`` and
+  keep the connection open.
+
 A head pipelined behind a body in the same read is not counted byte by byte; it is
 checked on its parsed size (target, names, values, 2 bytes a field: a lower bound of
 its raw size) once complete. Every refusal, including a request uvicorn's parser
@@ -221,6 +226,8 @@ _LINGER_SECONDS: Final = 2.0
 _LINGER_BYTES: Final = 1024 * 1024
 # The end of a head: a blank line (CRLF or bare LF line ends, as both parsers accept).
 _HEAD_END: Final = re.compile(rb"\n\r?\n")
+# A request may not carry both (RFC 9112 section 6.1).
+_FRAMINGS: Final = frozenset({b"content-length", b"transfer-encoding"})
 # h11's own cap on an incomplete head, kept above ours so that ours answers first: one
 # read may hold head bytes the counter has not seen (a head pipelined behind a body).
 _H11_CAP_SLACK: Final = 256 * 1024
@@ -373,6 +380,10 @@ class _LimitedProtocol:
         elif len(target) + sum(len(n) + len(v) + 2 for n, v in headers) > limits.max_head_bytes:
             # Only a head the counter did not see whole (pipelined) gets here.
             self._refusal = (431, f"request head larger than {limits.max_head_bytes} bytes")
+        elif _FRAMINGS.issubset(name.lower() for name, _ in headers):
+            # RFC 9112 section 6.1: the request smuggling shape; refused, and (as every
+            # refusal) its connection closed, which the RFC requires either way.
+            self._refusal = (400, "request has both Content-Length and Transfer-Encoding")
         if self._refusal is not None:
             raise _HeadRefused(self._refusal[1], error_status_hint=self._refusal[0])
 
