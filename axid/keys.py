@@ -49,6 +49,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from axid._json import strict_loads
+
 __all__ = [
     "DEFAULT_KEYS_DIR",
     "DEFAULT_PUBLISH_LEAD",
@@ -183,26 +185,10 @@ class SigningKey:
         return self.private_key.public_key()
 
 
-def _strict_object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate member name in JSON object")
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-_STRICT_JSON: Final = json.JSONDecoder(
-    object_pairs_hook=_strict_object_pairs, parse_constant=_reject_constant
-)
-
-
 def _strict_json_loads(data: bytes | str, what: str) -> Any:
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return _STRICT_JSON.decode(text)
+        return strict_loads(text)
     except (ValueError, RecursionError) as exc:
         raise KeyringError(f"{what} is not strict JSON: {exc}") from None
 

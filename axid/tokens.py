@@ -62,6 +62,7 @@ from typing import Any, Final
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from axid._json import strict_loads
 from axid.keys import KeySet, SigningKey, b64url_encode
 from mtls.spiffeid import SpiffeIdError, parse_spiffe_id
 
@@ -200,18 +201,6 @@ _CANONICAL_LAST: Final = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")
 _HEADER_CACHE_MAX: Final = 64
 
 
-def _strict_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate member")
-    return obj
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError("NaN/Infinity")
-
-
-_DECODER: Final = json.JSONDecoder(object_pairs_hook=_strict_pairs, parse_constant=_no_constant)
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
@@ -231,7 +220,7 @@ def _b64(segment: str) -> bytes:
 
 def _decode_json_object(segment: str, what: str) -> dict[str, Any]:
     try:
-        obj = _DECODER.decode(_b64(segment).decode("utf-8"))
+        obj = strict_loads(_b64(segment).decode("utf-8"))
     except (ValueError, RecursionError):
         raise _fail("token_malformed", f"{what} is not strict UTF-8 JSON") from None
     if not isinstance(obj, dict):

@@ -10,12 +10,12 @@ the member and the rule, never the value sent.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from axid._json import strict_loads
 from axid.issuer.problems import Refusal
 from axid.issuer.registry import AUDIENCE_RE, SLUG_RE, parse_scope
 
@@ -40,26 +40,12 @@ _PRINTABLE_MAX: Final = 512
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def _strict_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate member")
-    return obj
-
-
-def _no_constant(_: str) -> Any:
-    raise ValueError("NaN/Infinity")
-
-
-_DECODER: Final = json.JSONDecoder(object_pairs_hook=_strict_pairs, parse_constant=_no_constant)
-
-
 def parse_json_body(body: bytes) -> dict[str, Any]:
     """Decode a request body as one strict JSON object (400 ``bad_request`` otherwise)."""
     if len(body) > MAX_BODY_BYTES:
         raise Refusal(413, "bad_request", f"request body larger than {MAX_BODY_BYTES} bytes")
     try:
-        obj = _DECODER.decode(body.decode("utf-8"))
+        obj = strict_loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise Refusal(400, "bad_request", "request body is not UTF-8") from None
     except (ValueError, RecursionError):
