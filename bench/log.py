@@ -1,4 +1,5 @@
-"""Decision-log benchmarks: ``log.append``, ``log.verify``, ``log.proof`` (SQLite).
+"""Decision-log benchmarks: ``log.append``, ``log.verify``, ``log.proof`` (SQLite),
+``log.append_pg`` (PostgreSQL).
 
 - ``log.append``: durable appends/s through :class:`axid.audit.log.DecisionLog`
   with 64 concurrent callers, each awaiting its receipt (committed with
@@ -7,6 +8,15 @@
   plain ``executemany`` in one transaction into a fresh database with the same
   schema and SQLite settings: what the storage alone costs, with no chain,
   Merkle tree, signature, per-batch commit or asyncio.
+- ``log.append_pg``: the same durable appends into one log on the PostgreSQL
+  server at ``AXID_BENCH_DATABASE_URL`` (skipped, with that reason, when it is
+  unset), from 2 writer processes of 32 callers each, each process with its own
+  :class:`DecisionLog` (so the writers take turns on the log's row lock and
+  each proves the other's checkpoints). Baseline: the very rows stored,
+  inserted with one plain ``executemany`` in one transaction on that server
+  (same table, under another log name). Every run writes fresh log names
+  (``bench-pg-<time>-<pid>-<round>``, and ``...-base``) and leaves them there:
+  the log tables are append-only by design.
 - ``log.verify``: entries/s of :func:`axid.audit.verify.verify_log` (the
   auditor's full check) over a 1,000,000-entry log (100,000 with
   ``--quick``), read from the database. Baseline: SHA-256 of the same entry
@@ -26,8 +36,13 @@ by ``log.verify`` and ``log.proof``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import random
+import select as _select
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,9 +54,25 @@ from axid.audit.entry import validate_fields
 from axid.audit.log import DecisionLog
 from axid.audit.merkle import leaf_hash, verify_inclusion
 from axid.audit.note import NoteSigner, NoteVerifier, open_checkpoint
-from axid.audit.store import AuditEntry, LogStore, create_schema, make_engine, origin_for
+from axid.audit.store import (
+    AuditEntry,
+    LogStore,
+    create_schema,
+    generate_log_key,
+    make_engine,
+    origin_for,
+)
 from axid.audit.verify import DatabaseSource, verify_log
-from bench._harness import BenchError, Context, Result, best_of, ops_per_s, register, timed
+from bench._harness import (
+    BenchError,
+    BenchSkipped,
+    Context,
+    Result,
+    best_of,
+    ops_per_s,
+    register,
+    timed,
+)
 
 CALLERS = 64
 LOG_NAME = "bench"
@@ -154,6 +185,174 @@ def log_append(ctx: Context) -> Result:
     ctx.detail("log.append", f"{CALLERS} callers, {total:,} appends")
     return Result.of(
         "log.append", best, "ops/s", "SQLite executemany, same rows, 1 transaction", base
+    )
+
+
+# --------------------------------------------------------------------------- log.append_pg
+
+PG_URL_ENV = "AXID_BENCH_DATABASE_URL"
+PG_WRITERS = 2
+PG_CALLERS = 32  # per writer process
+_PG_START_TIMEOUT = 60.0
+_PG_RUN_TIMEOUT = 600.0
+_ROOT = Path(__file__).resolve().parent.parent  # holds the bench/ package
+_PG_CHILD = "import sys\nfrom bench.log import pg_writer\npg_writer(sys.argv[1:])\n"
+
+
+def pg_writer(argv: list[str]) -> None:
+    """A writer process: ``URL LOG KEY HEAD OFFSET COUNT``. Opens the log, appends one
+    decision per caller (warm-up), prints ``ready``, waits for a line on stdin, then
+    appends ``COUNT`` decisions with :data:`PG_CALLERS` callers and prints ``done``."""
+    url, log, key, head, offset, count = argv[0], argv[1], argv[2], argv[3], *map(int, argv[4:6])
+    per = count // PG_CALLERS
+
+    async def main() -> None:
+        async with await DecisionLog.open(url, log=log, key=key, head=head) as dl:
+            warm = (dl.append(_FIELDS[(offset + i) % _POOL]) for i in range(PG_CALLERS))
+            await asyncio.gather(*warm)
+            print("ready", flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+
+            async def caller(c: int) -> None:
+                base = offset + c * per
+                for i in range(per):
+                    await dl.append(_FIELDS[(base + i) % _POOL])
+
+            await asyncio.gather(*map(caller, range(PG_CALLERS)))
+            print("done", flush=True)
+
+    asyncio.run(main())
+
+
+class _Writer:
+    """One :func:`pg_writer` process; :meth:`stop` always ends it."""
+
+    def __init__(self, args: list[str], stderr: Path) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
+        self.stderr = stderr
+        with stderr.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _PG_CHILD, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+            )
+
+    def expect(self, word: str, deadline: float) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        left = deadline - time.monotonic()
+        ready = _select.select([out], [], [], max(0.0, left))[0]
+        line = out.readline().decode("ascii", "replace").strip() if ready else ""
+        if line != word:
+            tail = self.stderr.read_text(errors="replace").strip().splitlines()[-4:]
+            got = f"said {line!r}" if ready else "timed out"
+            raise BenchError(f"log.append_pg: a writer {got} instead of {word!r}: {tail}")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def _pg_round(ctx: Context, engine: Engine, url: str, log: str, total: int) -> float:
+    """Appends/s of one round: :data:`PG_WRITERS` processes on one fresh log."""
+    d = ctx.tempdir("append-pg-")
+    key = generate_log_key(d / "log.pem")
+    signer = NoteSigner(origin_for(log), key)
+    LogStore(engine, log, signer=signer).ensure_log(origin_for(log), signer.vkey())
+    per = total // PG_WRITERS
+    writers: list[_Writer] = []
+    try:
+        for w in range(PG_WRITERS):
+            args = [url, log, str(d / "log.pem"), str(d / f"w{w}.head"), str(w * per), str(per)]
+            writers.append(_Writer(args, d / f"w{w}.stderr"))
+        deadline = time.monotonic() + _PG_START_TIMEOUT
+        for w in writers:
+            w.expect("ready", deadline)
+        t0 = time.perf_counter()
+        for w in writers:
+            w.go()
+        deadline = time.monotonic() + _PG_RUN_TIMEOUT
+        for w in writers:
+            w.expect("done", deadline)
+        return ops_per_s(total, time.perf_counter() - t0)
+    finally:
+        for w in writers:
+            w.stop()
+
+
+def _pg_rows(engine: Engine, log: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        q = f"SELECT {_ENTRY_COLS} FROM axid_audit_entry WHERE log = :log ORDER BY seq"
+        return [tuple(r) for r in conn.execute(text(q), {"log": log})]
+
+
+def _pg_insert_baseline(engine: Engine, rows: list[tuple[Any, ...]], log: str, vkey: str) -> float:
+    """Rows/s of one driver ``executemany`` of ``rows`` (as log ``log``), one transaction."""
+    with engine.begin() as conn:  # the log row the entries' foreign key needs
+        sql = "INSERT INTO axid_audit_log (name, origin, vkey, created_at) VALUES (:n, :o, :v, 0)"
+        conn.execute(text(sql), {"n": log, "o": origin_for(log), "v": vkey})
+    mine = [(log, *r[1:]) for r in rows]
+    marks = ", ".join(["%s"] * len(_ENTRY_COLS.split(",")))
+    sql = f"INSERT INTO axid_audit_entry ({_ENTRY_COLS}) VALUES ({marks})"
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        with timed() as t:
+            with raw.cursor() as cur:
+                cur.executemany(sql, mine)
+            raw.commit()
+    return ops_per_s(len(rows), t[0])
+
+
+@register("log.append_pg")
+def log_append_pg(ctx: Context) -> Result:
+    url = os.environ.get(PG_URL_ENV, "")
+    if not url:
+        raise BenchSkipped(f"{PG_URL_ENV} is not set (a postgresql:// URL to write to)")
+    total = max(64, ctx.n(full=64_000, quick=12_800) // 64 * 64)
+    stamp = f"bench-pg-{int(time.time())}-{os.getpid()}"
+    engine = make_engine(url)
+    try:
+        create_schema(engine)
+        best, best_log = 0.0, ""
+        for r in range(ctx.repeats(full=3, quick=1)):
+            got = _pg_round(ctx, engine, url, f"{stamp}-{r}", total)
+            if got > best:
+                best, best_log = got, f"{stamp}-{r}"
+        rows = _pg_rows(engine, best_log)
+        want = total + PG_WRITERS * PG_CALLERS
+        if len(rows) != want or [r[1] for r in rows] != list(range(want)):
+            raise BenchError(f"log.append_pg: {len(rows)} entries stored, expected {want}")
+        vkey = LogStore(engine, best_log).vkey()
+        base = _pg_insert_baseline(engine, rows, f"{stamp}-base", vkey)
+    finally:
+        engine.dispose()
+    ctx.detail(
+        "log.append_pg",
+        f"{PG_WRITERS} processes x {PG_CALLERS} callers, {total:,} appends; log {best_log}",
+    )
+    return Result.of(
+        "log.append_pg",
+        best,
+        "ops/s",
+        "PostgreSQL executemany, same rows, 1 transaction",
+        base,
     )
 
 
