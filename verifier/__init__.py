@@ -20,7 +20,8 @@ One module per concept:
 - :mod:`verifier.jwks`          the issuer's keys (file, or over mTLS with a cache)
 - :mod:`verifier.revocation`    step 6: revocations (polled from the issuer or its table)
 - :mod:`verifier.replay`        single-use jtis across replicas (a shared table)
-- :mod:`verifier.checks`        step 7: custom checks, and ``BudgetLedger``
+- :mod:`verifier.checks`        step 7: custom checks
+- :mod:`verifier.budget`        ``BudgetLedger``: budgets shared by every replica (a table)
 - :mod:`verifier.pipeline`      steps 1-7, free of ASGI
 - :mod:`verifier.runtime`       the resources of one config, opened and closed together
 - :mod:`verifier.middleware`    ``AxidVerifier``: the ASGI layer, step 8
@@ -31,7 +32,8 @@ One module per concept:
 This package never imports the issuer service (``axid.issuer``).
 """
 
-from verifier.checks import BudgetLedger, CheckResult, CustomCheck, RequestInfo
+from verifier.budget import BudgetLedger
+from verifier.checks import CheckResult, CustomCheck, RequestInfo
 from verifier.config import (
     IdentityConfig,
     JwksConfig,

@@ -75,7 +75,7 @@ from typing import Any, Final
 from axid.audit.log import DecisionLog
 from axid.audit.metrics import LogCollector
 from axid.audit.receipt import Receipt
-from verifier.checks import RequestInfo
+from verifier.checks import RequestInfo, Undo
 from verifier.config import VerifierConfig
 from verifier.decision import Decision, VerifiedAction
 from verifier.jwks import JwksSource
@@ -261,12 +261,14 @@ class AxidVerifier:
         except Exception:  # logged by LazyRuntime.get, once per outage
             reason = "the verifier could not open its decision log"
             return Decision(False, "audit_unavailable", reason), None
-        decision = await self._decide(runtime.pipeline, scope, method, path, rule, unroutable)
+        decision, undo = await self._decide(runtime.pipeline, scope, method, path, rule, unroutable)
         fields = decision.log_fields(method=logged[0], path=logged[1], service=self.config.service)
         try:
             return decision, await runtime.log.append(fields)  # committed when this returns
         except Exception as exc:  # AuditUnavailable, or an entry the log refused
             _log.warning("decision log append failed (%s): denying", type(exc).__name__)
+            if undo is not None:  # not allowed in the end: release what checks reserved
+                await undo()
             return _unrecorded(decision), None
 
     async def _serve_log_route(self, scope: _Scope, send: _Send, route: LogRoute) -> None:
@@ -286,10 +288,12 @@ class AxidVerifier:
         path: str,
         rule: RouteRule | None,
         unroutable: str | None,
-    ) -> Decision:
-        """Steps 1-7; any failure of them is a deny (recorded by the caller)."""
+    ) -> tuple[Decision, Undo | None]:
+        """Steps 1-7, and the undo of an allow's reservations (Pipeline.decide_with_undo);
+        any failure of them is a deny (recorded by the caller)."""
         try:
-            return await pipeline.decide(self._presented(scope, method, path, unroutable), rule)
+            presented = self._presented(scope, method, path, unroutable)
+            return await pipeline.decide_with_undo(presented, rule)
         except (Exception, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                 raise  # the request is cancelled: nothing to decide, record or allow
@@ -301,7 +305,7 @@ class AxidVerifier:
                 rule=rule.label if rule is not None else None,
                 scope_required=rule.scope_required if rule is not None else None,
                 note=f"internal error: {type(exc).__name__}",
-            )
+            ), None
 
     # ------------------------------------------------------------------ reading the scope
 

@@ -28,10 +28,12 @@ reasons keep DESIGN's order); the jti is claimed last, after steps 6 and 7, so a
 request denied for any other reason (a stale revocation list included) does not
 burn the token. The claim is atomic in the shared table (replay.py): of concurrent
 requests with one token, exactly one claims it and the others are ``replayed``, even
-though each of them may have run the custom checks (a check with side effects, like
-:class:`~verifier.checks.BudgetLedger`, may thus charge a request that then loses
-that race). The claim precedes the log append, so a token the log then fails to
-record (503 ``audit_unavailable``) is spent.
+though each of them may have run the custom checks (what a check reserved, like
+:class:`~verifier.budget.BudgetLedger`'s budget, is released, through its
+``CheckResult.undo``, for a request that then loses that race or is denied by a
+later check; :meth:`Pipeline.decide_with_undo` hands the undo of an allow to the
+middleware, for a log append that fails). The claim precedes the log append, so a
+token the log then fails to record (503 ``audit_unavailable``) is spent.
 
 A request the middleware could not match to any rule because its method or path is
 not in normal form (``Presented.unroutable``) is denied ``scope_insufficient`` at
@@ -43,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,7 +55,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from axid.keys import KeySet, b64url_decode
 from axid.tokens import ActionClaims, TokenError, verify
-from verifier.checks import CheckResult, RequestInfo, check_name
+from verifier.checks import CheckResult, RequestInfo, Undo, check_name
 from verifier.config import VerifierConfig
 from verifier.decision import Decision, VerifiedAction
 from verifier.identity import PeerError, PeerIdentity, PeerResolver
@@ -69,6 +72,8 @@ _SIGNED_FAILURES: Final = frozenset(
     {"token_expired", "token_not_yet_valid", "token_wrong_issuer", "token_wrong_audience"}
 )
 _MAX_NOTE_PART: Final = 500
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,16 +299,25 @@ class Pipeline:
 
     async def decide(self, request: Presented, rule: RouteRule | None) -> Decision:
         """Steps 1-7 for a governed request (see the module docstring)."""
+        return (await self.decide_with_undo(request, rule))[0]
+
+    async def decide_with_undo(
+        self, request: Presented, rule: RouteRule | None
+    ) -> tuple[Decision, Undo | None]:
+        """:meth:`decide`, and for an allow whose checks reserved something, what
+        releases it (never raises) if the allow cannot be recorded; else None."""
         facts = _Facts(rule)
         facts.note(request.unroutable)  # recorded whichever step denies
         try:
-            action = await self._steps(request, rule, facts)
+            action, undo = await self._steps(request, rule, facts)
         except _Deny as deny:
             facts.note(deny.note)
-            return facts.decision(deny.reason, deny.detail)
-        return facts.decision("ok", "", action)
+            return facts.decision(deny.reason, deny.detail), None
+        return facts.decision("ok", "", action), undo
 
-    async def _steps(self, req: Presented, rule: RouteRule | None, facts: _Facts) -> VerifiedAction:
+    async def _steps(
+        self, req: Presented, rule: RouteRule | None, facts: _Facts
+    ) -> tuple[VerifiedAction, Undo | None]:
         peer = self._peer(req, facts)  # 1
         if req.token_headers > 1:  # 2
             raise _Deny("token_malformed", "more than one token header")
@@ -317,12 +331,18 @@ class Pipeline:
             await self._unused(claims)  # a look only: claimed last, see the module doc
         self._not_revoked(claims)  # 6
         action = VerifiedAction.from_claims(claims)
+        undo = None
         if self._checks:
-            await self._checked(action, req.info, facts)  # 7
+            undo = await self._checked(action, req.info.for_rule(rule), facts)  # 7
         # Single use: the one consuming step, last (before the middleware's log append).
         if rule.single_use:
-            await self._claim_once(claims)
-        return action
+            try:
+                await self._claim_once(claims)
+            except BaseException:  # not allowed in the end: release what checks reserved
+                if undo is not None:
+                    await undo()
+                raise
+        return action, undo
 
     def _peer(self, req: Presented, facts: _Facts) -> PeerIdentity:
         """Step 1: the peer's identity."""
@@ -372,30 +392,60 @@ class Pipeline:
         if hit is not None:
             raise _Deny("revoked", "the action is revoked", note=hit.describe())
 
-    async def _checked(self, action: VerifiedAction, info: RequestInfo, facts: _Facts) -> None:
-        """Step 7: the custom checks, in order; the first deny (or failure) denies."""
-        for name, check in self._checks:
+    async def _checked(
+        self, action: VerifiedAction, info: RequestInfo, facts: _Facts
+    ) -> Undo | None:
+        """Step 7: the custom checks, in order; the first deny (or failure) denies, with
+        the check's reason (403), and releases what the checks before it reserved.
+        Returns what releases the reservations of an allow (None if there are none)."""
+        undos: list[Undo] = []
+        try:
+            for name, check in self._checks:
+                result = await self._run_check(name, check, action, info)
+                note = f"{name}: {result.note}" if result.note else None
+                if not result.allow:
+                    raise _Deny(result.deny_reason, "denied by a custom check", note=note or name)
+                facts.note(note)
+                if result.undo is not None:
+                    undos.append(result.undo)
+        except BaseException:
+            await self._undo(undos)
+            raise
+        if not undos:
+            return None
+        return lambda: self._undo(undos)
+
+    async def _run_check(
+        self, name: str, check: Any, action: VerifiedAction, info: RequestInfo
+    ) -> CheckResult:
+        try:
+            async with asyncio.timeout(self._check_timeout):
+                result = await check(action, info)
+        except (Exception, asyncio.CancelledError) as exc:  # a failing check denies
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                raise  # the request itself is cancelled (client gone, shutdown)
+            raise _Deny(
+                "custom_check_denied",
+                "a custom check failed",
+                note=f"{name}: failed ({type(exc).__name__})",
+            ) from None
+        if not isinstance(result, CheckResult):
+            raise _Deny(
+                "custom_check_denied",
+                "a custom check failed",
+                note=f"{name}: returned no CheckResult",
+            )
+        return result
+
+    async def _undo(self, undos: Sequence[Undo]) -> None:
+        """Release what allowing checks reserved, last first. An undo that fails or
+        outlasts ``check_timeout`` is logged and skipped (its reservation stays)."""
+        for undo in reversed(undos):
             try:
                 async with asyncio.timeout(self._check_timeout):
-                    result = await check(action, info)
-            except (Exception, asyncio.CancelledError) as exc:  # a failing check denies
-                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
-                    raise  # the request itself is cancelled (client gone, shutdown)
-                raise _Deny(
-                    "custom_check_denied",
-                    "a custom check failed",
-                    note=f"{name}: failed ({type(exc).__name__})",
-                ) from None
-            if not isinstance(result, CheckResult):
-                raise _Deny(
-                    "custom_check_denied",
-                    "a custom check failed",
-                    note=f"{name}: returned no CheckResult",
-                )
-            note = f"{name}: {result.note}" if result.note else None
-            if not result.allow:
-                raise _Deny("custom_check_denied", "denied by a custom check", note=note or name)
-            facts.note(note)
+                    await undo()
+            except Exception:
+                _log.warning("a custom check's undo failed; its reservation stays", exc_info=True)
 
     async def _verify_token(self, token: str, facts: _Facts) -> ActionClaims:
         keys = self._jwks.key_set()
