@@ -42,7 +42,8 @@ from fastapi import FastAPI, Request
 from axid.audit.verify import DatabaseSource, verify_log
 from axid.keys import KeySet, SigningKey
 from verifier import observability
-from verifier.checks import BudgetLedger, CheckResult, RequestInfo
+from verifier.budget import BudgetLedger
+from verifier.checks import CheckResult, RequestInfo
 from verifier.config import IdentityConfig, LogConfig, VerifierConfig
 from verifier.decision import REASONS, STATUS, Decision, VerifiedAction
 from verifier.jwks import FileJwks, HttpJwks
@@ -57,7 +58,7 @@ RULES = [
     RouteRule("/payments/*", methods=["GET"], scope="payments:read"),
     RouteRule("/payments/*/refund", methods=["POST"], scope="payments:refund", single_use=True),
     RouteRule("/payments/*", methods=["DELETE"], scope="payments:delete", agents=["planner"]),
-    RouteRule("/budget/*", scope="payments:read", name="budgeted"),
+    RouteRule("/budget/*", scope="payments:read", name="budgeted", cost=15),
 ]
 
 
@@ -466,26 +467,27 @@ async def test_cached_token_invalidated_when_its_kid_leaves(pki: Pki, tmp_path: 
 
 
 async def test_budget_ledger(pki: Pki, tmp_path: Path) -> None:
-    ledger = BudgetLedger(limit=3, cost=lambda action, request: 1.5)
+    # The shared ledger itself (SQLite and PostgreSQL, two replicas): test_budget.py.
+    ledger = BudgetLedger(f"sqlite:///{tmp_path}/budget.db", per_tree=30)
     w = make_world(pki, tmp_path, checks=[ledger])
     await w.verifier.startup()
     try:
         root = w.token(run="tree-root", scope="payments:read")
         child = w.token("worker", run="tree-child", chain=["tree-root"], scope="payments:read")
         assert (await w.get("/budget/1", token=root)).status == 200
-        assert "budget: run tree tree-root spent 1.5 of 3" in w.last()["note"]
+        assert "budget: tree tree-root: 15/30" in w.last()["note"]
         assert (await w.get("/budget/2", who="worker", token=child)).status == 200
         answer = await w.get("/budget/3", token=root)
-        assert_denied(answer, "custom_check_denied")
+        assert_denied(answer, "budget_exceeded")
         entry = w.last()
-        assert entry["rule"] == "budgeted" and entry["note"].startswith(
-            "budget: run tree tree-root"
-        )
-        assert ledger.spent("acme", "tree-root") == 3.0
+        assert entry["rule"] == "budgeted"
+        assert entry["note"] == "budget: tree tree-root: 30/30, cost 15"
+        assert (await w.get("/payments/1", token=root)).status == 200  # cost 0: not counted
         other = w.token(run="another-root", scope="payments:read")
         assert (await w.get("/budget/4", token=other)).status == 200
     finally:
         await w.verifier.shutdown()
+        ledger.close()
 
 
 async def test_failing_checks_deny(pki: Pki, tmp_path: Path) -> None:
@@ -726,7 +728,7 @@ def test_reason_table() -> None:
         "token_ttl_too_long", "token_wrong_issuer", "token_wrong_audience",
         "token_missing_claim", "subject_mismatch", "cert_binding_mismatch",
         "tenant_not_allowed", "agent_not_allowed", "scope_insufficient", "revoked",
-        "replayed", "custom_check_denied", "audit_unavailable",
+        "replayed", "custom_check_denied", "audit_unavailable", "unsupported_protocol",
     }  # fmt: skip
     assert design | {"revocation_unavailable", "jwks_unavailable"} == REASONS
     with pytest.raises(ValueError):

@@ -1,7 +1,8 @@
 """What the pipeline decides: reason codes, their HTTP status, the decision, the action.
 
-Reason codes are DESIGN.md's (stable strings) plus two the verifier adds, both
-503 and both fail-closed:
+The reason codes and their statuses are :mod:`axid.reasons`' (the one table);
+:data:`STATUS` is its verifier part: DESIGN.md's codes, among them two that are
+503 and fail-closed:
 
 * ``revocation_unavailable``: the revocation list is older than its ``max_stale``
   (or was never loaded), so "not revoked" cannot be established;
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Final
 
-from axid.tokens import REASONS as TOKEN_REASONS
+from axid.reasons import IDENTITY_REASONS, VERIFIER_REASONS
+from axid.reasons import VERIFIER_STATUS as STATUS
 from axid.tokens import ActionClaims
 
 __all__ = [
@@ -27,33 +29,7 @@ __all__ = [
     "status_of",
 ]
 
-IDENTITY_REASONS: Final = frozenset({"no_peer_cert", "peer_untrusted", "peer_not_svid"})
-
-# 401: who is calling, or with what token, could not be established.
-_UNAUTHENTICATED: Final = (
-    IDENTITY_REASONS | TOKEN_REASONS | {"subject_mismatch", "cert_binding_mismatch"}
-)
-# 403: the caller is known and refused.
-_FORBIDDEN: Final = frozenset(
-    {
-        "tenant_not_allowed",
-        "agent_not_allowed",
-        "scope_insufficient",
-        "revoked",
-        "replayed",
-        "custom_check_denied",
-    }
-)
-# 503: the verifier cannot decide safely right now.
-_UNAVAILABLE: Final = frozenset({"audit_unavailable", "revocation_unavailable", "jwks_unavailable"})
-
-STATUS: Final[dict[str, int]] = {
-    "ok": 200,
-    **dict.fromkeys(_UNAUTHENTICATED, 401),
-    **dict.fromkeys(_FORBIDDEN, 403),
-    **dict.fromkeys(_UNAVAILABLE, 503),
-}
-REASONS: Final = frozenset(STATUS)
+REASONS: Final = VERIFIER_REASONS
 
 _MAX_NOTE: Final = 2000
 

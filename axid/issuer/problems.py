@@ -27,6 +27,9 @@ Reason codes are DESIGN.md's (``no_peer_cert``, ``peer_untrusted``,
 ``store_unavailable``    503     the issuer's database failed
 ``internal_error``       500     anything unexpected (details only in server logs)
 =======================  ======  ===============================================
+
+These codes and statuses are defined once, in :mod:`axid.reasons`
+(:data:`ISSUER_REASONS` is its issuer-only part).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from typing import Final
 
 from starlette.responses import JSONResponse
 
+from axid.reasons import ISSUER_REASONS
+
 __all__ = [
     "ISSUER_REASONS",
     "PROBLEM_MEDIA_TYPE",
@@ -44,21 +49,6 @@ __all__ = [
 ]
 
 PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
-
-ISSUER_REASONS: Final = frozenset(
-    {
-        "bad_request",
-        "audience_not_allowed",
-        "spawn_too_deep",
-        "forbidden",
-        "not_found",
-        "method_not_allowed",
-        "run_conflict",
-        "store_unavailable",
-        "internal_error",
-    }
-)
-
 
 class Refusal(Exception):
     """A request is refused: becomes a problem+json answer (and a ``deny`` entry)."""
