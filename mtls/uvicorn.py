@@ -35,8 +35,9 @@ these classes too, without TLS: ``uvicorn app:app --http mtls.uvicorn:H11TLSProt
 --no-proxy-headers`` (``--no-proxy-headers`` keeps ``scope["client"]`` honest for the
 app's own use; the verifier does not need it).
 
-WebSocket upgrades are handed to uvicorn's WebSocket protocol classes and do not get
-the extensions.
+WebSocket upgrades get both extensions too: uvicorn hands an upgraded connection to a
+new WebSocket protocol instance (``ws=``, any of uvicorn's) that calls the app itself,
+so its app is wrapped the same way when it is made.
 
 Request-head limits (:class:`HttpLimits`; the same in both classes, checked before
 the app sees the request). uvicorn alone has none under httptools, and under h11 only
@@ -175,10 +176,15 @@ class _TLSExtensionApp:
 
     __slots__ = ("app", "tls", "transport")
 
-    def __init__(self, app: _ASGIApp) -> None:
+    def __init__(
+        self,
+        app: _ASGIApp,
+        tls: dict[str, Any] | None = None,
+        transport: dict[str, Any] | None = None,
+    ) -> None:
         self.app = app
-        self.tls: dict[str, Any] | None = None
-        self.transport: dict[str, Any] | None = None
+        self.tls = tls
+        self.transport = transport
 
     async def __call__(self, scope: _Scope, receive: Any, send: Any) -> Any:
         if self.transport is not None and scope.get("type") in ("http", "websocket"):
@@ -192,6 +198,27 @@ class _TLSExtensionApp:
                 extensions["tls"] = tls
             extensions[TRANSPORT_EXTENSION] = dict(self.transport)
         return await self.app(scope, receive, send)
+
+
+class _WebSocketProtocolFactory:
+    """Stands in for uvicorn's ``ws_protocol_class`` on one connection: makes the
+    WebSocket protocol an upgrade is handed to, its app wrapped with this connection's
+    extensions (uvicorn's WebSocket classes call ``self.app``, their config's app)."""
+
+    __slots__ = ("extensions", "ws_class")
+
+    def __init__(self, ws_class: Callable[..., Any], extensions: _TLSExtensionApp) -> None:
+        self.ws_class = ws_class
+        self.extensions = extensions
+
+    def __call__(self, **kwargs: Any) -> Any:
+        protocol = self.ws_class(**kwargs)
+        # Without an app attribute (not uvicorn's class) the scope gets no extensions:
+        # the verifier then finds no client certificate and denies (fail closed).
+        if getattr(protocol, "app", None) is not None:
+            made = self.extensions  # filled at connection_made, before any upgrade
+            protocol.app = _TLSExtensionApp(protocol.app, made.tls, made.transport)
+        return protocol
 
 
 # -- request-head limits ------------------------------------------------------------
@@ -276,12 +303,17 @@ class _LimitedProtocol:
     cycle: Any
     server_state: Any
     client: tuple[str, int] | None
+    ws_protocol_class: Callable[..., Any] | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # uvicorn hands self.app to every request cycle of this connection.
         self._tls_app = _TLSExtensionApp(self.app)
         self.app = self._tls_app
+        if self.ws_protocol_class is not None:  # None: uvicorn refuses upgrades
+            self.ws_protocol_class = _WebSocketProtocolFactory(
+                self.ws_protocol_class, self._tls_app
+            )
         self._awaiting_head = True  # the parser has not completed the next head
         self._head_bytes = 0  # raw bytes of that head so far
         self._line_open = True  # its request line has not ended

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from _tls_helpers import WAIT, handshake, run_server
+from websockets.sync.client import connect
 
 from mtls.devpki import init_dev_pki
 from mtls.sources import FileSource
@@ -207,3 +208,34 @@ def test_either_framing_alone_still_served(served, client_source, fields) -> Non
         sock.sendall(b"GET /again HTTP/1.1\r\nHost: payments.test\r\n\r\n")
         assert _reply(sock).status == 200
     assert app.seen[-2:] == [("POST", "/echo", b"hello"), ("GET", "/again", b"")]
+
+
+# -- WebSocket upgrades get the extensions ----------------------------------------------
+
+
+def _ws_client_context(client_source) -> ssl.SSLContext:
+    return client_context(client_source, server_id=PAYMENTS)
+
+
+# uvicorn's legacy "websockets" implementation warns that it is deprecated; still served.
+@pytest.mark.filterwarnings("ignore:The `websockets` implementation is deprecated")
+@pytest.mark.filterwarnings("ignore:remove second argument of ws_handler")
+@pytest.mark.filterwarnings("ignore:websockets.legacy is deprecated")
+@pytest.mark.parametrize("ws", ["websockets-sansio", "websockets"])
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_websocket_scope_has_tls_and_transport_extensions(
+    server_source, client_source, http: str, ws: str
+) -> None:
+    """A real WebSocket client over mTLS: the app's websocket scope carries the peer's
+    chain and the socket facts, as an HTTP request's scope does."""
+    app = Recorder()
+    config = uvicorn_config(app, source=server_source, http=http, ws=ws, log_level="warning")
+    with run_server(config) as server:
+        uri = f"wss://127.0.0.1:{server.port}/feed"
+        ctx = _ws_client_context(client_source)
+        with connect(uri, ssl=ctx, proxy=None, open_timeout=WAIT) as conn:
+            got = json.loads(conn.recv(timeout=WAIT))
+    assert app.seen == [("WEBSOCKET", "/feed", b"")]
+    assert got["chain"] >= 1
+    port = got["transport"]["peer"][1]
+    assert got["transport"] == {"peer": ["127.0.0.1", port], "tls": True}
