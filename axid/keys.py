@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from axid._json import strict_loads
+from mtls._files import file_stamp
 
 __all__ = [
     "DEFAULT_KEYS_DIR",
@@ -564,7 +565,7 @@ class Keyring:
             _write_new_private_file(path / f"{signing.kid}.pem", _encode_private_key(key, secret))
             records = [_Record(signing.kid, now, now)]
             _atomic_write(path / KEYRING_FILE, _dump_records(records))
-            stamp = _stamp_of(path / KEYRING_FILE)
+            stamp = file_stamp(path / KEYRING_FILE, only_missing=True)
         return cls(path, records, {signing.kid: signing}, secret, stamp)
 
     @classmethod
@@ -579,7 +580,7 @@ class Keyring:
         """Re-read the keyring if ``keyring.json`` changed on disk (e.g. ``axid keys rotate``
         ran in another process). Returns True if it reloaded. On error the old state
         is kept and the error raised."""
-        stamp = _stamp_of(self._dir / KEYRING_FILE)
+        stamp = file_stamp(self._dir / KEYRING_FILE, only_missing=True)
         if stamp == self._stamp:
             return False
         records, keys, stamp = _load_state(self._dir, self._passphrase)
@@ -622,7 +623,7 @@ class Keyring:
             _atomic_write(self._dir / KEYRING_FILE, _dump_records(records))
             keys[signing.kid] = signing
             self._records, self._keys = records, keys
-            self._stamp = _stamp_of(self._dir / KEYRING_FILE)
+            self._stamp = file_stamp(self._dir / KEYRING_FILE, only_missing=True)
         return signing.kid
 
     # ----------------------------------------------------------------- queries
@@ -726,14 +727,6 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _stamp_of(path: Path) -> tuple[int, int, int] | None:
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (info.st_ino, info.st_mtime_ns, info.st_size)
-
-
 def _dump_records(records: list[_Record]) -> bytes:
     doc = {
         "version": _KEYRING_VERSION,
@@ -784,7 +777,7 @@ def _load_state(
     directory: Path, passphrase: bytes | None
 ) -> tuple[list[_Record], dict[str, SigningKey], tuple[int, int, int] | None]:
     state_path = directory / KEYRING_FILE
-    stamp = _stamp_of(state_path)
+    stamp = file_stamp(state_path, only_missing=True)
     if stamp is None:
         raise KeyringError(f"{state_path}: missing (run `axid keys init`)")
     # Others who can write the directory could swap keys or states: refuse.

@@ -34,6 +34,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from mtls._files import FileStamp, file_stamps
 from mtls.spiffeid import SpiffeId, TrustDomain
 from mtls.x509bundle import BundleError, BundleSet
 from mtls.x509svid import SvidError, verify_svid
@@ -198,7 +199,7 @@ def _read(path: Path, what: str, *, private: bool = False) -> bytes:
     return data
 
 
-_Stamp = tuple[tuple[int, int, int], ...]
+_Stamp = tuple[FileStamp, ...]
 
 
 class FileSource:
@@ -249,14 +250,8 @@ class FileSource:
         self._last_check = time.monotonic()
 
     def _stamp(self) -> _Stamp | None:
-        out = []
-        for p in self._paths:
-            try:
-                st = p.stat()  # follows symlinks: Kubernetes swaps a ..data symlink
-            except OSError:
-                return None
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(out)
+        stamps = file_stamps(self._paths)
+        return None if None in stamps else stamps  # type: ignore[return-value]  # no None left
 
     def _load(self) -> tuple[SvidMaterial, BundleSet]:
         cert_p, key_p, *bundle_ps = self._paths

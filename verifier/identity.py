@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from mtls._files import FileStamp, file_stamps
 from mtls.x509bundle import BundleError, BundleSet
 from mtls.x509svid import SvidError, VerifiedSvid, verify_svid
 from mtls.xfcc import XfccError, parse_xfcc
@@ -78,20 +79,12 @@ class BundleFiles:
         self._interval = check_interval
         self._lock = threading.Lock()
         self._stamp = self._stat()
-        self._bad: tuple[tuple[int, int, int] | None, ...] | None = None
+        self._bad: tuple[FileStamp | None, ...] | None = None
         self._bundles = self._load()
         self._checked = time.monotonic()
 
-    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
-        out = []
-        for p in self._paths:
-            try:
-                st = p.stat()
-            except OSError:
-                out.append(None)
-                continue
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(out)
+    def _stat(self) -> tuple[FileStamp | None, ...]:
+        return file_stamps(self._paths)
 
     def _load(self) -> BundleSet:
         merged: dict[object, list[object]] = {}
