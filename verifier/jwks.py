@@ -20,7 +20,6 @@ to it (the verified-token cache, ``KeySet``'s header cache) stay warm.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -31,6 +30,8 @@ from typing import Final, Protocol, runtime_checkable
 import httpx
 
 from axid.keys import KeyringError, KeySet
+from mtls._files import FileStamp, file_stamp
+from verifier._poller import Poller, get_capped
 
 __all__ = [
     "MAX_JWKS_BYTES",
@@ -113,18 +114,14 @@ class FileJwks:
         self._check_interval = check_interval
         self._monotonic = monotonic
         self._keys: KeySet | None = None
-        self._stamp: tuple[int, int, int] | None = None
-        self._bad_stamp: tuple[int, int, int] | None = None
+        self._stamp: FileStamp | None = None
+        self._bad_stamp: FileStamp | None = None
         self._checked_at = -float("inf")
         self._forced_at = -float("inf")
         self.loads = 0
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = self._path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _stat(self) -> FileStamp | None:
+        return file_stamp(self._path)
 
     def _load(self) -> KeySet:
         try:
@@ -207,7 +204,14 @@ class HttpJwks:
         self._attempted_at = -float("inf")  # last attempt (for the unknown-kid rate limit)
         self._failures = 0
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(
+            self.refresh,
+            self._next_delay,
+            name="axid-jwks",
+            log=_log,
+            crash_message="JWKS refresher failed",
+            on_crash=self._crashed,
+        )
         self.fetches = 0
         self.last_error: str | None = None
 
@@ -252,16 +256,16 @@ class HttpJwks:
             return True
 
     async def _fetch(self) -> KeySet:
-        async with self._client.stream("GET", self._url, timeout=self._timeout) as response:
-            if response.status_code != 200:
-                raise JwksError(f"HTTP {response.status_code}")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_JWKS_BYTES:
-                    raise JwksError(f"JWKS larger than {MAX_JWKS_BYTES} bytes")
+        body = await get_capped(
+            self._client,
+            self._url,
+            timeout=self._timeout,
+            max_bytes=MAX_JWKS_BYTES,
+            error=JwksError,
+            too_large=f"JWKS larger than {MAX_JWKS_BYTES} bytes",
+        )
         try:
-            return KeySet.from_jwks(bytes(body))
+            return KeySet.from_jwks(body)
         except KeyringError as exc:
             raise JwksError(str(exc)) from None
 
@@ -270,23 +274,13 @@ class HttpJwks:
             return min(self._ttl, _MAX_RETRY, _MIN_RETRY * 2 ** min(self._failures - 1, 10))
         return max(0.0, self._fetched_at + self._ttl - self._monotonic())
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._next_delay())
-            try:
-                await self.refresh()
-            except Exception:  # never let the refresher die silently
-                _log.exception("JWKS refresher failed")
-                self._failures += 1
+    def _crashed(self) -> None:
+        self._failures += 1
 
     async def start(self) -> None:
         """First fetch (its failure is logged, not raised), then refresh in the background."""
         await self.refresh()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="axid-jwks")
+        self._poller.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._poller.close()

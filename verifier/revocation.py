@@ -29,7 +29,6 @@ the revoked token expires, so none is pruned.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -43,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from axid.audit.store import make_engine
 from axid.tokens import ActionClaims
+from verifier._poller import Poller, get_capped
 
 __all__ = [
     "REVOCATION_KINDS",
@@ -214,7 +214,14 @@ class _Poller:
         self._name = name
         self._monotonic = monotonic
         self._fresh_at = -float("inf")
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(
+            self.poll,
+            self._next_delay,
+            name="axid-revocations",
+            log=_log,
+            crash_message="revocation poller failed",
+            on_crash=self._crashed,
+        )
         self._lock = asyncio.Lock()
         self.polls = 0
         self.last_error: str | None = None
@@ -280,27 +287,20 @@ class _Poller:
             self.last_error = None
             return True
 
-    async def _run(self) -> None:
-        while True:
-            # Behind the feed: go on at once (yielding to the loop), else wait.
-            await asyncio.sleep(0 if self._behind else self._interval)
-            try:
-                await self.poll()
-            except Exception:  # never let the poller die silently
-                self._behind = False
-                _log.exception("revocation poller failed")
+    def _next_delay(self) -> float:
+        # Behind the feed: go on at once (yielding to the loop), else wait.
+        return 0 if self._behind else self._interval
+
+    def _crashed(self) -> None:
+        self._behind = False
 
     async def start(self) -> None:
         """First poll (a failure is logged, not raised), then poll in the background."""
         await self.poll()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="axid-revocations")
+        self._poller.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._poller.close()
 
 
 class IssuerRevocationPoller(_Poller):
@@ -334,16 +334,15 @@ class IssuerRevocationPoller(_Poller):
 
     async def _page_rows(self, since: int) -> list[tuple[int, str, str]]:
         params = {"since": since, "limit": self._page_size}
-        async with self._client.stream(
-            "GET", self._url, params=params, timeout=self._timeout
-        ) as response:
-            if response.status_code != 200:
-                raise RevocationError(f"HTTP {response.status_code}")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > _MAX_BODY:
-                    raise RevocationError("revocation page too large")
+        body = await get_capped(
+            self._client,
+            self._url,
+            params=params,
+            timeout=self._timeout,
+            max_bytes=_MAX_BODY,
+            error=RevocationError,
+            too_large="revocation page too large",
+        )
         try:
             doc: Any = json.loads(body)
         except ValueError:
