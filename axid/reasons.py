@@ -48,6 +48,7 @@ _VERIFIER: Final[dict[str, int]] = {
     "revoked": 403,
     "replayed": 403,
     "custom_check_denied": 403,
+    "budget_exceeded": 403,
     "unsupported_protocol": 403,
     # 503: the verifier cannot decide safely right now (fail closed).
     "audit_unavailable": 503,

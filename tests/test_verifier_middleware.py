@@ -729,6 +729,7 @@ def test_reason_table() -> None:
         "token_missing_claim", "subject_mismatch", "cert_binding_mismatch",
         "tenant_not_allowed", "agent_not_allowed", "scope_insufficient", "revoked",
         "replayed", "custom_check_denied", "audit_unavailable", "unsupported_protocol",
+        "budget_exceeded",
     }  # fmt: skip
     assert design | {"revocation_unavailable", "jwks_unavailable"} == REASONS
     with pytest.raises(ValueError):
