@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 
 from sqlalchemy import (
@@ -151,6 +152,10 @@ class _Store:
 
     def close(self) -> None:
         self._engine.dispose()
+
+    @property
+    def sqlite_file(self) -> str | None:
+        return None if self._pg else self._engine.url.database
 
     def _create_schema(self) -> None:
         """Once per process (CREATE TABLE IF NOT EXISTS, safe from several at once).
@@ -265,8 +270,13 @@ def read_budgets(
     database_url: str, *, tree: str | None = None, tenant: str | None = None
 ) -> list[BudgetRow]:
     """The table's rows (none if it does not exist), optionally only one tree's and/or
-    one tenant's (every day). Synchronous; raises on a database error."""
-    store = _Store(database_url, 5.0)
+    one tenant's (every day). Synchronous; raises on a database error, and
+    FileNotFoundError for a SQLite file that does not exist (rather than create it)."""
+    store = _Store(database_url, 5.0)  # refuses a malformed URL
+    sqlite_file = store.sqlite_file
+    if sqlite_file is not None and not Path(sqlite_file).is_file():
+        store.close()
+        raise FileNotFoundError(f"no SQLite database at {sqlite_file}")
     try:
         return store.read(
             None if tree is None else _name(tree, "tree"),

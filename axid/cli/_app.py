@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from axid.cli import _audit, _bench, _certs, _demo, _keys, _serve, _token, _witness
+from axid.cli import _audit, _bench, _budget, _certs, _demo, _keys, _serve, _token, _witness
 
 app = typer.Typer(
     name="axid",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.add_typer(_certs.app, name="certs")
 app.add_typer(_audit.app, name="audit")
+app.add_typer(_budget.app, name="budget")
 app.add_typer(_keys.app, name="keys")
 app.add_typer(_token.app, name="token")
 app.add_typer(_witness.app, name="witness")
