@@ -15,17 +15,33 @@ import contextlib
 import http.client
 import json
 import ssl
+import time
 from typing import Any
 
 import pytest
 from _tls_helpers import WAIT, handshake, run_server
+from _verifier_helpers import (
+    ISSUER,
+    Pki,
+    key_set,
+    log_entries,
+    make_pki,
+    new_signing_key,
+    token_for,
+)
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from axid.audit.receipt import Receipt
 from mtls.devpki import init_dev_pki
 from mtls.sources import FileSource
 from mtls.spiffeid import SpiffeId
 from mtls.tlsconfig import client_context
 from mtls.uvicorn import TRANSPORT_EXTENSION, uvicorn_config
+from verifier.config import IdentityConfig, LogConfig, VerifierConfig
+from verifier.middleware import AxidVerifier
+from verifier.revocation import StaticRevocations
+from verifier.rules import RouteRule
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -239,3 +255,105 @@ def test_websocket_scope_has_tls_and_transport_extensions(
     assert got["chain"] >= 1
     port = got["transport"]["peer"][1]
     assert got["transport"] == {"peer": ["127.0.0.1", port], "tls": True}
+
+
+# -- the verifier: a WebSocket on a governed path is denied for what it is ------------
+
+RULES = [
+    RouteRule("/public/**", governed=False),
+    RouteRule("/payments/*", methods=["GET"], scope="payments:read"),
+]
+
+
+@pytest.fixture(scope="module")
+def vpki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("verifier"))
+
+
+@pytest.fixture(scope="module", params=["h11", "httptools"])
+def governed(request, vpki: Pki, tmp_path_factory: pytest.TempPathFactory):
+    """AxidVerifier in front of a Recorder, under uvicorn over mTLS (mtls.uvicorn)."""
+    tmp = tmp_path_factory.mktemp("governed")
+    key = new_signing_key()
+    url = f"sqlite:///{tmp}/axid.db"
+    config = VerifierConfig(
+        service="payments",
+        issuer=ISSUER,
+        tenants=["acme"],
+        identity=IdentityConfig(bundle=vpki.dev.bundle),
+        jwks=key_set(key),
+        revocations=StaticRevocations(),
+        log=LogConfig(url=url, key=tmp / "log.pem", max_delay=0),
+        rules=RULES,
+    )
+    app = Recorder()
+    source = FileSource(vpki.cert("payments"), vpki.key("payments"), vpki.dev.bundle)
+    uv = uvicorn_config(
+        AxidVerifier(app, config),
+        source=source,
+        http=request.param,
+        lifespan="on",
+        log_level="warning",
+    )
+    try:
+        with run_server(uv) as server:
+            yield server, app, key, lambda: log_entries(url, config.log_name)
+    finally:
+        source.close()
+
+
+def _planner(vpki: Pki) -> FileSource:
+    return FileSource(vpki.cert("planner"), vpki.key("planner"), vpki.dev.bundle)
+
+
+@pytest.mark.parametrize("path", ["/payments/p-1", "/nowhere"], ids=["rule", "no-rule"])
+def test_websocket_on_governed_path_denied_unsupported_protocol(
+    governed, vpki: Pki, path: str
+) -> None:
+    """A real WebSocket handshake over mTLS with the planner's SVID and a valid token
+    for the route (or a path no rule matches): 403 unsupported_protocol, recorded;
+    the app never runs."""
+    server, app, key, entries = governed
+    before, seen = len(entries()), list(app.seen)
+    token = token_for(vpki, "planner", key, now=time.time())
+    uri = f"wss://127.0.0.1:{server.port}{path}"
+    with _planner(vpki) as source:
+        ctx = client_context(source, server_id=vpki.dev.spiffe_id("payments"))
+        with pytest.raises(InvalidStatus) as refused:
+            connect(
+                uri,
+                ssl=ctx,
+                proxy=None,
+                open_timeout=WAIT,
+                additional_headers={"X-Waxell-AXID": token},
+            )
+    response = refused.value.response
+    assert response.status_code == 403
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["www-authenticate"] == 'AXID error="unsupported_protocol"'
+    doc = json.loads(response.body)
+    assert doc["status"] == 403 and doc["reason"] == "unsupported_protocol"
+    assert app.seen == seen
+    log = entries()
+    assert len(log) == before + 1
+    entry = log[-1]
+    assert entry["decision"] == "deny" and entry["reason"] == "unsupported_protocol"
+    assert entry["path"] == path and entry["note"] == "websocket upgrade"
+    assert entry["rule"] == (None if path == "/nowhere" else "GET /payments/*")
+    # The response names the entry it recorded.
+    assert Receipt.from_header(response.headers["axid-receipt"]).seq == entry["seq"]
+
+
+def test_websocket_on_ungoverned_path_reaches_the_app(governed, vpki: Pki) -> None:
+    """An ungoverned route is the app's, WebSockets included (unrecorded), and the
+    app sees the connection's extensions."""
+    server, app, _key, entries = governed
+    before = len(entries())
+    with _planner(vpki) as source:
+        ctx = client_context(source, server_id=vpki.dev.spiffe_id("payments"))
+        uri = f"wss://127.0.0.1:{server.port}/public/feed"
+        with connect(uri, ssl=ctx, proxy=None, open_timeout=WAIT) as conn:
+            got = json.loads(conn.recv(timeout=WAIT))
+    assert got["chain"] >= 1 and got["transport"]["tls"] is True
+    assert app.seen[-1] == ("WEBSOCKET", "/public/feed", b"")
+    assert len(entries()) == before

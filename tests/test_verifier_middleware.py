@@ -617,8 +617,11 @@ async def test_websocket_is_governed(world: World) -> None:
         sent.append(message)
 
     await world.verifier(scope, receive, send)
-    assert sent == [{"type": "websocket.close", "code": 1008, "reason": "token_missing"}]
-    assert world.last()["reason"] == "token_missing"
+    # A governed path is HTTP only: refused as such (a close without the
+    # websocket.http.response extension), recorded.
+    sent_close = {"type": "websocket.close", "code": 1008, "reason": "unsupported_protocol"}
+    assert sent == [sent_close]
+    assert world.last()["reason"] == "unsupported_protocol"
 
 
 # --------------------------------------------------------------------------- observability

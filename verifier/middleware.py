@@ -105,6 +105,8 @@ _MAX_METHOD: Final = 32
 # RFC 9110 section 5.6.2: token = 1*tchar.
 _METHOD_RE: Final = re.compile(rf"[!#$%&'*+.^_`|~0-9A-Za-z-]{{1,{_MAX_METHOD}}}")
 _ENCODED_SLASH_OR_DOT: Final = re.compile(rb"%2[ef]", re.IGNORECASE)
+# The ASGI extension letting a WebSocket handshake be answered with an HTTP response.
+_WS_HTTP_RESPONSE: Final = "websocket.http.response"
 
 
 class AxidVerifier:
@@ -235,7 +237,7 @@ class AxidVerifier:
         # Only a committed decision has a receipt (not a 503 audit_unavailable).
         header = receipt_header(receipt)
         if not decision.allow:
-            await refuse(scope, send, decision, header)
+            await _refuse(scope, send, decision, header)
             return
         assert decision.action is not None
         state = scope.get("state")
@@ -291,6 +293,8 @@ class AxidVerifier:
     ) -> tuple[Decision, Undo | None]:
         """Steps 1-7, and the undo of an allow's reservations (Pipeline.decide_with_undo);
         any failure of them is a deny (recorded by the caller)."""
+        if scope["type"] == "websocket":  # governed routes are HTTP only (DESIGN.md)
+            return _unsupported_protocol(rule), None
         try:
             presented = self._presented(scope, method, path, unroutable)
             return await pipeline.decide_with_undo(presented, rule)
@@ -424,6 +428,38 @@ def _transport(value: object) -> tuple[tuple[str, int] | None, bool] | None:
     ):
         peer = None
     return (peer[0], peer[1]) if peer is not None else None, value["tls"]
+
+
+def _unsupported_protocol(rule: RouteRule | None) -> Decision:
+    """The deny of a WebSocket on a governed path (or one no rule matches): 403."""
+    return Decision(
+        False,
+        "unsupported_protocol",
+        "governed routes are HTTP only: WebSocket upgrades are refused",
+        rule=rule.label if rule is not None else None,
+        scope_required=rule.scope_required if rule is not None else None,
+        note="websocket upgrade",
+    )
+
+
+async def _refuse(
+    scope: _Scope, send: _Send, decision: Decision, receipt: tuple[bytes, bytes] | None
+) -> None:
+    """:func:`refuse`; a WebSocket handshake gets the same HTTP answer (problem+json,
+    receipt) when the server has the ``websocket.http.response`` extension (uvicorn
+    has), else :func:`refuse`'s close (a bare 403)."""
+    extensions = scope.get("extensions")
+    if scope["type"] != "websocket" or not (
+        isinstance(extensions, dict) and _WS_HTTP_RESPONSE in extensions
+    ):
+        await refuse(scope, send, decision, receipt)
+        return
+
+    async def send_as_websocket(message: _Message) -> None:
+        # http.response.start/body -> websocket.http.response.start/body: same keys.
+        await send({**message, "type": "websocket." + message["type"]})
+
+    await refuse({**scope, "type": "http"}, send_as_websocket, decision, receipt)
 
 
 def _being_cancelled() -> bool:
