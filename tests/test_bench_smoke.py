@@ -20,11 +20,15 @@ REPO = Path(axid.__file__).resolve().parent.parent
 RESULT_FIELDS = {"name", "value", "unit", "baseline", "baseline_value", "ratio"}
 
 
-def _axid(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _axid(
+    *args: str, cwd: Path, env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``axid``; ``env`` adds variables to this process's (None: removes one)."""
+    full = {**os.environ, **(env or {})}
     return subprocess.run(
         [AXID_BIN, *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={k: v for k, v in full.items() if v is not None},
         capture_output=True,
         text=True,
         timeout=120,
@@ -67,12 +71,15 @@ def test_bench_quick_json_shape(tmp_path: Path) -> None:
 
 
 def test_bench_log_benchmarks_json_shape(tmp_path: Path) -> None:
+    # log.append_pg writes to the test server when there is one (2 writer processes,
+    # one append per caller), else it is skipped with its reason.
+    pg_url = os.environ.get("AXID_TEST_DATABASE_URL")
     out = tmp_path / "out.json"
     p = _axid(
         "bench",
         "--quick",
         "--only",
-        "log.append,log.verify,log.proof",
+        "log.append,log.append_pg,log.verify,log.proof",
         "--iterations",
         "64",
         "--log-size",
@@ -80,15 +87,29 @@ def test_bench_log_benchmarks_json_shape(tmp_path: Path) -> None:
         "--json",
         str(out),
         cwd=tmp_path,
+        env={"AXID_BENCH_DATABASE_URL": pg_url},
     )
-    assert p.returncode == 0, p.stderr
-    results = json.loads(out.read_text())["results"]
-    assert [r["name"] for r in results] == ["log.append", "log.verify", "log.proof"]
+    assert p.returncode == 0, p.stderr + p.stdout
+    doc = json.loads(out.read_text())
+    results = doc["results"]
+    names = ["log.append", "log.append_pg", "log.verify", "log.proof"]
+    units = ["ops/s", "ops/s", "entries/s", "µs/op"]
+    if pg_url is None:
+        assert doc["skipped"] == [
+            {
+                "name": "log.append_pg",
+                "reason": "AXID_BENCH_DATABASE_URL is not set (a postgresql:// URL to write to)",
+            }
+        ]
+        del names[1], units[1]
+    else:
+        assert doc["skipped"] == []
+    assert [r["name"] for r in results] == names
     for r in results:
         assert set(r) == RESULT_FIELDS
         assert r["value"] > 0 and r["baseline_value"] > 0
         assert math.isclose(r["ratio"], r["value"] / r["baseline_value"], rel_tol=1e-9)
-    assert [r["unit"] for r in results] == ["ops/s", "entries/s", "µs/op"]
+    assert [r["unit"] for r in results] == units
     assert "3,000-entry log" in p.stdout  # the size used is in the human table only
 
 
@@ -100,6 +121,8 @@ def test_bench_verifier_and_issuer_benchmarks_json_shape(tmp_path: Path) -> None
         "token.verify_cached",
         "issuer.mint_http",
         "verifier.governed_rps",
+        "verifier.latency_p50",
+        "verifier.latency_p99",
         "verifier.check_cached",
     ]
     p = _axid(
@@ -119,16 +142,19 @@ def test_bench_verifier_and_issuer_benchmarks_json_shape(tmp_path: Path) -> None
     assert doc.get("skipped", []) == []
     results = doc["results"]
     assert [r["name"] for r in results] == names
+    assert [r["unit"] for r in results] == ["ops/s"] * 3 + ["µs/op"] * 2 + ["ops/s"]
     for r in results:
         assert set(r) == RESULT_FIELDS
-        assert r["unit"] == "ops/s"
         assert isinstance(r["baseline"], str) and r["baseline"]
         for k in ("value", "baseline_value", "ratio"):
             assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0
         assert math.isclose(r["ratio"], r["value"] / r["baseline_value"], rel_tol=1e-9)
     # Human-only details are in the table (rich may wrap them between words).
-    for word in ("decisions", "mints", "fresh", "TokenCache"):
+    for word in ("decisions", "mints", "fresh", "TokenCache", "sequential"):
         assert word in p.stdout
+    # Both percentiles come from one measurement: the same samples, in order.
+    p50, p99 = results[3], results[4]
+    assert p50["value"] <= p99["value"] and p50["baseline_value"] <= p99["baseline_value"]
     # No server process outlives the command, and its temporary directory is gone.
     assert _processes_mentioning(str(tmp_path)) == []
     assert list(tmp_path.glob("axid-bench-*")) == []
