@@ -50,7 +50,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, select, text
 
-from axid.audit.entry import validate_fields
+from axid.audit.entry import DecisionFields
 from axid.audit.log import DecisionLog
 from axid.audit.merkle import leaf_hash, verify_inclusion
 from axid.audit.note import NoteSigner, NoteVerifier, open_checkpoint
@@ -369,14 +369,12 @@ class _BigLog:
         self.vkey = signer.vkey()
         self.store = LogStore(self.engine, LOG_NAME, signer=signer)
         self.store.ensure_log(self.store.origin, self.vkey)
-        valid = [validate_fields(f) for f in _FIELDS]
+        valid = [DecisionFields.from_mapping(f) for f in _FIELDS]
         with timed() as t:
             done = 0
             while done < size:
                 n = min(_BUILD_BATCH, size - done)
-                self.store.append_batch(
-                    [valid[(done + k) % _POOL] for k in range(n)], validated=True
-                )
+                self.store.append_batch([valid[(done + k) % _POOL] for k in range(n)])
                 done += n
         self.build_seconds = t[0]
 

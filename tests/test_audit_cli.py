@@ -25,7 +25,7 @@ from _audit_helpers import (
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from axid.audit.entry import parse_ts
+from axid.audit.entry import DecisionFields, parse_ts
 from axid.audit.export import ExportError, export_bundle
 from axid.audit.merkle import leaf_hash, verify_inclusion
 from axid.audit.note import NoteSigner, NoteVerifier, open_checkpoint
@@ -254,7 +254,9 @@ def test_database_source_reads_a_consistent_cut(sfx: LogFx) -> None:
     try:
         # A batch committed after the cut is left out: no false "unsigned tail".
         signer = NoteSigner("axid/payments", sfx.key)
-        LogStore(sfx.engine, "payments", signer=signer).append_batch([fields_for(0)] * 5)
+        LogStore(sfx.engine, "payments", signer=signer).append_batch(
+            [DecisionFields.from_mapping(fields_for(0))] * 5
+        )
         report = verify_log(source, vkey=sfx.vkey)
         assert report.ok, report.first_bad
         assert report.entries == N_ENTRIES
@@ -281,7 +283,9 @@ def big_log(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         store = LogStore(engine, "big", signer=signer)
         store.ensure_log("axid/big", signer.vkey())
         for b in range(3):
-            store.append_batch([fields_for(b * 3500 + i) for i in range(3500)])
+            store.append_batch(
+                [DecisionFields.from_mapping(fields_for(b * 3500 + i)) for i in range(3500)]
+            )
     finally:
         engine.dispose()
     return url, signer.vkey()

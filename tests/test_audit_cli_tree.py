@@ -20,6 +20,7 @@ from _audit_helpers import LogFx, runner
 from _pg import require_pg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from axid.audit.entry import DecisionFields
 from axid.audit.note import NoteSigner
 from axid.audit.store import LogStore, create_schema, make_engine
 from axid.audit.tree import build_tree, find_root
@@ -101,7 +102,7 @@ def build_world(url: str, prefix: str = "") -> World:
             stores[kind] = LogStore(engine, name, signer=signer)
             stores[kind].ensure_log(f"axid/{name}", signer.vkey())
         for kind, fields in _story(runs):
-            stores[kind].append_batch([fields])
+            stores[kind].append_batch([DecisionFields.from_mapping(fields)])
             time.sleep(0.003)  # distinct times: the tree orders decisions by time
     finally:
         engine.dispose()

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from axid.audit import accelerate as accelerate_mod
 from axid.audit import reference as reference_mod
-from axid.audit.entry import canonical_entry, format_ts, parse_entry, parse_ts
+from axid.audit.entry import DecisionFields, canonical_entry, format_ts, parse_entry, parse_ts
 from axid.audit.note import NoteSigner
 from axid.audit.store import LogStore, create_schema, make_engine
 from axid.audit.verify import (
@@ -69,7 +69,7 @@ def build(url: str, log: str, tmp: Path, batches: tuple[int, ...] = BATCHES) -> 
         store.ensure_log(store.origin, signer.vkey())
         i = 0
         for n in batches:
-            store.append_batch([log_fields(i + j) for j in range(n)])
+            store.append_batch([DecisionFields.from_mapping(log_fields(i + j)) for j in range(n)])
             i += n
     finally:
         engine.dispose()

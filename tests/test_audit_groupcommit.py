@@ -23,7 +23,7 @@ import pytest
 from _audit_storage_helpers import check_log, db_url, fields, fresh_log
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from axid.audit.entry import EntryError
+from axid.audit.entry import DecisionFields, EntryError
 from axid.audit.log import AuditUnavailable, DecisionLog, Receipt
 from axid.audit.merkle import leaf_hash
 from axid.audit.note import NoteSigner
@@ -354,7 +354,7 @@ def test_sigkill_mid_append_leaves_a_verifiable_log(
         assert leaf_hash(next(store.entries(seq, seq + 1))[1]).hex() == lh
     # The log is still appendable after the crash and continues the chain.
     signer_store = _prepare(url, log, key_path)
-    got = signer_store.append_batch([fields(0)])
+    got = signer_store.append_batch([DecisionFields.from_mapping(fields(0))])
     assert got[0].seq == chk.size
     assert check_log(signer_store, store.vkey(), consistency_checks=10).size == chk.size + 1
     store.engine.dispose()

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 import axid.audit.store as store_mod
-from axid.audit.entry import EntryError, parse_entry, validate_fields
+from axid.audit.entry import DecisionFields, EntryError, parse_entry
 from axid.audit.head import IntegrityFailure
 from axid.audit.merkle import (
     CompactRange,
@@ -72,11 +72,15 @@ def _new_store(engine: Engine, log: str | None = None) -> tuple[LogStore, str]:
     return s, signer.vkey()
 
 
+def _df(items: list[dict[str, object]]) -> list[DecisionFields]:
+    return [DecisionFields.from_mapping(f) for f in items]
+
+
 def _fill(s: LogStore, batches: list[int]) -> list[Receipt]:
     out: list[Receipt] = []
     i = 0
     for n in batches:
-        out += s.append_batch([fields(i + k) for k in range(n)])
+        out += s.append_batch(_df([fields(i + k) for k in range(n)]))
         i += n
     return out
 
@@ -128,7 +132,7 @@ def test_checkpoint_after_every_batch_verifies(engine: Engine) -> None:
     total = 0
     hashes: list[bytes] = []
     for n in BATCHES:
-        got = s.append_batch([fields(total + k) for k in range(n)])
+        got = s.append_batch(_df([fields(total + k) for k in range(n)]))
         total += n
         hashes += [r.leaf_hash for r in got]
         note = s.latest_checkpoint()
@@ -242,8 +246,8 @@ def test_several_logs_share_one_database(engine: Engine) -> None:
     a, va = _new_store(engine)
     b, vb = _new_store(engine)
     for i in range(6):
-        a.append_batch([fields(i)] * (i + 1))
-        b.append_batch([fields(100 + i)] * 2)
+        a.append_batch(_df([fields(i)] * (i + 1)))
+        b.append_batch(_df([fields(100 + i)] * 2))
     assert a.size() == 21 and b.size() == 12
     ca, cb = check_log(a, va), check_log(b, vb)
     assert set(ca.leaf_hashes).isdisjoint(cb.leaf_hashes)
@@ -255,7 +259,7 @@ def test_several_logs_share_one_database(engine: Engine) -> None:
 
 def test_one_log_one_key(engine: Engine) -> None:
     s, vkey = _new_store(engine)
-    s.append_batch([fields(0)])
+    s.append_batch(_df([fields(0)]))
     s.ensure_log(s.origin, vkey)  # idempotent with the same key
     other = NoteSigner(s.origin, Ed25519PrivateKey.generate())
     with pytest.raises(LogKeyMismatch):
@@ -263,7 +267,7 @@ def test_one_log_one_key(engine: Engine) -> None:
     # A store holding another key may not write checkpoints into this log.
     intruder = LogStore(engine, s.log, signer=other)
     with pytest.raises(IntegrityFailure, match="key"):
-        intruder.append_batch([fields(1)])
+        intruder.append_batch(_df([fields(1)]))
     assert s.size() == 1
     assert s.vkey() == vkey
     with pytest.raises(StoreError):
@@ -274,11 +278,11 @@ def test_append_needs_log_row_and_signer(engine: Engine) -> None:
     log = fresh_log()
     signer = NoteSigner(origin_for(log), Ed25519PrivateKey.generate())
     with pytest.raises(LogNotFound):
-        LogStore(engine, log, signer=signer).append_batch([fields(0)])
+        LogStore(engine, log, signer=signer).append_batch(_df([fields(0)]))
     with pytest.raises(LogNotFound):
         LogStore(engine, log).vkey()
     with pytest.raises(StoreError):
-        LogStore(engine, log).append_batch([fields(0)])
+        LogStore(engine, log).append_batch(_df([fields(0)]))
     with pytest.raises(StoreError):
         LogStore(engine, log, signer=NoteSigner("axid/other", Ed25519PrivateKey.generate()))
     for bad in ("", "Upper", "-x", "a" * 65, "a/b", "a b"):
@@ -287,32 +291,31 @@ def test_append_needs_log_row_and_signer(engine: Engine) -> None:
     assert LogStore(engine, log, signer=signer).append_batch([]) == []
 
 
-def test_validated_batches(engine: Engine) -> None:
-    # validated=True: the items are validate_fields() results, written as they are.
+def test_batches_take_only_decision_fields(engine: Engine) -> None:
+    # The items are DecisionFields (checked when made), written as they are.
     s, vkey = _new_store(engine)
-    plain = s.append_batch([fields(0), fields(1)])
-    got = s.append_batch([validate_fields(fields(i)) for i in (2, 3)], validated=True)
-    assert [r.seq for r in plain + got] == [0, 1, 2, 3]
+    got = s.append_batch(_df([fields(0), fields(1)]))
+    assert [r.seq for r in got] == [0, 1]
     chk = check_log(s, vkey)
-    for i in range(4):
+    for i in range(2):
         for k, v in fields(i).items():
             assert chk.entries[i][k] == v
-    # Raw caller fields are not what validated=True takes: nothing is committed.
+    # Raw caller fields are not what append_batch takes: nothing is committed.
     with pytest.raises(EntryError):
-        s.append_batch([validate_fields(fields(4)), fields(5)], validated=True)
-    assert s.size() == 4 and [size for size, _ in s.checkpoints()] == [2, 4]
+        s.append_batch([*_df([fields(2)]), fields(3)])  # type: ignore[list-item]
+    assert s.size() == 2 and [size for size, _ in s.checkpoints()] == [2]
 
 
 def test_failed_batch_commits_nothing(engine: Engine) -> None:
     s, vkey = _new_store(engine)
-    s.append_batch([fields(0), fields(1)])
-    bad = [fields(2), fields(3), {"decision": "maybe", "reason": "ok"}]
+    s.append_batch(_df([fields(0), fields(1)]))
+    bad = [*_df([fields(2), fields(3)]), {"decision": "maybe", "reason": "ok"}]
     with pytest.raises(EntryError):
-        s.append_batch(bad)
+        s.append_batch(bad)  # type: ignore[arg-type]
     assert s.size() == 2
     assert [size for size, _ in s.checkpoints()] == [2]
     # The next batch continues the chain where the last commit left it.
-    assert [r.seq for r in s.append_batch([fields(2), fields(3)])] == [2, 3]
+    assert [r.seq for r in s.append_batch(_df([fields(2), fields(3)]))] == [2, 3]
     assert check_log(s, vkey).size == 4
 
 
@@ -321,7 +324,7 @@ def test_head_is_read_from_the_database(engine: Engine) -> None:
     s1, vkey = _new_store(engine)
     s2 = LogStore(engine, s1.log, signer=s1._signer)
     for i in range(10):
-        (s1 if i % 3 else s2).append_batch([fields(i)] * (1 + i % 4))
+        (s1 if i % 3 else s2).append_batch(_df([fields(i)] * (1 + i % 4)))
     chk = check_log(s1, vkey)
     assert chk.size == sum(1 + i % 4 for i in range(10))
 

@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from axid.audit import accelerate as accelerate_mod
 from axid.audit import forkpool as forkpool_mod
 from axid.audit import reference as reference_mod
-from axid.audit.entry import canonical_entry, parse_ts
+from axid.audit.entry import DecisionFields, canonical_entry, parse_ts
 from axid.audit.merkle import CompactRange, leaf_hash
 from axid.audit.note import Checkpoint, NoteSigner, NoteVerifier, open_checkpoint, sign_checkpoint
 from axid.audit.store import LogStore, create_schema, make_engine
@@ -922,13 +922,13 @@ def test_fast_path_modes_agree_on_unusual_entries(
         for batch in (7, 20, 13):
             store.append_batch(
                 [
-                    {
-                        "decision": "allow",
-                        "reason": "ok",
-                        "note": notes[i % 4],
-                        "path": "/p" * (i % 4 == 2) * 1000,  # with the note: over 8 KiB
-                        "chain": ['"\\'],
-                    }
+                    DecisionFields(
+                        "allow",
+                        "ok",
+                        note=notes[i % 4],
+                        path="/p" * (i % 4 == 2) * 1000,  # with the note: over 8 KiB
+                        chain=['"\\'],
+                    )
                     for i in range(batch)
                 ]
             )

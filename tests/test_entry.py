@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import json
 import re
@@ -18,6 +19,7 @@ from axid.audit.entry import (
     MAX_CHAIN,
     MAX_STR_LEN,
     ZERO_HASH_HEX,
+    DecisionFields,
     EntryError,
     canonical_entry,
     encode_entry,
@@ -25,7 +27,6 @@ from axid.audit.entry import (
     format_ts,
     parse_entry,
     parse_ts,
-    validate_fields,
 )
 
 PREV = "ab" * 32
@@ -304,7 +305,7 @@ def test_canonical_entry_arbitrary_fields(fields: dict[str, object]) -> None:
 
 
 # --------------------------------------------------------------------------- fast path
-# validate_fields / encode_entry are the appender's hot path; the fast
+# DecisionFields / encode_entry are the appender's hot path; the fast
 # serialiser must give exactly rfc8785's bytes for everything validation accepts.
 
 _OPTIONAL_STR_FIELDS = [
@@ -402,21 +403,35 @@ def test_encoder_self_check() -> None:
     assert parse_entry(data)["note"] == FULL["note"]
 
 
-def test_validate_fields_returns_complete_private_copy() -> None:
+def test_decision_fields_from_mapping_is_complete_and_private() -> None:
     chain = ["run-1"]
     f: dict[str, object] = {"decision": "deny", "reason": "ok", "chain": chain, "tenant": "t"}
-    v = validate_fields(f)
-    assert set(v) == set(ENTRY_FIELDS) - {"v", "seq", "ts", "log", "prev"}
-    assert v["chain"] == ["run-1"] and v["chain"] is not chain
-    assert v["path"] is None and v["tenant"] == "t"
+    v = DecisionFields.from_mapping(f)
+    names = [x.name for x in dataclasses.fields(v) if x.init]
+    assert names == [k for k in ENTRY_FIELDS if k not in {"v", "seq", "ts", "log", "prev"}]
+    assert v.chain == ("run-1",)
+    assert v.path is None and v.tenant == "t"
     chain.append("x")
     f["decision"] = "allow"
-    assert v["decision"] == "deny" and v["chain"] == ["run-1"]
-    as_tuple = validate_fields({"decision": "allow", "reason": "ok", "chain": ("a", "b")})
-    assert as_tuple["chain"] == ["a", "b"]
+    assert v.decision == "deny" and v.chain == ("run-1",)
+    assert v == DecisionFields("deny", "ok", chain=["run-1"], tenant="t")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        v.note = "x"  # type: ignore[misc]
+    with pytest.raises(EntryError):
+        dataclasses.replace(v, note="\ud800")
+    with pytest.raises(TypeError):
+        type("Sub", (DecisionFields,), {})
 
 
-def test_validate_fields_normalises_str_subclasses() -> None:
+def test_cut_note_is_one_rule() -> None:
+    assert entry_mod.MAX_NOTE == 2000
+    assert DecisionFields.cut_note(None) is None
+    assert DecisionFields.cut_note("n" * 2000) == "n" * 2000
+    cut = DecisionFields.cut_note("n" * 2001)
+    assert cut == "n" * 1997 + "..." and len(cut) == 2000
+
+
+def test_decision_fields_normalise_str_subclasses() -> None:
     class Decision(enum.StrEnum):
         ALLOW = "allow"
 
@@ -424,43 +439,46 @@ def test_validate_fields_normalises_str_subclasses() -> None:
         def __str__(self) -> str:
             return "something else"
 
-    v = validate_fields({"decision": Decision.ALLOW, "reason": "ok", "note": Sneaky("n")})
-    assert type(v["decision"]) is str and v["decision"] == "allow"
-    assert type(v["note"]) is str and v["note"] == "n"
+    v = DecisionFields.from_mapping(
+        {"decision": Decision.ALLOW, "reason": "ok", "note": Sneaky("n")}
+    )
+    assert type(v.decision) is str and v.decision == "allow"
+    assert type(v.note) is str and v.note == "n"
+    assert DecisionFields(Decision.ALLOW, "ok", note=Sneaky("n")) == v
     data = encode_entry(v, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0)
     assert b'"decision":"allow"' in data and b'"note":"n"' in data
 
 
 @pytest.mark.parametrize(("desc", "fields"), BAD_FIELDS, ids=[b[0] for b in BAD_FIELDS])
-def test_validate_fields_rejects(desc: str, fields: dict[str, object]) -> None:
+def test_decision_fields_reject(desc: str, fields: dict[str, object]) -> None:
     with pytest.raises(EntryError):
-        validate_fields(fields)
+        DecisionFields.from_mapping(fields)
 
 
-def test_validate_fields_size_limit() -> None:
+def test_decision_fields_size_limit() -> None:
     big = "\x01" * MAX_STR_LEN  # 6 bytes each once escaped
     ok = {"decision": "allow", "reason": "ok", "note": big, "path": big}
     data = canonical_entry(ok, seq=1, prev=PREV, log="x" * 64, ts=TS_MS)
     assert len(data) <= entry_mod.MAX_ENTRY_SIZE
     too_big = {**ok, **{k: big for k in _OPTIONAL_STR_FIELDS}}
     with pytest.raises(EntryError, match="larger than"):
-        validate_fields(too_big)
+        DecisionFields.from_mapping(too_big)
 
 
-def test_encode_entry_takes_only_validated_dicts() -> None:
-    v = validate_fields({"decision": "allow", "reason": "ok"})
+def test_encode_entry_takes_only_decision_fields() -> None:
+    v = DecisionFields.from_mapping({"decision": "allow", "reason": "ok"})
     assert encode_entry(v, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0) == canonical_entry(
         {"decision": "allow", "reason": "ok"}, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0
     )
+    assert canonical_entry(v, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0) == encode_entry(
+        v, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0
+    )
     for bad in (
         {"decision": "allow", "reason": "ok"},  # raw caller fields
-        {**v, "seq": 1},
-        {k: x for k, x in v.items() if k != "note"},
+        {f: getattr(v, f) for f in ("decision", "reason")},
     ):
         with pytest.raises(EntryError):
-            encode_entry(bad, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0)
-    with pytest.raises(EntryError):
-        encode_entry(dict(v, note=1.5), seq=0, prev=ZERO_HASH_HEX, log="l", ts=0)
+            encode_entry(bad, seq=0, prev=ZERO_HASH_HEX, log="l", ts=0)  # type: ignore[arg-type]
 
 
 @settings(max_examples=300, deadline=None)

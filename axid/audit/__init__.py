@@ -4,7 +4,8 @@ The math is pure and kept apart from storage, as in transparency-dev/merkle:
 
 - :mod:`axid.audit.merkle`  RFC 6962/9162 hashing, inclusion and consistency proofs
 - :mod:`axid.audit.note`    C2SP signed notes, tlog checkpoints and vkeys (Ed25519)
-- :mod:`axid.audit.entry`   the RFC 8785 canonical decision entry
+- :mod:`axid.audit.entry`   the RFC 8785 canonical decision entry, and :class:`DecisionFields`,
+  the one typed value a decision is inside AXID (what :meth:`DecisionLog.append` takes)
 - :mod:`axid.audit.store`   SQLModel storage: entries, Merkle nodes, signed checkpoints
 - :mod:`axid.audit.head`    the authenticated head: what the writer proves before it signs
 - :mod:`axid.audit.log`     :class:`DecisionLog`, the group-commit appender services use
@@ -27,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from axid.audit.cosignature import CosignatureError, WitnessKey, WitnessSigner
-    from axid.audit.entry import ENTRY_FIELDS, EntryError, canonical_entry, parse_entry
+    from axid.audit.entry import (
+        ENTRY_FIELDS,
+        DecisionFields,
+        EntryError,
+        canonical_entry,
+        parse_entry,
+    )
+    from axid.audit.errors import AuditError
     from axid.audit.export import ExportError, ExportResult, export_bundle
     from axid.audit.head import IntegrityFailure
     from axid.audit.log import AuditUnavailable, DecisionLog
@@ -73,11 +81,13 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS: dict[str, str] = {
+    "AuditError": "axid.audit.errors",
     "AuditUnavailable": "axid.audit.log",
     "Checkpoint": "axid.audit.note",
     "CompactRange": "axid.audit.merkle",
     "CosignatureError": "axid.audit.cosignature",
     "DatabaseSource": "axid.audit.verify",
+    "DecisionFields": "axid.audit.entry",
     "DecisionLog": "axid.audit.log",
     "ENTRY_FIELDS": "axid.audit.entry",
     "EntryError": "axid.audit.entry",
@@ -123,11 +133,13 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ENTRY_FIELDS",
+    "AuditError",
     "AuditUnavailable",
     "Checkpoint",
     "CompactRange",
     "CosignatureError",
     "DatabaseSource",
+    "DecisionFields",
     "DecisionLog",
     "EntryError",
     "ExportDirSource",

@@ -32,9 +32,14 @@ Strings must be valid Unicode (no lone surrogates) and at most
 :data:`MAX_STR_LEN` characters; ``chain`` holds at most :data:`MAX_CHAIN`
 items; a whole entry is at most :data:`MAX_ENTRY_SIZE` bytes.
 
-Hot path: :class:`~axid.audit.log.DecisionLog` checks a caller's fields once,
-with :func:`validate_fields`, before queueing them; the commit batch then only
-adds the log's fields and serialises (:func:`encode_entry`).
+Inside AXID a decision is one typed value, :class:`DecisionFields`: the
+caller's part of an entry, checked once, when it is made (a mapping of the
+entry's field names becomes one with :meth:`DecisionFields.from_mapping`).
+Hot path: :class:`~axid.audit.log.DecisionLog` gets or makes one before
+queueing it; the commit batch then only adds the log's fields and
+serialises (:func:`encode_entry`). :data:`MAX_NOTE` and
+:meth:`DecisionFields.cut_note` are the one rule for the length of the
+notes AXID's own services write.
 
 ONE encoder: it fills a fixed template (the keys in canonical order) with
 values escaped by the standard library's JSON string encoder (C-accelerated,
@@ -65,6 +70,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import filterfalse
 from json.encoder import encode_basestring as _json_str  # C version when available
@@ -76,8 +82,10 @@ __all__ = [
     "ENTRY_VERSION",
     "MAX_CHAIN",
     "MAX_ENTRY_SIZE",
+    "MAX_NOTE",
     "MAX_STR_LEN",
     "ZERO_HASH_HEX",
+    "DecisionFields",
     "EntryError",
     "canonical_entry",
     "encode_entry",
@@ -85,7 +93,6 @@ __all__ = [
     "format_ts",
     "parse_entry",
     "parse_ts",
-    "validate_fields",
 ]
 
 ENTRY_FIELDS: tuple[str, ...] = (
@@ -118,6 +125,7 @@ ZERO_HASH_HEX = "0" * 64
 MAX_STR_LEN = 8192
 MAX_CHAIN = 64
 MAX_ENTRY_SIZE = 256 * 1024
+MAX_NOTE = 2000  # the notes AXID's own services write (DecisionFields.cut_note)
 _MAX_SEQ = 2**53 - 1  # RFC 8785 (I-JSON) integer range
 
 # Set by the log itself (keyword arguments of canonical_entry), never by callers' fields.
@@ -136,11 +144,11 @@ _MAX_TS_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 
-# The caller's part of an entry (validate_fields' result has exactly these keys).
+# The caller's part of an entry (DecisionFields' fields, in this order).
 _DECISION_FIELDS: tuple[str, ...] = tuple(f for f in ENTRY_FIELDS if f not in _LOG_FIELDS)
 _DECISION_KEYS = frozenset(_DECISION_FIELDS)
 _ENTRY_KEYS = frozenset(ENTRY_FIELDS)
-# Longest log name validate_fields reserves room for (the store's LOG_NAME_RE
+# Longest log name DecisionFields reserves room for (the store's LOG_NAME_RE
 # allows 64 ASCII characters); encode_entry checks the exact size regardless.
 _RESERVED_LOG_LEN = 64
 
@@ -176,80 +184,6 @@ def parse_ts(ts: str) -> int:
     if ms < 0:
         raise EntryError(f"timestamp before 1970: {ts!r}")
     return ms
-
-
-# --------------------------------------------------------------------------- serialising
-
-# Entries have one fixed set of ASCII keys, so their canonical order is fixed
-# (for ASCII, UTF-16 code-unit order is Python's str order) and the skeleton
-# can be a template; each value is encoded by the standard library's JSON
-# string escaper (the one json.dumps uses; C-accelerated), "null" or the
-# decimal int. This is the hot path of every append.
-_SORTED_FIELDS: tuple[str, ...] = tuple(sorted(ENTRY_FIELDS))
-_TEMPLATE = "{" + ",".join(f'"{k}":%s' for k in _SORTED_FIELDS) + "}"
-
-
-def _fill_template(entry: dict[str, object]) -> bytes:
-    """JCS bytes of a dict holding exactly ENTRY_FIELDS with validated values."""
-    if len(entry) != len(_SORTED_FIELDS):
-        raise TypeError("not an entry")
-    values = []
-    for k in _SORTED_FIELDS:
-        v = entry[k]
-        if v is None:
-            values.append("null")
-        elif type(v) is str:
-            values.append(_json_str(v))
-        elif type(v) is int:
-            values.append(int.__repr__(v))
-        elif type(v) is list:
-            values.append("[" + ",".join(map(_json_str, v)) + "]")  # items: validated str
-        else:
-            raise TypeError(f"unexpected {type(v).__name__} in entry field {k!r}")
-    return (_TEMPLATE % tuple(values)).encode("utf-8")
-
-
-def _encoder_matches_rfc8785() -> bool:
-    """Whether the template yields the ``rfc8785`` bytes on this Python (checked at import)."""
-    tricky = {
-        "note": "".join(map(chr, range(0x80))),  # every control char, DEL, quote, backslash
-        "path": "\u0080\u00e9\u00ff\u0100\u07ff\u0800\u2028\u2029\ufeff\ufffd\uffff",
-        "rule": "\U00010000\U0001f600\U0010ffff",
-        "chain": ["", "a\u0000b\u001f", "\U0001f600", '"\\/'],
-        "seq": _MAX_SEQ,
-        "v": 1,
-        "tenant": "",
-    }
-    sample: dict[str, object] = {**dict.fromkeys(ENTRY_FIELDS), **tricky}
-    try:
-        return _fill_template(sample) == rfc8785.dumps(sample)
-    except (ValueError, TypeError):  # pragma: no cover - defensive
-        return False
-
-
-if not _encoder_matches_rfc8785():  # pragma: no cover - CPython's escaper is ECMAScript's
-    raise ImportError(
-        "axid.audit.entry: this Python's JSON string escaper does not write RFC 8785 "
-        "strings, so decision-log entries cannot be encoded here"
-    )
-
-
-def _jcs(entry: dict[str, object]) -> bytes:
-    """RFC 8785 bytes of a validated entry (values str, None, int in range, list of str).
-
-    Only validated dicts may come here: the template is byte-identical to
-    ``rfc8785`` for exactly these types and this key set (floats, for one,
-    would differ), which validation guarantees.
-    """
-    try:
-        return _fill_template(entry)
-    except (UnicodeEncodeError, ValueError, TypeError, KeyError) as e:  # ruled out
-        raise EntryError("entry cannot be canonicalized") from e
-
-
-# A commit batch stamps all its entries with one ts: check each distinct string
-# once. Thread-safe; failures raise and are not cached.
-_parse_ts_cached = functools.lru_cache(maxsize=64)(parse_ts)
 
 
 # --------------------------------------------------------------------------- validation
@@ -292,57 +226,41 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> int:
     return value
 
 
-# The log's own fields at their longest (the log name: the longest the store allows).
-_LONGEST_LOG_FIELDS: dict[str, object] = {
-    "v": ENTRY_VERSION,
-    "seq": _MAX_SEQ,
-    "ts": "9999-12-31T23:59:59.999Z",
-    "log": "x" * _RESERVED_LOG_LEN,
-    "prev": "f" * 64,
-}
-# Worst-case bytes of everything but the caller's string characters: the
-# skeleton of an entry with every optional field null, the log's own fields
-# at their longest, and the quotes and comma of every chain item.
-_SKELETON = (
-    len(_jcs({**dict.fromkeys(ENTRY_FIELDS), "chain": [], **_LONGEST_LOG_FIELDS})) + 3 * MAX_CHAIN
-)
-# A str character takes at most 6 bytes in JCS (\u00xx); astral ones, 2
-# UTF-16 units but one Python character, take 4.
-_MAX_BYTES_PER_CHAR = 6
+# Positions in DecisionFields' values (the _DECISION_FIELDS order).
+_OPTIONAL_IDX = tuple((_DECISION_FIELDS.index(f), f) for f in _OPTIONAL_STR)
+_CHAIN_IDX = _DECISION_FIELDS.index("chain")
 
 
-def validate_fields(fields: Mapping[str, object]) -> dict[str, object]:
-    """Check a caller's decision fields; return a complete, private, normalised copy.
-
-    ``decision`` and ``reason`` are required; the other decision fields
-    default to ``None`` (``chain`` to ``[]``); ``v``, ``seq``, ``ts``, ``log``
-    and ``prev`` are the log's and refused here. The result has exactly the
-    decision fields as keys, plain ``str``/``None`` values and a fresh
-    ``list`` of plain ``str`` for ``chain`` (a tuple is accepted), so later
-    changes to ``fields`` cannot reach it. It also guarantees the entry fits
-    :data:`MAX_ENTRY_SIZE` for any log name of up to 64 ASCII characters
-    (every name the store accepts). Pass it to :func:`encode_entry`.
-    """
-    return _validate_fields(fields, size_check=True)
-
-
-def _validate_fields(fields: Mapping[str, object], *, size_check: bool) -> dict[str, object]:
-    out = _complete(fields)
-    chars = _check_values(out)
-    # Only when the bound says it might not fit (tens of KiB of text): measure
-    # exactly, with the longest log fields.
-    if (
-        size_check
-        and _SKELETON + _MAX_BYTES_PER_CHAR * chars > MAX_ENTRY_SIZE
-        and len(_jcs({**out, **_LONGEST_LOG_FIELDS})) > MAX_ENTRY_SIZE
-    ):
-        raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
+def _checked_values(values: Sequence[object]) -> list[object]:
+    """The caller's values (the _DECISION_FIELDS order) checked and normalised:
+    plain ``str``/``None``, ``chain`` a tuple of plain ``str``."""
+    out = list(values)
+    decision, reason = out[0], out[1]
+    if not isinstance(decision, str) or _exact_str(decision) not in _DECISIONS:
+        raise EntryError(f"field 'decision' must be 'allow' or 'deny', got {decision!r}")
+    out[0] = _exact_str(decision)
+    if not isinstance(reason, str) or not _REASON_RE.fullmatch(_exact_str(reason)):
+        raise EntryError(f"field 'reason' is not a reason code: {reason!r}")
+    out[1] = _exact_str(reason)
+    for i, name in _OPTIONAL_IDX:
+        value = out[i]
+        # Fast path for the usual None or plain ASCII str (isascii() is O(1)).
+        if value is not None and (
+            type(value) is not str or not value.isascii() or len(value) > MAX_STR_LEN
+        ):
+            out[i] = _check_opt_str(name, value)
+    chain = out[_CHAIN_IDX]
+    if not isinstance(chain, list | tuple):
+        raise EntryError(f"field 'chain' must be a list, got {type(chain).__name__}")
+    if len(chain) > MAX_CHAIN:
+        raise EntryError(f"field 'chain' has more than {MAX_CHAIN} items")
+    out[_CHAIN_IDX] = tuple([_check_str(f"chain[{i}]", run) for i, run in enumerate(chain)])
     return out
 
 
-def _complete(fields: Mapping[str, object]) -> dict[str, object]:
-    """A private copy of the caller's fields with every decision field (defaults
-    filled in); unknown, log-set and missing required fields refused."""
+def _given(fields: Mapping[str, object]) -> dict[str, object]:
+    """A private copy of a caller's mapping; unknown, log-set and missing required
+    fields refused."""
     if type(fields) is dict:
         given = fields.copy()
     elif isinstance(fields, Mapping):
@@ -358,48 +276,188 @@ def _complete(fields: Mapping[str, object]) -> dict[str, object]:
     missing = [k for k in ("decision", "reason") if k not in given]
     if missing:
         raise EntryError(f"missing required field(s): {', '.join(missing)}")
-    out: dict[str, object] = dict.fromkeys(_DECISION_FIELDS)
-    out["chain"] = []
-    out.update(given)  # keeps out's own (plain str) keys
-    return out
+    return given
 
 
-def _check_values(out: dict[str, object]) -> int:
-    """Check and normalise (in place) every decision field's value; the number of
-    characters of text they hold."""
-    decision = out["decision"]
-    if not isinstance(decision, str) or _exact_str(decision) not in _DECISIONS:
-        raise EntryError(f"field 'decision' must be 'allow' or 'deny', got {decision!r}")
-    out["decision"] = _exact_str(decision)
-    reason = out["reason"]
-    if not isinstance(reason, str) or not _REASON_RE.fullmatch(_exact_str(reason)):
-        raise EntryError(f"field 'reason' is not a reason code: {reason!r}")
-    reason = _exact_str(reason)
-    out["reason"] = reason
-    chars = len(reason)
-    for name in _OPTIONAL_STR:
-        value = out[name]
-        if value is None:
-            continue
-        # Fast path for the usual plain ASCII str (isascii() is O(1)).
-        if type(value) is not str or not value.isascii() or len(value) > MAX_STR_LEN:
-            value = _check_opt_str(name, value)
-            out[name] = value
-        chars += len(value)  # type: ignore[arg-type]
-    chain = out["chain"]
-    if not isinstance(chain, list | tuple):
-        raise EntryError(f"field 'chain' must be a list, got {type(chain).__name__}")
-    if len(chain) > MAX_CHAIN:
-        raise EntryError(f"field 'chain' has more than {MAX_CHAIN} items")
-    items = [_check_str(f"chain[{i}]", run) for i, run in enumerate(chain)]
-    out["chain"] = items
-    return chars + sum(map(len, items))
+# --------------------------------------------------------------------------- the caller's fields
+
+_set = object.__setattr__  # DecisionFields is frozen: its fields are set once, in _setup
+# Every caller field with its default, in DecisionFields' order (a mapping's
+# values, merged over these, come out in that order).
+_DEFAULTS: dict[str, object] = {**dict.fromkeys(_DECISION_FIELDS), "chain": ()}
 
 
-def _set_log_fields(
-    entry: dict[str, object], seq: object, prev: object, log: object, ts: object
-) -> None:
-    """Check the log's own fields and set them (plain types), with ``v``, in ``entry``."""
+@dataclass(frozen=True, slots=True, init=False)
+class DecisionFields:
+    """One decision as the log records it: exactly the caller's part of an entry.
+
+    Typed, validated and immutable: the constructor checks every field with the
+    entry format's rules (the module docstring) and raises :class:`EntryError`;
+    ``decision`` and ``reason`` are required, the others default to ``None``
+    (``chain`` to ``()``). What it holds is what gets encoded: plain ``str``
+    (a ``str`` subclass becomes the plain string of its characters) or
+    ``None``, and ``chain`` a tuple of plain ``str`` (a list is accepted). It
+    also guarantees the entry fits :data:`MAX_ENTRY_SIZE` for any log name of
+    up to 64 ASCII characters (every name the store accepts). The log adds its
+    own fields (``v``, ``seq``, ``ts``, ``log``, ``prev``) when it commits
+    (:func:`encode_entry`).
+
+    It keeps its values' JSON text, in canonical order, for the encoder: a
+    commit batch only fills in the log's fields.
+    """
+
+    decision: str
+    reason: str
+    method: str | None = None
+    path: str | None = None
+    service: str | None = None
+    peer: str | None = None
+    peer_cert: str | None = None
+    kid: str | None = None
+    jti: str | None = None
+    iss: str | None = None
+    tenant: str | None = None
+    agent: str | None = None
+    run: str | None = None
+    spawn_parent: str | None = None
+    chain: tuple[str, ...] = ()
+    scope_required: str | None = None
+    rule: str | None = None
+    note: str | None = None
+    _json: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __init__(
+        self,
+        decision: str,
+        reason: str,
+        method: str | None = None,
+        path: str | None = None,
+        service: str | None = None,
+        peer: str | None = None,
+        peer_cert: str | None = None,
+        kid: str | None = None,
+        jti: str | None = None,
+        iss: str | None = None,
+        tenant: str | None = None,
+        agent: str | None = None,
+        run: str | None = None,
+        spawn_parent: str | None = None,
+        chain: Sequence[str] = (),
+        scope_required: str | None = None,
+        rule: str | None = None,
+        note: str | None = None,
+    ) -> None:
+        values = (decision, reason, method, path, service, peer, peer_cert, kid, jti, iss)
+        _setup(
+            self,
+            (*values, tenant, agent, run, spawn_parent, chain, scope_required, rule, note),
+            size_check=True,
+        )
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        # The encoder trusts what a DecisionFields holds: no subclass may change that.
+        raise TypeError("DecisionFields cannot be subclassed")
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, object]) -> DecisionFields:
+        """A decision given as a mapping of exactly the entry's field names (for
+        callers outside AXID): ``decision`` and ``reason`` required, the log's
+        own fields refused; :class:`EntryError` otherwise. The mapping is read
+        once: later changes to it cannot reach the result."""
+        obj = object.__new__(cls)
+        _setup(obj, list({**_DEFAULTS, **_given(fields)}.values()), size_check=True)
+        return obj
+
+    @staticmethod
+    def cut_note(note: str | None) -> str | None:
+        """``note`` cut to :data:`MAX_NOTE` characters, ending in ``...`` when cut:
+        the one rule for the notes AXID's own services write."""
+        if note is None or len(note) <= MAX_NOTE:
+            return note
+        return note[: MAX_NOTE - 3] + "..."
+
+
+def _setup(obj: DecisionFields, values: Sequence[object], *, size_check: bool) -> None:
+    """Check ``values`` (the _DECISION_FIELDS order), set them and their JSON text."""
+    checked = _checked_values(values)
+    for name, value in zip(_DECISION_FIELDS, checked, strict=False):  # same length, always
+        _set(obj, name, value)
+    parts = _parts(checked)
+    # Exact, with the longest log fields the store allows.
+    if size_check and _LONGEST_LOG_BYTES + sum(map(_utf8_len, parts)) > MAX_ENTRY_SIZE:
+        raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
+    _set(obj, "_json", parts)
+
+
+def _unsized(values: Sequence[object]) -> DecisionFields:
+    """A DecisionFields without the size guarantee (a stored entry: its exact size is known)."""
+    obj = object.__new__(DecisionFields)
+    _setup(obj, values, size_check=False)
+    return obj
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- serialising
+
+# Entries have one fixed set of ASCII keys, so their canonical order is fixed
+# (for ASCII, UTF-16 code-unit order is Python's str order) and the skeleton
+# can be a template; each value is encoded by the standard library's JSON
+# string escaper (the one json.dumps uses; C-accelerated), "null" or the
+# decimal int. The template is cut at the log's fields: a DecisionFields
+# fills the caller's parts once (_parts), and every append only joins them
+# with the log's values (_join). This is the hot path of every append.
+_SORTED_FIELDS: tuple[str, ...] = tuple(sorted(ENTRY_FIELDS))
+# The log's fields in template order; _join spells this order out.
+if tuple(f for f in _SORTED_FIELDS if f in _LOG_FIELDS) != ("log", "prev", "seq", "ts", "v"):
+    raise RuntimeError("entry template: the log's fields out of order")  # pragma: no cover
+
+
+# The whole template with the caller's values, in canonical order, as %s and
+# each log field's value as a NUL: no JSON text of a value holds a raw NUL
+# (the escaper writes \u0000), so splitting at them cuts exactly there.
+_CALLER_TEMPLATE = (
+    "{" + ",".join(f'"{k}":' + ("\x00" if k in _LOG_FIELDS else "%s") for k in _SORTED_FIELDS) + "}"
+)
+# Where each %s takes its value from, in DecisionFields' values: the str fields,
+# then chain's place among them.
+_CALLER_ORDER = tuple(_DECISION_FIELDS.index(k) for k in _SORTED_FIELDS if k not in _LOG_FIELDS)
+_STR_ORDER = tuple(i for i in _CALLER_ORDER if i != _CHAIN_IDX)
+_CHAIN_POS = _CALLER_ORDER.index(_CHAIN_IDX)
+
+
+def _parts(values: list[object]) -> tuple[str, ...]:
+    """The template's text around the log's fields, with these validated caller values."""
+    texts = ["null" if v is None else _json_str(v) for v in map(values.__getitem__, _STR_ORDER)]
+    chain: tuple[str, ...] = values[_CHAIN_IDX]  # type: ignore[assignment]  # validated
+    texts.insert(_CHAIN_POS, "[" + ",".join(map(_json_str, chain)) + "]")
+    return tuple((_CALLER_TEMPLATE % tuple(texts)).split("\x00"))
+
+
+def _join(parts: tuple[str, ...], log: str, prev: str, seq: int, ts: str) -> str:
+    """The entry's JCS text: the caller's parts and the log's checked values."""
+    return (
+        f'{parts[0]}{_json_str(log)}{parts[1]}"{prev}"{parts[2]}{seq}'
+        f'{parts[3]}"{ts}"{parts[4]}{ENTRY_VERSION}{parts[5]}'
+    )
+
+
+# The log's own fields at their longest (the log name: the longest the store allows).
+_LONGEST_LOG_BYTES = len(
+    _join(
+        ("",) * (len(_LOG_FIELDS) + 1),
+        "x" * _RESERVED_LOG_LEN,
+        "f" * 64,
+        _MAX_SEQ,
+        format_ts(_MAX_TS_MS),
+    )
+)
+
+
+def _log_values(seq: object, prev: object, log: object, ts: object) -> tuple[int, str, str, str]:
+    """The log's own fields checked, as plain types (``ts`` its canonical string)."""
     if type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
         seq = _check_int("seq", seq, 0, _MAX_SEQ)
     if type(ts) is str:
@@ -422,45 +480,77 @@ def _set_log_fields(
     # would be a forged chain start (SHA-256 never yields it in practice).
     if (seq == 0) != (prev == ZERO_HASH_HEX):
         raise EntryError("field 'prev' must be the zero hash exactly when seq is 0")
-    entry["v"] = ENTRY_VERSION
-    entry["seq"] = seq
-    entry["ts"] = ts
-    entry["log"] = log
-    entry["prev"] = prev
+    return seq, prev, log, ts  # type: ignore[return-value]  # each checked above
 
 
-def encode_entry(
-    valid: dict[str, object], *, seq: int, prev: str, log: str, ts: int | str
-) -> bytes:
-    """Canonical bytes of one entry: :func:`validate_fields`' result plus the log's fields.
+# A commit batch stamps all its entries with one ts: check each distinct string
+# once. Thread-safe; failures raise and are not cached.
+_parse_ts_cached = functools.lru_cache(maxsize=64)(parse_ts)
 
-    ``valid`` must be what :func:`validate_fields` returned (its key set is
-    checked; its values are trusted, which is the point: the commit batch
-    does not validate a caller's fields a second time). ``seq``, ``prev``,
-    ``log`` and ``ts`` (Unix milliseconds or the canonical string) are checked.
+
+def encode_entry(fields: DecisionFields, *, seq: int, prev: str, log: str, ts: int | str) -> bytes:
+    """Canonical bytes of one entry: a :class:`DecisionFields` plus the log's fields.
+
+    ``fields`` was checked when it was made, so the commit batch does not check
+    a caller's fields a second time; ``seq``, ``prev``, ``log`` and ``ts``
+    (Unix milliseconds or the canonical string) are checked here.
     """
-    if type(valid) is not dict or valid.keys() != _DECISION_KEYS:
-        raise EntryError("encode_entry takes the dict validate_fields returned")
-    entry = valid.copy()
-    _set_log_fields(entry, seq, prev, log, ts)
-    data = _jcs(entry)
+    if type(fields) is not DecisionFields:
+        raise EntryError("encode_entry takes a DecisionFields")
+    seq, prev, log, ts = _log_values(seq, prev, log, ts)
+    data = _join(fields._json, log, prev, seq, ts).encode("utf-8")  # validated: valid Unicode
     if len(data) > MAX_ENTRY_SIZE:
         raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
     return data
 
 
 def canonical_entry(
-    fields: Mapping[str, object], *, seq: int, prev: str, log: str, ts: int | str
+    fields: DecisionFields | Mapping[str, object],
+    *,
+    seq: int,
+    prev: str,
+    log: str,
+    ts: int | str,
 ) -> bytes:
     """Build the canonical (JCS) bytes of one entry.
 
-    ``fields`` holds the decision fields (``decision`` and ``reason`` required,
-    the others optional, defaulting to ``None`` or ``[]`` for ``chain``);
+    ``fields`` is a :class:`DecisionFields`, or a mapping of the decision
+    fields (``decision`` and ``reason`` required, the others optional,
+    defaulting to ``None`` or ``[]`` for ``chain``) that becomes one;
     ``v``, ``seq``, ``ts``, ``log`` and ``prev`` come from the log, as keywords.
     ``ts`` is Unix milliseconds (int) or the canonical timestamp string.
-    Equivalent to ``encode_entry(validate_fields(fields), ...)``.
     """
-    return encode_entry(validate_fields(fields), seq=seq, prev=prev, log=log, ts=ts)
+    if type(fields) is not DecisionFields:
+        fields = DecisionFields.from_mapping(fields)  # type: ignore[arg-type]
+    return encode_entry(fields, seq=seq, prev=prev, log=log, ts=ts)
+
+
+def _encoder_matches_rfc8785() -> bool:
+    """Whether the template yields the ``rfc8785`` bytes on this Python (checked at import)."""
+    tricky: dict[str, object] = {
+        "decision": "deny",
+        "reason": "a.b:c-d_9",
+        "note": "".join(map(chr, range(0x80))),  # every control char, DEL, quote, backslash
+        "path": "\u0080\u00e9\u00ff\u0100\u07ff\u0800\u2028\u2029\ufeff\ufffd\uffff",
+        "rule": "\U00010000\U0001f600\U0010ffff",
+        "chain": ["", "a\u0000b\u001f", "\U0001f600", '"\\/'],
+        "tenant": "",
+    }
+    log, ts, prev = "l\u2028\x00\U0001f600\\", "9999-12-31T23:59:59.999Z", "f" * 64
+    own = {"v": ENTRY_VERSION, "seq": _MAX_SEQ, "prev": prev, "log": log, "ts": ts}
+    sample = {**dict.fromkeys(ENTRY_FIELDS), **tricky, **own}
+    try:
+        data = canonical_entry(tricky, seq=_MAX_SEQ, prev=prev, log=log, ts=ts)
+        return data == rfc8785.dumps(sample)
+    except (ValueError, TypeError):  # pragma: no cover - defensive
+        return False
+
+
+if not _encoder_matches_rfc8785():  # pragma: no cover - CPython's escaper is ECMAScript's
+    raise ImportError(
+        "axid.audit.entry: this Python's JSON string escaper does not write RFC 8785 "
+        "strings, so decision-log entries cannot be encoded here"
+    )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -526,7 +616,7 @@ def _check_entry(obj: object, data: bytes) -> None:
     if type(obj["v"]) is not int or obj["v"] != ENTRY_VERSION:
         raise EntryError(f"unsupported entry version {obj['v']!r}")
     # No headroom check: the exact size is known, and was checked above.
-    valid = _validate_fields({k: obj[k] for k in _DECISION_FIELDS}, size_check=False)
+    valid = _unsized([obj[k] for k in _DECISION_FIELDS])
     canonical = encode_entry(
         valid,
         seq=obj["seq"],

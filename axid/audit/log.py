@@ -12,9 +12,10 @@ meanwhile too merges such cohorts into one batch, so that a commit's fixed
 cost, checkpoint signature and fsync, is paid once for all of them. A batch
 that is still filling, e.g. as load ramps up or drops, waits at most
 ``max_delay``.)
-Each caller's fields are checked when it calls :meth:`DecisionLog.append`, so
-a malformed entry fails that caller alone; the batch only completes and
-serialises them. The batch is committed by :meth:`LogStore.append_batch
+Each caller's decision is one checked, immutable
+:class:`~axid.audit.entry.DecisionFields` (a mapping becomes one when it calls
+:meth:`DecisionLog.append`), so a malformed entry fails that caller alone; the
+batch only completes and serialises them. The batch is committed by :meth:`LogStore.append_batch
 <axid.audit.store.LogStore.append_batch>` (one transaction: entries, Merkle
 nodes, signed checkpoint) on a dedicated worker thread, so the event loop
 keeps accepting decisions meanwhile. Each caller gets its :class:`Receipt`
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from axid.audit.entry import validate_fields
+from axid.audit.entry import DecisionFields
 from axid.audit.head import IntegrityFailure, read_head_file, write_head_file
 from axid.audit.note import NoteSigner
 from axid.audit.receipt import Receipt
@@ -84,7 +84,7 @@ class AuditUnavailable(Exception):
 
 @dataclass(slots=True)
 class _Pending:
-    fields: dict[str, object]
+    fields: DecisionFields
     future: asyncio.Future[Receipt]
     queued_at: float
 
@@ -295,11 +295,13 @@ class DecisionLog:
 
     # ------------------------------------------------------------------ append
 
-    async def append(self, fields: Mapping[str, object]) -> Receipt:
+    async def append(self, fields: DecisionFields | Mapping[str, object]) -> Receipt:
         """Record one decision; return once its batch is committed and checkpointed.
 
-        Raises :class:`~axid.audit.entry.EntryError` (this caller only) for
-        malformed fields, and :class:`AuditUnavailable` when the batch could
+        ``fields`` is a :class:`~axid.audit.entry.DecisionFields`, or a mapping
+        of exactly the entry's field names (for callers outside AXID), which
+        becomes one at once. Raises :class:`~axid.audit.entry.EntryError` (this
+        caller only) for a malformed mapping, and :class:`AuditUnavailable` when the batch could
         not be committed or the log is closed, or (``witness_mode="sync"``)
         when the committed batch was not cosigned by a quorum of witnesses
         within ``witness_timeout``: the entry is recorded then, but the caller
@@ -307,11 +309,11 @@ class DecisionLog:
         """
         if self._closing:
             raise AuditUnavailable("decision log is closed")
-        # Checked once, here: a malformed entry fails this caller only, and the
-        # commit batch just completes and serialises it. validate_fields returns
-        # our own copy, so what we checked is what gets written, whatever the
-        # caller does to its mapping meanwhile.
-        own = validate_fields(fields)
+        # Checked once, when the DecisionFields is made (here for a mapping): a
+        # malformed entry fails this caller only, and the commit batch just
+        # completes and serialises it. It is immutable, so what was checked is
+        # what gets written, whatever the caller does to its mapping meanwhile.
+        own = fields if type(fields) is DecisionFields else DecisionFields.from_mapping(fields)
 
         fut: asyncio.Future[Receipt] = self._loop.create_future()
         self._pending.append(_Pending(own, fut, self._loop.time()))
@@ -367,7 +369,7 @@ class DecisionLog:
         items = [p.fields for p in batch]
         try:
             results = await self._loop.run_in_executor(
-                self._executor, functools.partial(self._store.append_batch, items, validated=True)
+                self._executor, self._store.append_batch, items
             )
         except IntegrityFailure as e:
             for p in batch:

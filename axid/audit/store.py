@@ -29,12 +29,12 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import (
@@ -60,7 +60,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlmodel import Field, SQLModel
 
-from axid.audit.entry import ZERO_HASH_HEX, encode_entry, format_ts, validate_fields
+from axid.audit.entry import ZERO_HASH_HEX, DecisionFields, EntryError, encode_entry, format_ts
 from axid.audit.head import (
     IntegrityFailure,
     check_complete,
@@ -613,32 +613,26 @@ class LogStore:
 
     # ------------------------------------------------------------------ append
 
-    def append_batch(
-        self, items: Sequence[Mapping[str, object]], *, validated: bool = False
-    ) -> list[Receipt]:
+    def append_batch(self, items: Sequence[DecisionFields]) -> list[Receipt]:
         """Append entries in one transaction; return a :class:`Receipt` per item.
 
         The transaction takes the log lock, reads the head, inserts the entries,
         the perfect nodes they complete and the signed checkpoint of the new
         size, and commits. Raises (and commits nothing) on any error; an
-        :class:`~axid.audit.entry.EntryError` means an item was malformed.
-
-        With ``validated`` the items are :func:`~axid.audit.entry.validate_fields`
-        results (the group-commit appender checks each caller's fields before
-        queueing them, so a malformed one fails that caller alone) and are not
-        checked again, only completed with the log's fields and serialised.
+        :class:`~axid.audit.entry.EntryError` if an item is not a
+        :class:`~axid.audit.entry.DecisionFields`. Those were checked when they
+        were made (the group-commit appender makes one per caller before
+        queueing it, so a malformed decision fails that caller alone): here
+        they are only completed with the log's fields and serialised.
         """
         if self._signer is None or self._signer_vkey is None:
             raise StoreError("this LogStore has no signing key: cannot append")
         if not items:
             return []
-        # Validate before taking the lock: a bad item costs no transaction.
-        # (encode_entry re-checks that a "validated" item is such a dict.)
-        valid = (
-            cast(list[dict[str, object]], list(items))
-            if validated
-            else [validate_fields(f) for f in items]
-        )
+        # Before taking the lock: a bad item costs no transaction.
+        valid = list(items)
+        if not all(type(f) is DecisionFields for f in valid):
+            raise EntryError("append_batch takes DecisionFields")
         if self._failure is not None:
             raise self._failure
         self._reconnect_if_replaced()
@@ -724,7 +718,7 @@ class LogStore:
             self._file_id = now
 
     def _append_locked(
-        self, conn: Connection, cur: Any, valid: list[dict[str, object]], signer: NoteSigner
+        self, conn: Connection, cur: Any, valid: list[DecisionFields], signer: NoteSigner
     ) -> tuple[list[Receipt], _Head]:
         """:meth:`append_batch` inside its transaction; returns (receipts, new head)."""
         self._lock_and_check_key(cur)
@@ -752,11 +746,11 @@ class LogStore:
                     lh,
                     data,
                     ts,
-                    fields["decision"],
-                    fields["reason"],
-                    fields["tenant"],
-                    fields["agent"],
-                    fields["run"],
+                    fields.decision,
+                    fields.reason,
+                    fields.tenant,
+                    fields.agent,
+                    fields.run,
                 )
             )
             out.append((size, lh, data))
