@@ -3,8 +3,9 @@ its own port, all in the running event loop, served as they are in production:
 
 * the witness as ``axid witness serve`` serves ``witness/witness.yaml``
   (:mod:`axid.witness.server`): the config read, keys loaded, state opened, its
-  listening socket bound by the same function (``TCP_NODELAY`` on it) and the app
-  given to uvicorn with the same options; plain HTTP;
+  listening socket and the app's uvicorn options from the same builders
+  (:func:`~axid.witness.server.witness_socket`, ``TCP_NODELAY`` on it, and
+  :func:`~axid.witness.server.witness_uvicorn_config`); plain HTTP;
 * the issuer as ``axid serve`` serves it: the app from :func:`axid.issuer.app.create_app`
   under :func:`axid.issuer.server.issuer_uvicorn_config` (mTLS, client certificate
   optional);
@@ -55,12 +56,9 @@ from axid.witness import (
     WitnessStoreError,
     load_signers,
     parse_config,
+    witness_socket,
+    witness_uvicorn_config,
 )
-from axid.witness.server import KEEP_ALIVE as WITNESS_KEEP_ALIVE
-
-# The very function axid witness serve binds its socket with (TCP_NODELAY on it); a
-# private name: axid.witness exports no helper that builds its server without running it.
-from axid.witness.server import _bind as witness_socket
 from mtls.sources import FileSource
 from mtls.spiffeid import SpiffeIdPattern
 from mtls.uvicorn import uvicorn_config
@@ -152,26 +150,6 @@ async def _launch(name: str, config: uvicorn.Config, sock: socket.socket, url: s
                 raise DemoError(f"{name} did not start: {type(failure).__name__}: {failure}")
         raise DemoError(f"{name} did not start within {_START_TIMEOUT:g} s")
     return _Running(name, url, server, task)
-
-
-def witness_uvicorn_config(
-    app: Any, config: WitnessConfig, *, log_level: str = "warning"
-) -> uvicorn.Config:
-    """The witness's ``uvicorn.Config``: the very options ``axid witness serve``
-    (:func:`axid.witness.server.serve`) gives uvicorn for ``config`` (a test compares
-    the two)."""
-    tls = config.tls
-    return uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
-        lifespan="on",
-        log_level=log_level,
-        timeout_keep_alive=WITNESS_KEEP_ALIVE,
-        server_header=False,
-        ssl_certfile=str(tls.cert) if tls else None,
-        ssl_keyfile=str(tls.key) if tls else None,
-    )
 
 
 @dataclass
@@ -290,11 +268,11 @@ class DemoStack:
         if cfg.tls is not None:  # the demo's witness.yaml has none
             raise DemoError("the demo's witness serves plain HTTP: remove tls from witness.yaml")
         try:
-            sock = witness_socket(cfg.host, cfg.port)
+            sock = witness_socket(cfg)
         except OSError as exc:
             raise DemoError(f"the witness cannot listen: {exc.strerror or exc}") from None
         port = sock.getsockname()[1]
-        config = witness_uvicorn_config(parts.app, cfg)
+        config = witness_uvicorn_config(parts.app, cfg, log_level="warning")
         self._witness = await _launch("witness", config, sock, f"http://{cfg.host}:{port}")
 
     async def _start_issuer(self) -> None:

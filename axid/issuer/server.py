@@ -15,18 +15,18 @@ without a restart.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from types import FrameType
+from collections.abc import Callable
 from typing import Any, Literal, cast
 
 import uvicorn
 
 from axid.issuer.app import IssuerComponents, create_app
 from axid.issuer.config import IssuerConfig
+
+# Shared with axid witness serve; it lives with the witness, which imports nothing of
+# AXID outside its package but axid.audit's pure modules.
+from axid.witness._serving import serve_until_exit, stop_signals
 from mtls.sources import X509Source
 from mtls.uvicorn import uvicorn_config
 
@@ -37,13 +37,6 @@ _log = logging.getLogger(__name__)
 
 class IssuerStartupError(RuntimeError):
     """The server did not start (port in use, decision log unavailable, ...)."""
-
-
-def _bound_url(server: uvicorn.Server) -> str:
-    sock = server.servers[0].sockets[0]
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    return f"https://{shown}:{port}"
 
 
 def issuer_uvicorn_config(
@@ -93,44 +86,11 @@ async def serve_async(
             **uvicorn_kwargs,
         )
         server = uvicorn.Server(uv)
-        with _stop_signals(server):
-            await _run(server, ready)
+        failed = IssuerStartupError("the issuer did not start (see the log above)")
+        with stop_signals(server):
+            await serve_until_exit(server, scheme="https", ready=ready, not_started=failed)
     finally:
         components.close()
-
-
-@contextlib.contextmanager
-def _stop_signals(server: uvicorn.Server) -> Iterator[None]:
-    """uvicorn handles SIGINT/SIGTERM itself while it serves (graceful shutdown), then
-    re-raises the signal under the handlers it found. The handlers found are these:
-    they ask the server to exit (a signal before uvicorn's own handlers are in place
-    is not lost) and otherwise return, so a stop by signal ends the process normally
-    (exit 0) instead of killing it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(_sig: int, _frame: FrameType | None) -> None:
-        server.should_exit = True
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-async def _run(server: uvicorn.Server, ready: Callable[[str], None] | None) -> None:
-    task = asyncio.create_task(server.serve())
-    while not server.started and not task.done():
-        await asyncio.sleep(0.01)
-    if not server.started:
-        await task
-        raise IssuerStartupError("the issuer did not start (see the log above)")
-    if ready is not None:
-        ready(_bound_url(server))
-    await task
 
 
 def serve(

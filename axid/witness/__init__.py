@@ -15,7 +15,12 @@ merkle, cosignature).
 from axid.witness.app import WitnessApp
 from axid.witness.config import WitnessConfig, WitnessConfigError, parse_config
 from axid.witness.keys import WitnessKeyError, init_keys, load_signers
-from axid.witness.server import WitnessStartupError, serve
+from axid.witness.server import (
+    WitnessStartupError,
+    serve,
+    witness_socket,
+    witness_uvicorn_config,
+)
 from axid.witness.store import Evidence, WitnessStore, WitnessStoreError
 
 __all__ = [
@@ -31,4 +36,6 @@ __all__ = [
     "load_signers",
     "parse_config",
     "serve",
+    "witness_socket",
+    "witness_uvicorn_config",
 ]
