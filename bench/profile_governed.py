@@ -86,8 +86,9 @@ def _time_async(owner: type, name: str, key: str) -> None:
     setattr(owner, name, timed)
 
 
-def _install() -> None:
-    """The timing wrappers (server process only, before the app is built)."""
+def _install(*, head_file: bool = True) -> None:
+    """The timing wrappers (server process only, before the app is built); without
+    ``head_file`` the head file is not written (a diagnostic, never a deployment)."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
@@ -134,7 +135,7 @@ def _install() -> None:
     def write_head_file(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return write_head(*args, **kwargs)
+            return write_head(*args, **kwargs) if head_file else None
         finally:
             _HEAD_WRITES.append(time.perf_counter() - t0)
 
@@ -194,7 +195,7 @@ def profiled_app(args: dict[str, Any]) -> tuple[Any, Any]:
     from verifier.config import VerifierConfig
     from verifier.middleware import AxidVerifier
 
-    _install()
+    _install(head_file=not args.get("without_head_file"))
     app = AxidVerifier(_inner(bare_fastapi()), VerifierConfig.from_file(args["config"]))
     return _outer(app, Path(args["stats"])), FileSource(args["cert"], args["key"], args["bundle"])
 
@@ -232,7 +233,7 @@ def _split(records: list[dict[str, float]], rtt: list[float]) -> dict[str, float
     return {k: statistics.median(v) * 1e6 for k, v in parts.items()}
 
 
-def profile(requests: int, warmup: int = 200) -> dict[str, Any]:
+def profile(requests: int, warmup: int = 200, *, head_file: bool = True) -> dict[str, Any]:
     """Serve, measure, stop; the medians (µs) of the governed request's parts."""
     ctx = Context()
     try:
@@ -240,7 +241,8 @@ def profile(requests: int, warmup: int = 200) -> dict[str, Any]:
         m = _material(ctx, pki)
         d, (label, _, args), bare = governed_servers(ctx, "profile")
         stats = d / "stats.json"
-        governed = (label, "bench.profile_governed:profiled_app", {**args, "stats": str(stats)})
+        args = {**args, "stats": str(stats), "without_head_file": not head_file}
+        governed = (label, "bench.profile_governed:profiled_app", args)
         token = _token(m, "bench-profile")
         ssl_ctx = client_ssl(pki, client="planner", server="payments")
         rtt: dict[str, list[float]] = {"governed": [], "bare": []}
@@ -278,8 +280,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_governed")
     parser.add_argument("--requests", type=int, default=2000, help="timed requests (each route)")
     parser.add_argument("--json", type=Path, help="also write the medians as JSON")
+    parser.add_argument(
+        "--without-head-file",
+        action="store_true",
+        help="diagnostic only: skip the head file writes, to see what they cost "
+        "(an unsupported configuration: it drops the rollback check)",
+    )
     ns = parser.parse_args(argv)
-    split = profile(ns.requests)
+    split = profile(ns.requests, head_file=not ns.without_head_file)
     width = max(map(len, split))
     print(f"one governed GET {PATH}, 1 sequential keep-alive mTLS client, p50 in µs")
     for k, v in split.items():
