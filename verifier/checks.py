@@ -114,12 +114,3 @@ def check_name(check: object) -> str:
     name = getattr(check, "name", None) or getattr(check, "__name__", None)
     return str(name) if name else type(check).__name__
 
-
-def __getattr__(name: str) -> object:
-    # ``from verifier.checks import BudgetLedger`` still works (it moved to verifier.budget,
-    # which imports this module, hence the lazy import).
-    if name == "BudgetLedger":
-        from verifier.budget import BudgetLedger
-
-        return BudgetLedger
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
