@@ -10,15 +10,18 @@ tests/test_budget_race.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from _budget_helpers import BACKENDS, fresh_database
 from _verifier_helpers import (
@@ -182,6 +185,47 @@ async def test_undo_releases_once(db: str, clock: Clock) -> None:
         assert now[("tenant", "acme", day_of(T0))].spent == 10
         assert (await ledger(action(tree), request(10))).allow
         assert (await ledger(action(tree), request(10))).reason == "budget_exceeded"
+    finally:
+        ledger.close()
+
+
+@contextmanager
+def row_locked(url: str) -> Iterator[None]:
+    """Another connection holds the budget table's write lock (SQLite) or its rows'
+    locks (PostgreSQL), so a reservation waits."""
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    with psycopg.connect(url) as pg, pg.transaction():
+        pg.execute("SELECT spent FROM axid_budget FOR UPDATE")
+        yield
+
+
+async def test_released_when_the_check_is_cancelled_mid_reservation(db: str, clock: Clock) -> None:
+    """The pipeline's check_timeout cancels a check whose reservation is still waiting
+    in its thread: once that reservation commits, it is given back."""
+    ledger = ledger_for(db, clock, per_tree=100)
+    try:
+        tree = f"t-{uid()}"
+        assert (await ledger(action(tree), request(10))).allow
+        with row_locked(db):
+            check = asyncio.ensure_future(ledger(action(tree), request(10)))
+            await asyncio.sleep(0.2)  # let it reach the database and wait there
+            check.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await check
+            assert ledger._pending  # its reservation is still in flight
+            clock.now += 5  # what the release writes, and only the release
+        while ledger._pending:  # the orphaned reservation, then its release
+            await asyncio.sleep(0.05)
+        row = rows(db)[("tree", tree, "")]
+        assert (row.spent, row.updated_at) == (10, int(T0) + 5)
     finally:
         ledger.close()
 
