@@ -1,5 +1,7 @@
 """AXID: action tokens, keys, the issuer service and the decision log."""
 
+from axid.errors import AxidError
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["AxidError", "__version__"]

@@ -16,12 +16,14 @@ import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode
 
+from axid.errors import AxidError
+
 __all__ = ["MAX_YAML_BYTES", "YamlError", "load_yaml", "read_yaml_file"]
 
 MAX_YAML_BYTES: Final = 1024 * 1024
 
 
-class YamlError(ValueError):
+class YamlError(AxidError, ValueError):
     """The text is not one strict YAML document (see the module docstring)."""
 
 

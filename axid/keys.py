@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from axid._json import strict_loads
+from axid.errors import AxidError
 from mtls._files import file_stamp
 
 __all__ = [
@@ -91,7 +92,7 @@ _KID_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 _KEYRING_VERSION: Final = 1
 
 
-class KeyringError(Exception):
+class KeyringError(AxidError):
     """A key, key set or keyring is invalid, unreadable, or an operation is refused."""
 
 

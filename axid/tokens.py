@@ -63,6 +63,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from axid._json import strict_loads
+from axid.errors import AxidError
 from axid.keys import KeySet, SigningKey, b64url_encode
 from mtls.spiffeid import SpiffeIdError, parse_spiffe_id
 
@@ -106,7 +107,7 @@ REASONS: Final = frozenset(
 )
 
 
-class TokenError(Exception):
+class TokenError(AxidError):
     """A token failed verification. ``reason`` is one of :data:`REASONS`."""
 
     reason: str

@@ -26,6 +26,7 @@ from mtls.devpki import (
     init_dev_pki,
     load_dev_pki,
 )
+from mtls.errors import MtlsError
 from mtls.sources import (
     FileSource,
     SourceError,
@@ -65,6 +66,7 @@ __all__ = [
     "DevPkiExistsError",
     "FileSource",
     "IssuedSvid",
+    "MtlsError",
     "NotAnSvidError",
     "SourceError",
     "SpiffeId",

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mtls.errors import MtlsError
 from mtls.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 __all__ = [
@@ -57,7 +58,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_PEM_BYTES = 1024 * 1024
 
 
-class DevPkiError(Exception):
+class DevPkiError(MtlsError):
     """The dev PKI cannot be created, loaded or used as asked."""
 
 

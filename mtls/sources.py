@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from mtls._files import FileStamp, file_stamps
+from mtls.errors import MtlsError
 from mtls.spiffeid import SpiffeId, TrustDomain
 from mtls.x509bundle import BundleError, BundleSet
 from mtls.x509svid import SvidError, verify_svid
@@ -59,7 +60,7 @@ _MAX_FILE_BYTES = 4 * 1024 * 1024
 _PathLike = str | os.PathLike[str]
 
 
-class SourceError(Exception):
+class SourceError(MtlsError):
     """The SVID or bundle source cannot provide valid material."""
 
 

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from mtls.errors import MtlsError
+
 __all__ = [
     "MAX_SPIFFE_ID_BYTES",
     "MAX_TRUST_DOMAIN_BYTES",
@@ -48,7 +50,7 @@ _PATH_RE = re.compile(r"(?:/(?!\.\.?(?:/|\Z))[A-Za-z0-9._-]+)*")
 _ID_RE = re.compile(r"spiffe://[a-z0-9._-]+(?:/(?!\.\.?(?:/|\Z))[A-Za-z0-9._-]+)*")
 
 
-class SpiffeIdError(ValueError):
+class SpiffeIdError(MtlsError, ValueError):
     """A string is not a valid SPIFFE ID, trust domain or ID pattern.
 
     ``rule`` is a short, stable name of the broken rule (for exit messages, logs and

@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
+from mtls.errors import MtlsError
 from mtls.sources import SvidMaterial
 from mtls.spiffeid import SpiffeId, TrustDomain
 from mtls.x509bundle import BundleSet
@@ -45,7 +46,7 @@ _HEADER_VALUE = "true"
 _POLL_SECONDS = 1.0
 
 
-class WorkloadApiServerError(Exception):
+class WorkloadApiServerError(MtlsError):
     """The dev Workload API server cannot be configured or started."""
 
 

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import Store
 
+from mtls.errors import MtlsError
 from mtls.spiffeid import SpiffeIdError, TrustDomain
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ _MAX_BUNDLE_BYTES = 4 * 1024 * 1024
 _PARSE_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
 
 
-class BundleError(ValueError):
+class BundleError(MtlsError, ValueError):
     """A trust bundle cannot be loaded or is not a valid set of X.509 authorities."""
 
 

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, VerificationError
 
+from mtls.errors import MtlsError
 from mtls.spiffeid import SpiffeId, SpiffeIdError
 from mtls.x509bundle import BundleSet
 
@@ -55,7 +56,7 @@ _E = TypeVar("_E", bound=x509.ExtensionType)
 _PARSE_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
 
 
-class SvidError(Exception):
+class SvidError(MtlsError):
     """An X.509-SVID was refused. Always one of the two subclasses.
 
     ``rule`` is a short stable name of the failed check; ``reason`` is the DESIGN.md

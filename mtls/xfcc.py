@@ -47,6 +47,8 @@ import hmac
 import re
 from dataclasses import dataclass
 
+from mtls.errors import MtlsError
+
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
     "DEFAULT_MAX_LENGTH",
@@ -80,7 +82,7 @@ _PEM_WS_RE = re.compile(r"[\r\n]*")
 _SINGLE_KEYS = frozenset({"hash", "cert", "chain", "subject"})
 
 
-class XfccError(ValueError):
+class XfccError(MtlsError, ValueError):
     """The XFCC header is malformed. ``rule`` is a short stable name of what is wrong."""
 
     rule: str

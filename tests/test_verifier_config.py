@@ -367,6 +367,7 @@ def test_package_exports_what_a_service_calls() -> None:
         "TrustedProxies",
         "VerifiedAction",
         "VerifierConfig",
+        "VerifierError",
         "VerifierMetrics",
     }
     assert all(hasattr(verifier, name) for name in verifier.__all__)

@@ -44,7 +44,7 @@ from verifier.config import (
     VerifierConfig,
 )
 from verifier.decision import Decision, VerifiedAction
-from verifier.errors import ConfigError
+from verifier.errors import ConfigError, VerifierError
 from verifier.middleware import AxidVerifier
 from verifier.observability import VerifierMetrics
 from verifier.rules import RouteRule
@@ -66,5 +66,6 @@ __all__ = [
     "TrustedProxies",
     "VerifiedAction",
     "VerifierConfig",
+    "VerifierError",
     "VerifierMetrics",
 ]

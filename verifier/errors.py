@@ -1,11 +1,20 @@
-"""The one exception type of verifier configuration."""
+"""The base of every error :mod:`verifier` raises, and its configuration error."""
 
 from __future__ import annotations
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "VerifierError"]
 
 
-class ConfigError(ValueError):
+class VerifierError(Exception):
+    """A verifier configuration, key set, revocation feed, peer identity or log read problem.
+
+    One error class per package (as in go-spiffe): each concrete error also keeps its
+    own base (``ValueError`` for ``ConfigError``), so code that catches those goes on
+    catching them.
+    """
+
+
+class ConfigError(VerifierError, ValueError):
     """A verifier configuration (file, mapping, rule or code) is invalid.
 
     ``key`` is the dotted path of the offending key (``rules[2].methods``) when

@@ -44,6 +44,7 @@ from mtls._files import FileStamp, file_stamps
 from mtls.x509bundle import BundleError, BundleSet
 from mtls.x509svid import SvidError, VerifiedSvid, verify_svid
 from mtls.xfcc import XfccError, parse_xfcc
+from verifier.errors import VerifierError
 from verifier.proxies import TrustedProxies
 
 __all__ = [
@@ -117,7 +118,7 @@ class BundleFiles:
         return None
 
 
-class PeerError(Exception):
+class PeerError(VerifierError):
     """The peer's identity could not be established; ``reason`` is a reason code."""
 
     def __init__(self, reason: str, detail: str, *, peer_cert: str | None = None) -> None:

@@ -32,6 +32,7 @@ import httpx
 from axid.keys import KeyringError, KeySet
 from mtls._files import FileStamp, file_stamp
 from verifier._poller import Poller, get_capped
+from verifier.errors import VerifierError
 
 __all__ = [
     "MAX_JWKS_BYTES",
@@ -49,7 +50,7 @@ _MIN_RETRY: Final = 1.0
 _MAX_RETRY: Final = 30.0
 
 
-class JwksError(Exception):
+class JwksError(VerifierError):
     """A JWKS could not be fetched or loaded."""
 
 

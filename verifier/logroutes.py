@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from axid.audit.note import Checkpoint, NoteError
 from axid.audit.store import LogStore, NotFound, consistency_text, proof_text
+from verifier.errors import VerifierError
 from verifier.responses import problem_json
 
 __all__ = [
@@ -71,7 +72,7 @@ _MAX_QUERY: Final = 256
 _Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-class LogReadError(Exception):
+class LogReadError(VerifierError):
     """A read route refuses: ``status``, a stable ``reason`` and a human ``detail``."""
 
     def __init__(self, status: int, reason: str, detail: str) -> None:

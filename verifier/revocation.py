@@ -43,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from axid.audit.store import make_engine
 from axid.tokens import ActionClaims
 from verifier._poller import Poller, get_capped
+from verifier.errors import VerifierError
 
 __all__ = [
     "REVOCATION_KINDS",
@@ -76,7 +77,7 @@ _REVOCATION_T: Final = Table(
 )
 
 
-class RevocationError(Exception):
+class RevocationError(VerifierError):
     """A revocation feed answered something that is not a valid page."""
 
 

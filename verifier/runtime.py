@@ -46,6 +46,7 @@ from mtls.sources import FileSource, WorkloadApiSource
 from mtls.spiffeid import SpiffeId
 from mtls.tlsconfig import client_context
 from verifier.config import JwksConfig, RevocationConfig, VerifierConfig
+from verifier.errors import VerifierError
 from verifier.identity import BundleFiles, PeerResolver
 from verifier.jwks import FileJwks, HttpJwks, JwksSource, StaticJwks
 from verifier.pipeline import Pipeline
@@ -193,7 +194,7 @@ class Runtime:
         self._stack.push_async_callback(quietly)
 
 
-class StartBackoff(Exception):
+class StartBackoff(VerifierError):
     """Starting failed recently; the next attempt is not due yet."""
 
 

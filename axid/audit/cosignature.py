@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA44PrivateKey, MLDSA44PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from axid.audit.errors import AuditError
 from axid.audit.note import Checkpoint, NoteError, _b64decode_strict, is_valid_key_name
 
 __all__ = [
@@ -50,7 +51,7 @@ _MAX_TIMESTAMP: Final = 2**63 - 1
 _SUBTREE_LABEL: Final = b"subtree/v1\n\x00"
 
 
-class CosignatureError(ValueError):
+class CosignatureError(AuditError, ValueError):
     """A witness key or cosignature is malformed, or a cosignature does not verify."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from axid.audit.errors import AuditError
 from axid.audit.note import Checkpoint
 
 __all__ = [
@@ -21,11 +22,11 @@ __all__ = [
 ]
 
 
-class VerifyUsageError(Exception):
+class VerifyUsageError(AuditError):
     """The log could not be read or the arguments are wrong (CLI exit 2)."""
 
 
-class SourceFormatError(Exception):
+class SourceFormatError(AuditError):
     """The stored form of the log is malformed: evidence of tampering, not a usage error.
 
     ``seq``/``checkpoint_size`` locate the damage (both ``None``: the whole source).

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+from axid.audit.errors import AuditError
 from axid.audit.merkle import ProofError, verify_consistency, verify_inclusion
 from axid.audit.note import Checkpoint, NoteError, NoteVerifier, open_checkpoint
 
@@ -44,7 +45,7 @@ __all__ = [
 _MAX_HEAD_FILE: Final = 64 * 1024
 
 
-class IntegrityFailure(Exception):
+class IntegrityFailure(AuditError):
     """The database does not extend the authenticated head: nothing may be signed."""
 
     def __init__(self, check: str, detail: str) -> None:

@@ -15,6 +15,8 @@ import hashlib
 import hmac
 from collections.abc import Callable, Sequence
 
+from axid.audit.errors import AuditError
+
 __all__ = [
     "HASH_SIZE",
     "MAX_TREE_SIZE",
@@ -49,7 +51,7 @@ NodeGetter = Callable[[int, int], bytes]
 ``[index * 2**level, (index + 1) * 2**level)``."""
 
 
-class ProofError(ValueError):
+class ProofError(AuditError, ValueError):
     """A proof, hash or tree size failed verification (or is malformed)."""
 
 

@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from axid.audit.errors import AuditError
+
 __all__ = [
     "ALG_ED25519",
     "MAX_NOTE_SIZE",
@@ -63,7 +65,7 @@ _HEX_ID_RE = re.compile(r"[0-9a-f]{8}")
 _MAX_TREE_SIZE = 2**64 - 1
 
 
-class NoteError(ValueError):
+class NoteError(AuditError, ValueError):
     """A note, checkpoint, signature or verifier key is malformed or does not verify."""
 
 

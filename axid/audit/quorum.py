@@ -18,12 +18,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from axid.audit.cosignature import WitnessKey, cosigned_by
+from axid.audit.errors import AuditError
 from axid.audit.note import Checkpoint
 
 __all__ = ["QuorumError", "WitnessPolicy"]
 
 
-class QuorumError(ValueError):
+class QuorumError(AuditError, ValueError):
     """The witness options do not make a quorum (a usage error)."""
 
 

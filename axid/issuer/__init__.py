@@ -25,11 +25,12 @@ if TYPE_CHECKING:
         issuer_id_matcher,
     )
     from axid.issuer.config import DATABASE_URL_ENV, ConfigError, IssuerConfig
+    from axid.issuer.errors import IssuerBaseError
     from axid.issuer.problems import ISSUER_REASONS, PROBLEM_MEDIA_TYPE, Refusal, problem_response
     from axid.issuer.registry import Registration, Registry, RegistryError, parse_scope
     from axid.issuer.schemas import MintRequest, RevocationRequest
     from axid.issuer.server import IssuerStartupError, serve, serve_async
-    from axid.issuer.service import SERVICE_NAME, DecisionRecord, IssuerService, Minted, Peer
+    from axid.issuer.service import SERVICE_NAME, DecisionDraft, IssuerService, Minted, Peer
     from axid.issuer.store import (
         REVOCATION_KINDS,
         IssuerStore,
@@ -52,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "axid.issuer.config",
     "DATABASE_URL_ENV": "axid.issuer.config",
     "IssuerConfig": "axid.issuer.config",
+    "IssuerBaseError": "axid.issuer.errors",
     "ISSUER_REASONS": "axid.issuer.problems",
     "PROBLEM_MEDIA_TYPE": "axid.issuer.problems",
     "Refusal": "axid.issuer.problems",
@@ -65,7 +67,7 @@ _EXPORTS: dict[str, str] = {
     "IssuerStartupError": "axid.issuer.server",
     "serve": "axid.issuer.server",
     "serve_async": "axid.issuer.server",
-    "DecisionRecord": "axid.issuer.service",
+    "DecisionDraft": "axid.issuer.service",
     "IssuerService": "axid.issuer.service",
     "Minted": "axid.issuer.service",
     "Peer": "axid.issuer.service",
@@ -86,7 +88,8 @@ __all__ = [
     "SERVICE_NAME",
     "AsyncIssuerClient",
     "ConfigError",
-    "DecisionRecord",
+    "DecisionDraft",
+    "IssuerBaseError",
     "IssuerClient",
     "IssuerComponents",
     "IssuerConfig",

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from axid.audit.receipt import RECEIPT_HEADER, Receipt, ReceiptError
+from axid.issuer.errors import IssuerBaseError
 from axid.keys import KeySet
 from mtls.sources import X509Source
 from mtls.spiffeid import SpiffeId, SpiffeIdError, SpiffeIdPattern
@@ -60,7 +61,7 @@ _MAX_URL: Final = 2048
 _URL_CHARS: Final = re.compile(r"[\x21-\x5b\x5d-\x7e]+")
 
 
-class IssuerError(Exception):
+class IssuerError(IssuerBaseError):
     """The issuer refused, or could not be reached. ``reason`` is a stable code;
     ``receipt`` is the recorded refusal's receipt, when the issuer sent one."""
 

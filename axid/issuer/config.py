@@ -58,6 +58,7 @@ from axid.audit.witnessing import (
     WitnessConfigError,
     witness_settings,
 )
+from axid.issuer.errors import IssuerBaseError
 from axid.keys import DEFAULT_PUBLISH_LEAD
 from axid.tokens import MAX_TTL
 from mtls.spiffeid import SpiffeIdError, SpiffeIdPattern
@@ -112,7 +113,7 @@ _TOKEN_KEYS: Final = ("default_ttl", "max_ttl", "publish_lead")
 _HOST_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 
-class ConfigError(ValueError):
+class ConfigError(IssuerBaseError, ValueError):
     """The issuer configuration is invalid; ``key`` names the offending key if known."""
 
     key: str | None

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from axid._yaml import YamlError, load_yaml, read_yaml_file
+from axid.issuer.errors import IssuerBaseError
 from mtls.spiffeid import SpiffeId, SpiffeIdError, SpiffeIdPattern
 
 __all__ = [
@@ -69,7 +70,7 @@ _REQUIRED_KEYS: Final = ("spiffe_id", "tenant", "agents", "audiences", "scope")
 _ENTRY_KEYS: Final = (*_REQUIRED_KEYS, "spawn_from")
 
 
-class RegistryError(ValueError):
+class RegistryError(IssuerBaseError, ValueError):
     """The registration file is invalid. ``index`` and ``key`` locate the problem
     (``None`` when it is not about one entry or key)."""
 

@@ -66,6 +66,7 @@ from sqlmodel import Field, SQLModel
 
 from axid.audit.entry import format_ts
 from axid.audit.store import make_engine
+from axid.issuer.errors import IssuerBaseError
 
 __all__ = [
     "MAX_REVOCATIONS_PAGE",
@@ -125,7 +126,7 @@ _REV_T: Any = IssuerRevocation.__table__
 _TABLES: Final = [_RUN_T, _REV_T]
 
 
-class RunConflict(Exception):
+class RunConflict(IssuerBaseError):
     """The run id is already bound to another tenant, agent, workload or parent."""
 
     existing: RunRecord

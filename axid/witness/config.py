@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from axid.audit.note import Checkpoint, NoteError, NoteVerifier
+from axid.witness.errors import WitnessError
 
 __all__ = ["TlsFiles", "WitnessConfig", "WitnessConfigError", "parse_config"]
 
@@ -37,7 +38,7 @@ _MAX_LOGS: Final = 10_000
 _MAX_ORIGIN_BYTES: Final = 255  # subtree/v1 cosignatures carry it in an opaque<1..2^8-1>
 
 
-class WitnessConfigError(ValueError):
+class WitnessConfigError(WitnessError, ValueError):
     """The witness configuration is invalid; ``key`` names the offending key."""
 
     def __init__(self, message: str, *, key: str | None = None) -> None:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA44PrivateKey
 
 from axid.audit.cosignature import CosignatureError, WitnessKey, WitnessSigner
 from axid.audit.note import is_valid_key_name
+from axid.witness.errors import WitnessError
 
 __all__ = [
     "ED25519_FILES",
@@ -46,7 +47,7 @@ _MAX_NAME_BYTES: Final = 255  # subtree/v1 carries the name in a <1..2^8-1> vect
 PrivateKey = Ed25519PrivateKey | MLDSA44PrivateKey
 
 
-class WitnessKeyError(Exception):
+class WitnessKeyError(WitnessError):
     """A witness key directory cannot be written or read (the message names the file)."""
 
 

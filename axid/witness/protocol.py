@@ -41,6 +41,7 @@ from axid.audit.note import (
     NoteVerifier,
     is_valid_key_name,
 )
+from axid.witness.errors import WitnessError
 
 __all__ = [
     "MAX_PROOF_LINES",
@@ -62,7 +63,7 @@ _SIG_PREFIX: Final = "\u2014 "
 _HASH_SIZE: Final = 32
 
 
-class Refusal(Exception):
+class Refusal(WitnessError):
     """A refused submission: HTTP status and one short reason line."""
 
     def __init__(self, status: int, reason: str) -> None:

@@ -48,6 +48,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from axid.witness.errors import WitnessError
 from axid.witness.protocol import LogState, Outcome
 
 __all__ = ["Evidence", "WitnessStore", "WitnessStoreError"]
@@ -81,7 +82,7 @@ _EVIDENCE = Table(
 Step = Callable[[LogState], tuple[Outcome, list[str]]]
 
 
-class WitnessStoreError(Exception):
+class WitnessStoreError(WitnessError):
     """The state database URL is unusable."""
 
 
