@@ -14,6 +14,7 @@ merkle, cosignature).
 
 from axid.witness.app import WitnessApp
 from axid.witness.config import WitnessConfig, WitnessConfigError, parse_config
+from axid.witness.errors import WitnessError
 from axid.witness.keys import WitnessKeyError, init_keys, load_signers
 from axid.witness.server import (
     WitnessStartupError,
@@ -28,6 +29,7 @@ __all__ = [
     "WitnessApp",
     "WitnessConfig",
     "WitnessConfigError",
+    "WitnessError",
     "WitnessKeyError",
     "WitnessStartupError",
     "WitnessStore",
