@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Final
 
+from axid.audit.entry import DecisionFields
 from axid.reasons import IDENTITY_REASONS, VERIFIER_REASONS
 from axid.reasons import VERIFIER_STATUS as STATUS
 from axid.tokens import ActionClaims
@@ -30,8 +31,6 @@ __all__ = [
 ]
 
 REASONS: Final = VERIFIER_REASONS
-
-_MAX_NOTE: Final = 2000
 
 
 def status_of(reason: str) -> int:
@@ -128,28 +127,25 @@ class Decision:
     def title(self) -> str:
         return HTTPStatus(self.status).phrase
 
-    def log_fields(self, *, method: str, path: str, service: str) -> dict[str, Any]:
-        """The decision-log fields (see :mod:`axid.audit.entry`)."""
-        note = self.note
-        if note is not None and len(note) > _MAX_NOTE:
-            note = note[: _MAX_NOTE - 3] + "..."
-        return {
-            "decision": self.decision,
-            "reason": self.reason,
-            "method": method,
-            "path": path,
-            "service": service,
-            "peer": self.peer,
-            "peer_cert": self.peer_cert,
-            "kid": self.kid,
-            "jti": self.jti,
-            "iss": self.iss,
-            "tenant": self.tenant,
-            "agent": self.agent,
-            "run": self.run,
-            "spawn_parent": self.spawn_parent,
-            "chain": list(self.chain),
-            "scope_required": self.scope_required,
-            "rule": self.rule,
-            "note": note,
-        }
+    def fields(self, *, method: str, path: str, service: str) -> DecisionFields:
+        """The decision as the log records it (raises EntryError if a field is malformed)."""
+        return DecisionFields(
+            self.decision,
+            self.reason,
+            method,
+            path,
+            service,
+            self.peer,
+            self.peer_cert,
+            self.kid,
+            self.jti,
+            self.iss,
+            self.tenant,
+            self.agent,
+            self.run,
+            self.spawn_parent,
+            self.chain,
+            self.scope_required,
+            self.rule,
+            DecisionFields.cut_note(self.note),
+        )

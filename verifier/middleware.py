@@ -264,10 +264,10 @@ class AxidVerifier:
             reason = "the verifier could not open its decision log"
             return Decision(False, "audit_unavailable", reason), None
         decision, undo = await self._decide(runtime.pipeline, scope, method, path, rule, unroutable)
-        fields = decision.log_fields(method=logged[0], path=logged[1], service=self.config.service)
         try:
+            fields = decision.fields(method=logged[0], path=logged[1], service=self.config.service)
             return decision, await runtime.log.append(fields)  # committed when this returns
-        except Exception as exc:  # AuditUnavailable, or an entry the log refused
+        except Exception as exc:  # AuditUnavailable, or a field the log format refuses
             _log.warning("decision log append failed (%s): denying", type(exc).__name__)
             if undo is not None:  # not allowed in the end: release what checks reserved
                 await undo()
