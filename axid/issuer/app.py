@@ -83,7 +83,7 @@ from axid.issuer.schemas import (
     parse_json_body,
     validate_body,
 )
-from axid.issuer.service import DecisionRecord, IssuerService, Peer
+from axid.issuer.service import DecisionDraft, IssuerService, Peer
 from axid.issuer.store import MAX_REVOCATIONS_PAGE, IssuerStore
 from axid.keys import Keyring, KeyringError
 from mtls.sources import FileSource, SourceError, WorkloadApiSource, X509Source
@@ -366,7 +366,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_crash)
 
-    async def refuse(rec: DecisionRecord, route: str, refusal: Refusal) -> Response:
+    async def refuse(rec: DecisionDraft, route: str, refusal: Refusal) -> Response:
         """Log a deny, then answer it (503 audit_unavailable if the log failed)."""
         try:
             receipt = await service.record(rec, "deny", refusal.reason)
@@ -389,7 +389,7 @@ def create_app(
 
     async def post_token(request: Request) -> Response:
         started = time.perf_counter()
-        rec = DecisionRecord("POST", "/v1/tokens")
+        rec = DecisionDraft("POST", "/v1/tokens")
         try:
             peer = peer_of(request.scope)
             rec.set_peer(peer)
@@ -422,7 +422,7 @@ def create_app(
 
     @app.post("/v1/revocations")
     async def post_revocation(request: Request) -> Response:
-        rec = DecisionRecord("POST", "/v1/revocations")
+        rec = DecisionDraft("POST", "/v1/revocations")
         try:
             peer = peer_of(request.scope)
             rec.set_peer(peer)

@@ -30,7 +30,8 @@ first failure wins (status, reason):
     parent.chain + [parent.run] (``null`` / ``[]`` for a root)
 
 Every outcome is appended to the issuer's decision log by the caller (the app)
-before it answers; the service fills a :class:`DecisionRecord` as it learns.
+before it answers; the service fills a :class:`DecisionDraft` as it learns, which
+ends in the log's one record type, :class:`~axid.audit.entry.DecisionFields`.
 
 A parent token is a bearer credential here: without ``spawn_from`` any workload of
 the same tenant holding it may mint children under its run (the planner hands its
@@ -58,6 +59,7 @@ from typing import Any, Final
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 
+from axid.audit.entry import DecisionFields
 from axid.audit.log import AuditUnavailable, DecisionLog
 from axid.audit.receipt import Receipt
 from axid.issuer.problems import Refusal
@@ -76,7 +78,7 @@ from mtls.spiffeid import SpiffeId, SpiffeIdPattern
 
 __all__ = [
     "SERVICE_NAME",
-    "DecisionRecord",
+    "DecisionDraft",
     "IssuerService",
     "Minted",
     "Peer",
@@ -94,9 +96,14 @@ class Peer:
     x5t_s256: str
 
 
-@dataclass
-class DecisionRecord:
-    """The decision-log fields of one request, filled in as they become known."""
+@dataclass(slots=True)
+class DecisionDraft:
+    """What the issuer has learned of one request's decision so far.
+
+    Filled in as the request is handled (a refusal can come at any step, and
+    records what was known by then); :meth:`finish` makes it the one immutable
+    record the log takes, a :class:`~axid.audit.entry.DecisionFields`.
+    """
 
     method: str
     path: str
@@ -108,7 +115,7 @@ class DecisionRecord:
     agent: str | None = None
     run: str | None = None
     spawn_parent: str | None = None
-    chain: list[str] = field(default_factory=list)
+    chain: tuple[str, ...] = ()
     scope_required: str | None = None
     rule: str | None = None
     note: str | None = None
@@ -117,27 +124,31 @@ class DecisionRecord:
         self.peer = str(peer.spiffe_id)
         self.peer_cert = peer.x5t_s256
 
-    def fields(self, decision: str, reason: str, *, iss: str) -> dict[str, Any]:
-        return {
-            "decision": decision,
-            "reason": reason,
-            "method": self.method,
-            "path": self.path,
-            "service": SERVICE_NAME,
-            "peer": self.peer,
-            "peer_cert": self.peer_cert,
-            "kid": self.kid,
-            "jti": self.jti,
-            "iss": iss,
-            "tenant": self.tenant,
-            "agent": self.agent,
-            "run": self.run,
-            "spawn_parent": self.spawn_parent,
-            "chain": list(self.chain),
-            "scope_required": self.scope_required,
-            "rule": self.rule,
-            "note": self.note[:2000] if self.note else self.note,
-        }
+    def add_note(self, text: str) -> None:
+        self.note = text if not self.note else f"{self.note}; {text}"
+
+    def finish(self, decision: str, reason: str, *, iss: str) -> DecisionFields:
+        """The decision as the log records it (EntryError if a field is malformed)."""
+        return DecisionFields(
+            decision,
+            reason,
+            self.method,
+            self.path,
+            SERVICE_NAME,
+            self.peer,
+            self.peer_cert,
+            self.kid,
+            self.jti,
+            iss,
+            self.tenant,
+            self.agent,
+            self.run,
+            self.spawn_parent,
+            self.chain,
+            self.scope_required,
+            self.rule,
+            DecisionFields.cut_note(self.note),
+        )
 
 
 @dataclass(frozen=True)
@@ -170,10 +181,6 @@ def _store_down() -> Refusal:
 def _parent_note(parent: ActionClaims) -> str:
     # sub last: jti and run stay whole even if a 2 KiB SPIFFE ID hits the note's cap.
     return f"parent jti {parent.jti} run {parent.run} sub {parent.sub}"
-
-
-def _add_note(rec: DecisionRecord, text: str) -> None:
-    rec.note = text if not rec.note else f"{rec.note}; {text}"
 
 
 _CheckOutcome = Revocation | RunConflict | None
@@ -288,12 +295,12 @@ class IssuerService:
 
     # ------------------------------------------------------------------ decision log
 
-    async def record(self, rec: DecisionRecord, decision: str, reason: str) -> Receipt:
+    async def record(self, rec: DecisionDraft, decision: str, reason: str) -> Receipt:
         """Append one decision and return its receipt once it is committed; raises
         AuditUnavailable if it did not commit."""
         if self.log is None:
             raise AuditUnavailable("the issuer's decision log is not open")
-        return await self.log.append(rec.fields(decision, reason, iss=self.iss))
+        return await self.log.append(rec.finish(decision, reason, iss=self.iss))
 
     # ------------------------------------------------------------------ admin
 
@@ -302,7 +309,7 @@ class IssuerService:
 
     # ------------------------------------------------------------------ mint
 
-    async def mint(self, rec: DecisionRecord, peer: Peer, req: MintRequest) -> Minted:
+    async def mint(self, rec: DecisionDraft, peer: Peer, req: MintRequest) -> Minted:
         """Apply the minting rules (module docstring) and sign; raises Refusal."""
         now_f = self.clock()
         now = int(now_f)  # token times are whole seconds; key choice uses the exact time
@@ -367,7 +374,7 @@ class IssuerService:
                 )
             chain = (*parent.chain, parent.run)
             spawn_parent = parent.run
-            rec.chain, rec.spawn_parent = list(chain), spawn_parent
+            rec.chain, rec.spawn_parent = chain, spawn_parent
             if len(chain) > MAX_CHAIN_DEPTH:
                 raise Refusal(
                     403, "spawn_too_deep", f"spawn chains are at most {MAX_CHAIN_DEPTH} deep"
@@ -410,9 +417,9 @@ class IssuerService:
         if isinstance(outcome, RunConflict):
             if outcome.existing.tenant != tenant:
                 # Do not tell a tenant that a run id exists elsewhere; the log keeps it.
-                _add_note(rec, "run id is bound in another tenant")
+                rec.add_note("run id is bound in another tenant")
                 raise Refusal(409, "run_conflict", "run id is not available")
-            _add_note(rec, f"run is bound with another {outcome.what}")
+            rec.add_note(f"run is bound with another {outcome.what}")
             raise Refusal(
                 409, "run_conflict", f"the run is already bound with another {outcome.what}"
             )
@@ -445,7 +452,7 @@ class IssuerService:
     # ------------------------------------------------------------------ revocation
 
     async def revoke(
-        self, rec: DecisionRecord, peer: Peer, req: RevocationRequest
+        self, rec: DecisionDraft, peer: Peer, req: RevocationRequest
     ) -> tuple[Revocation, list[Revocation]]:
         """Store a revocation by an admin peer; raises Refusal."""
         rec.note = f"revoke {req.kind} {req.value}: {req.reason}"
