@@ -81,7 +81,7 @@ from verifier.decision import Decision, VerifiedAction
 from verifier.jwks import JwksSource
 from verifier.logroutes import LOG_ROUTES, LogRoute, serve_log_route
 from verifier.observability import VerifierMetrics, annotate_span, log_decision
-from verifier.pipeline import Pipeline, Presented
+from verifier.pipeline import Pipeline, Presented, _being_cancelled
 from verifier.responses import receipt_header, refuse, with_header
 from verifier.revocation import RevocationSource
 from verifier.rules import RouteRule
@@ -460,12 +460,6 @@ async def _refuse(
         await send({**message, "type": "websocket." + message["type"]})
 
     await refuse({**scope, "type": "http"}, send_as_websocket, decision, receipt)
-
-
-def _being_cancelled() -> bool:
-    """Whether the current task has been asked to cancel (not a stray CancelledError)."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
 
 
 def _with_seq(action: VerifiedAction, seq: int | None) -> VerifiedAction:
