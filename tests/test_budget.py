@@ -450,6 +450,34 @@ async def test_released_when_a_later_check_denies(pki: Pki, tmp_path: Path) -> N
         ledger.close()
 
 
+async def test_released_when_the_single_use_claim_is_lost(pki: Pki, tmp_path: Path) -> None:
+    """Two requests with one single-use token both pass the look at step 5 and reserve;
+    the one whose claim comes second is ``replayed`` and gives its reservation back."""
+    budget = f"sqlite:///{tmp_path}/budget.db"
+    ledger = BudgetLedger(budget, per_tree=100)
+    token = token_for(pki, "planner", KEY, now=time.time(), run="root-4")
+    inner: list[int] = []
+
+    async def interleave(action: VerifiedAction, request: RequestInfo) -> CheckResult:
+        if not inner:  # the first request, reserved but not yet claimed: a second one
+            inner.append(0)
+            scope = http_scope("/spend/y", chain=pki.chain_pem("planner"), token=token)
+            inner[0] = (await call(verifier, scope)).status
+        return CheckResult(True)
+
+    verifier = verifier_for(pki, tmp_path, [ledger, interleave], cost=10, single_use=True)
+    await verifier.startup()
+    try:
+        scope = http_scope("/spend/x", chain=pki.chain_pem("planner"), token=token)
+        answer = await call(verifier, scope)
+        assert inner == [200]
+        assert answer.status == 403 and answer.json["reason"] == "replayed"
+        assert rows(budget)[("tree", "root-4", "")].spent == 10  # the winner's only
+    finally:
+        await verifier.shutdown()
+        ledger.close()
+
+
 async def test_released_when_the_log_cannot_record(pki: Pki, tmp_path: Path) -> None:
     budget = f"sqlite:///{tmp_path}/budget.db"
     ledger = BudgetLedger(budget, per_tree=20)
