@@ -69,6 +69,7 @@ from axid.audit.witnessing import (
     DEFAULT_WITNESS_TIMEOUT,
     WitnessConfig,
     Witnessing,
+    WitnessSettings,
     WitnessUnavailable,
     witness_settings,
 )
@@ -172,51 +173,25 @@ class DecisionLog:
         validate_log_name(log)
         _check_batching(max_batch, max_delay)
         settings = witness_settings(witnesses, quorum, witness_mode, witness_timeout)
-        origin = origin_for(log)
-        loop = asyncio.get_running_loop()
         # One thread: batches are serial anyway, and SQLite connections stay put.
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"axid-audit-{log}")
-        engine: Engine | None = None
-        witnessing: Witnessing | None = None
+        res = _Opening(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"axid-audit-{log}"))
         try:
-            if isinstance(key, Ed25519PrivateKey):
-                private_key = key
-            else:
-                private_key = await loop.run_in_executor(executor, _load_key, key, create_key)
-            signer = NoteSigner(origin, private_key)
-            vkey = signer.vkey()
-            try:
-                engine = await loop.run_in_executor(
-                    executor, lambda: make_engine(url, lock_timeout=lock_timeout)
-                )
-                store = LogStore(engine, log, signer=signer)
-                await loop.run_in_executor(executor, _setup, engine, store, origin, vkey)
-                head_file = _HeadFile.for_log(head, key, log)
-                await loop.run_in_executor(executor, _authenticate, store, head_file, head_required)
-                if settings.witnesses:
-                    # After an integrity failure nothing the database holds is offered.
-                    witnessing = await Witnessing.start(
-                        store, settings, signer.verifier(), offer=store.integrity_failures == 0
-                    )
-            except (SQLAlchemyError, OSError) as e:
-                raise AuditUnavailable(f"decision log {log!r}: database unavailable") from e
+            engine, store, vkey, head_file = await res.open(
+                url, log, key, create_key, lock_timeout, head, head_required, settings
+            )
             return cls(
                 store=store,
                 engine=engine,
-                executor=executor,
+                executor=res.executor,
                 max_batch=max_batch,
                 max_delay=float(max_delay),
                 vkey=vkey,
                 head=head_file,
-                witnessing=witnessing,
+                witnessing=res.witnessing,
                 sync_witnesses=settings.mode == "sync",
             )
         except BaseException:
-            if witnessing is not None:
-                await witnessing.close()
-            if engine is not None:
-                engine.dispose()
-            executor.shutdown(wait=False)
+            await res.release()
             raise
 
     async def close(self) -> None:
@@ -438,6 +413,61 @@ class DecisionLog:
         for p, receipt in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(dataclasses.replace(receipt, checkpoint=cosigned))
+
+
+@dataclass(slots=True)
+class _Opening:
+    """What :meth:`DecisionLog.open` acquires, in order; released if opening fails."""
+
+    executor: ThreadPoolExecutor
+    engine: Engine | None = None
+    witnessing: Witnessing | None = None
+
+    async def open(
+        self,
+        url: str,
+        log: str,
+        key: str | os.PathLike[str] | Ed25519PrivateKey,
+        create_key: bool,
+        lock_timeout: float,
+        head: str | os.PathLike[str] | None,
+        head_required: bool,
+        settings: WitnessSettings,
+    ) -> tuple[Engine, LogStore, str, _HeadFile | None]:
+        """The key, the database (schema, log row, authenticated head) and the
+        witnesses: the engine, the store, the log's vkey and its head file."""
+        loop = asyncio.get_running_loop()
+        executor = self.executor
+        if isinstance(key, Ed25519PrivateKey):
+            private_key = key
+        else:
+            private_key = await loop.run_in_executor(executor, _load_key, key, create_key)
+        origin = origin_for(log)
+        signer = NoteSigner(origin, private_key)
+        vkey = signer.vkey()
+        try:
+            self.engine = engine = await loop.run_in_executor(
+                executor, lambda: make_engine(url, lock_timeout=lock_timeout)
+            )
+            store = LogStore(engine, log, signer=signer)
+            await loop.run_in_executor(executor, _setup, engine, store, origin, vkey)
+            head_file = _HeadFile.for_log(head, key, log)
+            await loop.run_in_executor(executor, _authenticate, store, head_file, head_required)
+            if settings.witnesses:
+                # After an integrity failure nothing the database holds is offered.
+                self.witnessing = await Witnessing.start(
+                    store, settings, signer.verifier(), offer=store.integrity_failures == 0
+                )
+        except (SQLAlchemyError, OSError) as e:
+            raise AuditUnavailable(f"decision log {log!r}: database unavailable") from e
+        return engine, store, vkey, head_file
+
+    async def release(self) -> None:
+        if self.witnessing is not None:
+            await self.witnessing.close()
+        if self.engine is not None:
+            self.engine.dispose()
+        self.executor.shutdown(wait=False)
 
 
 def _fail(fut: asyncio.Future[Any], err: BaseException) -> None:
