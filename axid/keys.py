@@ -1,4 +1,7 @@
-"""Ed25519 signing keys for action tokens: thumbprints, JWKS, and the on-disk keyring.
+"""Ed25519 signing keys for action tokens: the on-disk keyring and its rotation.
+
+Thumbprints, JWKs and the KeySet live in :mod:`axid._keyset`, key files and
+passphrases in :mod:`axid._keyfiles`; their public names are re-exported here.
 
 Layout of a keyring directory (default ``.axid/keys/``)::
 
@@ -24,33 +27,44 @@ checked against its own key material and file names need no escaping.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import enum
-import errno
 import fcntl
-import hashlib
 import hmac
 import json
 import math
 import os
 import re
-import stat
-import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from axid._json import strict_loads
-from axid.errors import AxidError
+from axid._keyfiles import (
+    _FROM_ENV,
+    _MAX_KEY_FILE_BYTES,
+    PASSPHRASE_ENV,
+    _atomic_write,
+    _decode_private_key,
+    _encode_private_key,
+    _read_private_file,
+    _resolve_passphrase,
+    _write_new_private_file,
+    read_private_key_file,
+    write_private_key_file,
+)
+from axid._keyset import (
+    KeyringError,
+    KeySet,
+    SigningKey,
+    _strict_json_loads,
+    b64url_decode,
+    b64url_encode,
+    jwk_thumbprint,
+    public_jwk,
+)
 from mtls._files import file_stamp
 
 __all__ = [
@@ -74,244 +88,14 @@ __all__ = [
 
 DEFAULT_KEYS_DIR: Final = Path(".axid/keys")
 KEYRING_FILE: Final = "keyring.json"
-PASSPHRASE_ENV: Final = "AXID_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 # Longer than the verifiers' JWKS cache lifetime (DESIGN.md: default 330 s).
 DEFAULT_PUBLISH_LEAD: Final = 330.0
 _DEFAULT_MAX_TOKEN_TTL: Final = 300.0
 _DEFAULT_LEEWAY: Final = 30.0
 
-# JWKS input limits: our own issuer publishes a handful of keys.
-_MAX_JWKS_BYTES: Final = 256 * 1024
-_MAX_JWKS_KEYS: Final = 64
-_MAX_KEY_FILE_BYTES: Final = 64 * 1024
 _MAX_KEYRING_FILE_BYTES: Final = 1024 * 1024
-# JWK members a public Ed25519 key may carry here (RFC 7517 / RFC 8037); anything
-# else (notably "d", "x5u", "x5c") is refused rather than ignored.
-_ALLOWED_JWK_MEMBERS: Final = frozenset({"kty", "crv", "x", "kid", "alg", "use", "key_ops"})
 _KID_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 _KEYRING_VERSION: Final = 1
-
-
-class KeyringError(AxidError):
-    """A key, key set or keyring is invalid, unreadable, or an operation is refused."""
-
-
-# --------------------------------------------------------------------------- base64url
-
-_B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
-# The last character of a partial quantum may only carry zero bits in the positions
-# that encode nothing; otherwise several strings decode to the same bytes.
-_CANONICAL_LAST: Final = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
-
-
-_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
-
-
-def b64url_encode(data: bytes) -> str:
-    """base64url without padding (RFC 7515 section 2)."""
-    # binascii directly: this is on the mint hot path (three calls per token).
-    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
-
-
-def b64url_decode(value: str) -> bytes:
-    """Strict base64url: alphabet ``[A-Za-z0-9_-]``, no padding, canonical trailing bits.
-
-    Raises ValueError otherwise. Canonical means exactly one string encodes given
-    bytes, so no character change of an encoded value decodes to the same bytes.
-    """
-    if not isinstance(value, str):
-        raise ValueError("base64url value must be a string")
-    rem = len(value) % 4
-    if rem == 1 or _B64URL_RE.fullmatch(value) is None:
-        raise ValueError("not unpadded base64url")
-    if rem and value[-1] not in _CANONICAL_LAST[rem]:
-        raise ValueError("non-canonical base64url (unused trailing bits set)")
-    return base64.urlsafe_b64decode(value + "=" * (-rem % 4))
-
-
-# --------------------------------------------------------------------------- JWK
-
-
-def _raw_public(public_key: Ed25519PublicKey) -> bytes:
-    if not isinstance(public_key, Ed25519PublicKey):
-        raise TypeError(f"expected Ed25519PublicKey, not {type(public_key).__name__}")
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _thumbprint_of_x(x: str) -> str:
-    # RFC 7638 section 3.2: required members only, lexicographic order, no whitespace.
-    canonical = '{"crv":"Ed25519","kty":"OKP","x":"' + x + '"}'
-    return b64url_encode(hashlib.sha256(canonical.encode("ascii")).digest())
-
-
-def jwk_thumbprint(public_key: Ed25519PublicKey) -> str:
-    """RFC 7638 SHA-256 JWK thumbprint of an Ed25519 public key (base64url, no padding)."""
-    return _thumbprint_of_x(b64url_encode(_raw_public(public_key)))
-
-
-def public_jwk(public_key: Ed25519PublicKey) -> dict[str, str]:
-    """The public JWK (RFC 8037) of an Ed25519 key, with kid = its RFC 7638 thumbprint."""
-    x = b64url_encode(_raw_public(public_key))
-    return {
-        "kty": "OKP",
-        "crv": "Ed25519",
-        "x": x,
-        "kid": _thumbprint_of_x(x),
-        "alg": "EdDSA",
-        "use": "sig",
-    }
-
-
-@dataclass(frozen=True)
-class SigningKey:
-    """A private signing key and its kid. ``repr`` shows the kid only."""
-
-    kid: str
-    private_key: Ed25519PrivateKey = field(repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.private_key, Ed25519PrivateKey):
-            raise TypeError("SigningKey.private_key must be an Ed25519PrivateKey")
-        # A kid that is not the key's own thumbprint would make verifiers look up
-        # the wrong public key (or none): refuse it at construction.
-        actual = jwk_thumbprint(self.private_key.public_key())
-        if not isinstance(self.kid, str) or not hmac.compare_digest(self.kid, actual):
-            raise KeyringError("SigningKey.kid is not the RFC 7638 thumbprint of its key")
-
-    @classmethod
-    def from_private_key(cls, private_key: Ed25519PrivateKey) -> SigningKey:
-        return cls(jwk_thumbprint(private_key.public_key()), private_key)
-
-    @property
-    def public_key(self) -> Ed25519PublicKey:
-        return self.private_key.public_key()
-
-
-def _strict_json_loads(data: bytes | str, what: str) -> Any:
-    try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return strict_loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise KeyringError(f"{what} is not strict JSON: {exc}") from None
-
-
-def _key_from_jwk(jwk: object, index: int) -> tuple[str, Ed25519PublicKey]:
-    where = f"JWKS key #{index}"
-    if not isinstance(jwk, dict):
-        raise KeyringError(f"{where} is not a JSON object")
-    if "d" in jwk:
-        raise KeyringError(f"{where} holds private key material ('d'): refused")
-    extra = sorted(set(jwk) - _ALLOWED_JWK_MEMBERS)
-    if extra:
-        raise KeyringError(f"{where} has unsupported members {extra}")
-    if jwk.get("kty") != "OKP":
-        raise KeyringError(f"{where}: kty must be 'OKP'")
-    if jwk.get("crv") != "Ed25519":
-        raise KeyringError(f"{where}: crv must be 'Ed25519'")
-    if "alg" in jwk and jwk["alg"] != "EdDSA":
-        raise KeyringError(f"{where}: alg must be 'EdDSA' when present")
-    if "use" in jwk and jwk["use"] != "sig":
-        raise KeyringError(f"{where}: use must be 'sig' when present")
-    if "key_ops" in jwk:
-        ops = jwk["key_ops"]
-        if not isinstance(ops, list) or "verify" not in ops:
-            raise KeyringError(f"{where}: key_ops must be a list containing 'verify'")
-    x = jwk.get("x")
-    try:
-        raw = b64url_decode(x) if isinstance(x, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise KeyringError(f"{where}: x must be 32 bytes of canonical unpadded base64url")
-    public_key = Ed25519PublicKey.from_public_bytes(raw)
-    thumbprint = _thumbprint_of_x(x)  # type: ignore[arg-type]  # x is a str here
-    if "kid" in jwk:
-        kid = jwk["kid"]
-        if not isinstance(kid, str) or not hmac.compare_digest(kid, thumbprint):
-            raise KeyringError(f"{where}: kid is not the RFC 7638 thumbprint of the key")
-    return thumbprint, public_key
-
-
-class KeySet:
-    """Verification keys by kid, in memory: the only place token verification finds keys.
-
-    Immutable after construction; build a new one when the JWKS changes. It also
-    holds a small cache of already-validated JWS header segments (see
-    :mod:`axid.tokens`) which is valid exactly because the set never changes.
-    """
-
-    __slots__ = ("_header_cache", "_keys")
-
-    def __init__(self, keys: Mapping[str, Ed25519PublicKey] | None = None) -> None:
-        checked: dict[str, Ed25519PublicKey] = {}
-        for kid, key in (keys or {}).items():
-            if not hmac.compare_digest(kid, jwk_thumbprint(key)):
-                raise KeyringError("KeySet kid is not the RFC 7638 thumbprint of its key")
-            checked[kid] = key
-        self._keys: dict[str, Ed25519PublicKey] = checked
-        # header segment -> (kid, public key); filled by axid.tokens.verify.
-        self._header_cache: dict[str, tuple[str, Ed25519PublicKey]] = {}
-
-    @classmethod
-    def from_jwks(cls, jwks: Mapping[str, Any] | bytes | str) -> KeySet:
-        """Load a JWKS strictly; any bad member rejects the whole set.
-
-        Every key must be ``kty=OKP``, ``crv=Ed25519`` with a 32-byte canonical ``x``,
-        no private ``d``, no members beyond kty/crv/x/kid/alg/use/key_ops, and a
-        ``kid`` (if present) equal to its RFC 7638 thumbprint; kids are unique.
-        Rejecting the whole set, rather than skipping the bad key, is deliberate: the
-        JWKS comes from our own issuer, so a bad member means corruption or
-        tampering, and the caller should keep its previous key set and alert rather
-        than run on a silently partial one.
-        """
-        if isinstance(jwks, bytes | str):
-            if len(jwks) > _MAX_JWKS_BYTES:
-                raise KeyringError(f"JWKS larger than {_MAX_JWKS_BYTES} bytes")
-            doc = _strict_json_loads(jwks, "JWKS")
-        elif isinstance(jwks, Mapping):
-            doc = jwks
-        else:
-            raise TypeError(f"JWKS must be a mapping, bytes or str, not {type(jwks).__name__}")
-        if not isinstance(doc, Mapping) or set(doc) != {"keys"}:
-            raise KeyringError('JWKS must be a JSON object with exactly one member, "keys"')
-        members = doc["keys"]
-        if not isinstance(members, list):
-            raise KeyringError('JWKS "keys" must be an array')
-        if len(members) > _MAX_JWKS_KEYS:
-            raise KeyringError(f"JWKS has more than {_MAX_JWKS_KEYS} keys")
-        keys: dict[str, Ed25519PublicKey] = {}
-        for index, jwk in enumerate(members):
-            kid, public_key = _key_from_jwk(jwk, index)
-            if kid in keys:
-                raise KeyringError(f"JWKS key #{index} duplicates kid {kid}")
-            keys[kid] = public_key
-        return cls(keys)
-
-    @classmethod
-    def of(cls, *public_keys: Ed25519PublicKey) -> KeySet:
-        keys: dict[str, Ed25519PublicKey] = {}
-        for key in public_keys:
-            keys[jwk_thumbprint(key)] = key
-        return cls(keys)
-
-    def get(self, kid: str) -> Ed25519PublicKey | None:
-        return self._keys.get(kid)
-
-    def __contains__(self, kid: object) -> bool:
-        return kid in self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    @property
-    def kids(self) -> tuple[str, ...]:
-        return tuple(self._keys)
-
-    def to_jwks(self) -> dict[str, list[dict[str, str]]]:
-        return {"keys": [public_jwk(key) for key in self._keys.values()]}
-
-    def __repr__(self) -> str:
-        return f"KeySet(kids={list(self._keys)!r})"
 
 
 # --------------------------------------------------------------------------- keyring
@@ -354,168 +138,10 @@ class _Record:
     active_from: float
 
 
-_FROM_ENV: Final[Any] = object()
-
-
-def _passphrase_from_env() -> bytes | None:
-    # An empty variable is treated as unset: an empty passphrase cannot encrypt.
-    value = os.environ.get(PASSPHRASE_ENV)
-    return value.encode("utf-8") if value else None
-
-
-def _resolve_passphrase(passphrase: object) -> bytes | None:
-    if passphrase is _FROM_ENV:
-        return _passphrase_from_env()
-    if passphrase is None:
-        return None
-    if not isinstance(passphrase, bytes) or not passphrase:
-        raise TypeError("passphrase must be non-empty bytes or None")
-    return passphrase
-
-
 def _check_time(value: float, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number")
     return float(value)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a 0600 temp file + fsync + os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_new_private_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (0600) holding ``data``; never replaces an existing file.
-
-    Written to a private temporary file and hard-linked into place, so a concurrent
-    reader never sees a partial key and an existing key is never overwritten.
-    """
-    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, 0o600)
-    except OSError as exc:
-        raise KeyringError(f"{path}: cannot create ({exc.strerror})") from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # atomic, and fails if path exists
-        except FileExistsError:
-            raise KeyringError(f"{path}: exists; refusing to overwrite a key") from None
-        except OSError as exc:
-            raise KeyringError(f"{path}: cannot create ({exc.strerror})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _read_private_file(path: Path, max_bytes: int, forbidden_bits: int = 0o077) -> bytes:
-    """Read a secret-holding file, refusing symlinks, non-regular files, group/other bits."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise KeyringError(f"{path}: missing") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise KeyringError(f"{path}: is a symbolic link; refusing") from None
-        raise KeyringError(f"{path}: cannot open ({exc.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyringError(f"{path}: not a regular file")
-        if info.st_mode & forbidden_bits:
-            raise KeyringError(
-                f"{path}: mode {stat.S_IMODE(info.st_mode):04o} gives group/other access;"
-                " refusing (chmod 600)"
-            )
-        if info.st_size > max_bytes:
-            raise KeyringError(f"{path}: larger than {max_bytes} bytes")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read(max_bytes + 1)
-    finally:
-        os.close(fd)
-
-
-def _encode_private_key(private_key: Ed25519PrivateKey, passphrase: bytes | None) -> bytes:
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    return private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
-
-
-def _decode_private_key(pem: bytes, passphrase: bytes | None, path: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(pem, password=passphrase)
-    except TypeError:
-        # cryptography: a password for an unencrypted key, or none for an encrypted one.
-        if passphrase is None:
-            raise KeyringError(
-                f"{path}: key is encrypted and {PASSPHRASE_ENV} is not set"
-            ) from None
-        raise KeyringError(
-            f"{path}: {PASSPHRASE_ENV} is set but the key is not encrypted; refusing"
-        ) from None
-    except ValueError:
-        if passphrase is not None and b"ENCRYPTED" in pem:
-            raise KeyringError(f"{path}: wrong passphrase ({PASSPHRASE_ENV})") from None
-        raise KeyringError(f"{path}: not a PEM PKCS8 private key") from None
-    except Exception:  # cryptography raises assorted errors on garbage input
-        raise KeyringError(f"{path}: not a PEM PKCS8 private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyringError(f"{path}: not an Ed25519 private key")
-    return key
-
-
-def read_private_key_file(
-    path: str | os.PathLike[str], *, passphrase: bytes | Any | None = _FROM_ENV
-) -> Ed25519PrivateKey:
-    """Load one Ed25519 private key file (PEM PKCS8; passphrase from ``AXID_KEY_PASSPHRASE``
-    unless given). Refuses symlinks, non-regular files and any group/other access."""
-    p = Path(path)
-    pem = _read_private_file(p, _MAX_KEY_FILE_BYTES)
-    return _decode_private_key(pem, _resolve_passphrase(passphrase), p)
-
-
-def write_private_key_file(
-    path: str | os.PathLike[str],
-    private_key: Ed25519PrivateKey,
-    *,
-    passphrase: bytes | Any | None = _FROM_ENV,
-) -> None:
-    """Write a new key file (0600, encrypted when a passphrase is set); never overwrites."""
-    p = Path(path)
-    _write_new_private_file(p, _encode_private_key(private_key, _resolve_passphrase(passphrase)))
 
 
 class Keyring:
