@@ -211,7 +211,8 @@ def pg_writer(argv: list[str]) -> None:
             warm = (dl.append(_FIELDS[(offset + i) % _POOL]) for i in range(PG_CALLERS))
             await asyncio.gather(*warm)
             print("ready", flush=True)
-            await asyncio.to_thread(sys.stdin.readline)
+            if (await asyncio.to_thread(sys.stdin.readline)).strip() != "go":
+                return  # stdin closed: the benchmark process gave up
 
             async def caller(c: int) -> None:
                 base = offset + c * per
