@@ -55,7 +55,6 @@ import re
 import time
 from base64 import urlsafe_b64decode
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
 
@@ -63,9 +62,23 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from axid._json import strict_loads
-from axid.errors import AxidError
+from axid._token_claims import (
+    _CNF_MEMBER,
+    _JTI_RE,
+    _SCOPE_RE,
+    _SHA256_RE,
+    MAX_CHAIN_DEPTH,
+    REASONS,
+    ActionClaims,
+    TokenError,
+    _check_chain,
+    _claims,
+    _fail,
+    _integer,
+    _is_workload_id,
+    _text,
+)
 from axid.keys import KeySet, SigningKey, b64url_encode
-from mtls.spiffeid import SpiffeIdError, parse_spiffe_id
 
 __all__ = [
     "MAX_CHAIN_DEPTH",
@@ -84,82 +97,8 @@ __all__ = [
 MAX_TOKEN_BYTES: Final = 8192
 MAX_TTL: Final = 300
 MAX_LEEWAY: Final = 30
-MAX_CHAIN_DEPTH: Final = 8
 TOKEN_TYPE: Final = "axid+jwt"  # noqa: S105 - a media type, not a secret
 ALGORITHM: Final = "EdDSA"
-
-REASONS: Final = frozenset(
-    {
-        "token_missing",
-        "token_malformed",
-        "token_too_large",
-        "token_bad_alg",
-        "token_bad_type",
-        "token_unknown_kid",
-        "token_bad_signature",
-        "token_expired",
-        "token_not_yet_valid",
-        "token_ttl_too_long",
-        "token_wrong_issuer",
-        "token_wrong_audience",
-        "token_missing_claim",
-    }
-)
-
-
-class TokenError(AxidError):
-    """A token failed verification. ``reason`` is one of :data:`REASONS`."""
-
-    reason: str
-    message: str
-
-    def __init__(self, reason: str, message: str) -> None:
-        if reason not in REASONS:  # pragma: no cover - guards this module's own calls
-            raise ValueError(f"unknown token reason {reason!r}")
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class ActionClaims:
-    """The verified claims of an action token (plus the header's ``kid``)."""
-
-    iss: str
-    sub: str
-    aud: tuple[str, ...]
-    iat: int
-    nbf: int
-    exp: int
-    jti: str
-    tenant: str
-    agent: str
-    run: str
-    spawn_parent: str | None
-    chain: tuple[str, ...]
-    scope: frozenset[str]
-    scope_str: str
-    cnf_x5t_s256: str
-    kid: str
-
-    def to_json(self) -> dict[str, Any]:
-        """The claims as in the token (``aud`` a string when it has one member)."""
-        return {
-            "iss": self.iss,
-            "sub": self.sub,
-            "aud": self.aud[0] if len(self.aud) == 1 else list(self.aud),
-            "iat": self.iat,
-            "nbf": self.nbf,
-            "exp": self.exp,
-            "jti": self.jti,
-            "tenant": self.tenant,
-            "agent": self.agent,
-            "run": self.run,
-            "spawn_parent": self.spawn_parent,
-            "chain": list(self.chain),
-            "scope": self.scope_str,
-            "cnf": {"x5t#S256": self.cnf_x5t_s256},
-        }
 
 
 # --------------------------------------------------------------------------- internals
@@ -167,46 +106,17 @@ class ActionClaims:
 # PyJWT's EdDSA algorithm object: one instance, reused (no per-call construction).
 _EDDSA: Final = jwt.PyJWS(algorithms=[ALGORITHM]).get_algorithm_by_name(ALGORITHM)
 
-_REQUIRED: Final = frozenset(
-    {
-        "iss",
-        "sub",
-        "aud",
-        "iat",
-        "nbf",
-        "exp",
-        "jti",
-        "tenant",
-        "agent",
-        "run",
-        "spawn_parent",
-        "chain",
-        "scope",
-        "cnf",
-    }
-)
-_CNF_MEMBER: Final = "x5t#S256"
 _HEADER_MEMBERS: Final = frozenset({"alg", "typ", "kid"})
-_MAX_INT: Final = 2**53 - 1  # I-JSON (RFC 7493) safe integers
 _SIGNATURE_CHARS: Final = 86  # 64 bytes of base64url
 
 # Three non-empty segments of the base64url alphabet. fullmatch, never match + "$".
 _COMPACT_RE: Final = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
-# Canonical base64url of exactly 16 and 32 bytes (unused trailing bits zero).
-_JTI_RE: Final = re.compile(r"[A-Za-z0-9_-]{21}[AQgw]")
-_SHA256_RE: Final = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
-# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), space separated.
-_SCOPE_RE: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*")
 _CANONICAL_LAST: Final = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 
 _HEADER_CACHE_MAX: Final = 64
 
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-
-
-def _fail(reason: str, message: str) -> TokenError:
-    return TokenError(reason, message)
 
 
 def _canonical_segment(segment: str) -> bool:
@@ -294,119 +204,6 @@ def _header_key(segment: str, keys: KeySet) -> tuple[str, Ed25519PublicKey]:
     result = (kid, key)
     cache[segment] = result
     return result
-
-
-@lru_cache(maxsize=4096)
-def _is_workload_id(value: str) -> bool:
-    # Cached: only signed tokens and the issuer's own input reach this.
-    try:
-        return parse_spiffe_id(value).path != ""
-    except SpiffeIdError:
-        return False
-
-
-def _text(value: object) -> bool:
-    return type(value) is str and value != "" and value.isprintable()
-
-
-def _integer(value: object) -> bool:
-    return type(value) is int and 0 <= value <= _MAX_INT
-
-
-def _check_chain(spawn_parent: object, chain: object, run: str) -> str | None:
-    """Returns None if consistent, else what is wrong."""
-    if type(chain) is not list:
-        return "chain must be an array"
-    if len(chain) > MAX_CHAIN_DEPTH:
-        return f"chain deeper than {MAX_CHAIN_DEPTH}"
-    for item in chain:
-        if not _text(item):
-            return "chain entries must be non-empty strings"
-    if len(set(chain)) != len(chain) or run in chain:
-        return "chain repeats a run id"
-    if spawn_parent is None:
-        if chain:
-            return "spawn_parent is null but chain is not empty"
-    elif not _text(spawn_parent):
-        return "spawn_parent must be null or a non-empty string"
-    elif not chain or chain[-1] != spawn_parent:
-        return "spawn_parent must be the last entry of chain"
-    return None
-
-
-def _claims(payload: dict[str, Any], kid: str) -> ActionClaims:
-    """Presence and type checks (steps 11-12)."""
-    if payload.keys() != _REQUIRED:
-        missing = _REQUIRED - payload.keys()
-        if missing:
-            raise _fail("token_missing_claim", f"missing claims {sorted(missing)}")
-        raise _fail("token_malformed", "token has claims outside the AXID claim set")
-    cnf = payload["cnf"]
-    if type(cnf) is dict and _CNF_MEMBER not in cnf:
-        raise _fail("token_missing_claim", "missing claim cnf.x5t#S256")
-
-    iss = payload["iss"]
-    sub = payload["sub"]
-    aud = payload["aud"]
-    iat = payload["iat"]
-    nbf = payload["nbf"]
-    exp = payload["exp"]
-    jti = payload["jti"]
-    tenant = payload["tenant"]
-    agent = payload["agent"]
-    run = payload["run"]
-    spawn_parent = payload["spawn_parent"]
-    chain = payload["chain"]
-    scope = payload["scope"]
-
-    if not (_text(iss) and _text(tenant) and _text(agent) and _text(run)):
-        raise _fail("token_malformed", "iss, tenant, agent and run must be non-empty strings")
-    if not (_integer(iat) and _integer(nbf) and _integer(exp)):
-        raise _fail("token_malformed", "iat, nbf and exp must be integers")
-    if type(sub) is not str or not _is_workload_id(sub):
-        raise _fail("token_malformed", "sub is not a SPIFFE workload ID")
-    if type(aud) is str:
-        if not _text(aud):
-            raise _fail("token_malformed", "aud must be a non-empty string")
-        audiences: tuple[str, ...] = (aud,)
-    elif type(aud) is list and aud and all(_text(a) for a in aud):
-        audiences = tuple(aud)
-    else:
-        raise _fail("token_malformed", "aud must be a string or a non-empty array of strings")
-    if type(jti) is not str or _JTI_RE.fullmatch(jti) is None:
-        raise _fail("token_malformed", "jti must be 16 bytes of base64url")
-    if type(scope) is not str or _SCOPE_RE.fullmatch(scope) is None:
-        raise _fail("token_malformed", "scope must be space-separated scope tokens")
-    scopes = scope.split(" ")
-    scope_set = frozenset(scopes)
-    if len(scope_set) != len(scopes):
-        raise _fail("token_malformed", "scope repeats an action")
-    if type(cnf) is not dict or len(cnf) != 1:
-        raise _fail("token_malformed", "cnf must be an object with only x5t#S256")
-    thumb = cnf[_CNF_MEMBER]
-    if type(thumb) is not str or _SHA256_RE.fullmatch(thumb) is None:
-        raise _fail("token_malformed", "cnf.x5t#S256 must be 32 bytes of base64url")
-    problem = _check_chain(spawn_parent, chain, run)
-    if problem is not None:
-        raise _fail("token_malformed", problem)
-    return ActionClaims(
-        iss,
-        sub,
-        audiences,
-        iat,
-        nbf,
-        exp,
-        jti,
-        tenant,
-        agent,
-        run,
-        spawn_parent,
-        tuple(chain),
-        scope_set,
-        scope,
-        thumb,
-        kid,
-    )
 
 
 def _check_now_leeway(now: float | None, leeway: int) -> float:
@@ -540,6 +337,50 @@ def _scope_string(scope: str | Iterable[str]) -> str:
     return " ".join(sorted(set(items)))
 
 
+def _aud_claim(aud: str | Sequence[str]) -> str | list[str]:
+    if isinstance(aud, str):
+        if not _text(aud):
+            raise _mint_error("aud must be a non-empty string")
+        return aud
+    aud_claim = list(aud)
+    if not aud_claim or not all(_text(a) for a in aud_claim):
+        raise _mint_error("aud must be a string or a non-empty list of strings")
+    return aud_claim
+
+
+def _chain_claim(spawn_parent: str | None, chain: Sequence[str], run: str) -> list[str]:
+    if isinstance(chain, str | bytes):  # list("run-1") would be its characters
+        raise _mint_error("chain must be a sequence of run ids, not a string")
+    chain_claim = list(chain)
+    problem = _check_chain(spawn_parent, chain_claim, run)
+    if problem is not None:
+        raise _mint_error(problem)
+    return chain_claim
+
+
+def _nbf_exp(now: int, ttl: int, nbf: int | None) -> tuple[int, int]:
+    if not _integer(now):
+        raise _mint_error("now must be a non-negative int")
+    if type(ttl) is not int or not 0 < ttl <= MAX_TTL:
+        raise _mint_error(f"ttl must be an int in (0, {MAX_TTL}]")
+    exp = now + ttl
+    if nbf is None:
+        nbf = now
+    elif not _integer(nbf) or not now <= nbf < exp:
+        raise _mint_error("nbf must be an int with now <= nbf < now + ttl")
+    if not _integer(exp):
+        raise _mint_error("exp out of range")
+    return nbf, exp
+
+
+def _jti_claim(jti: str | None) -> str:
+    if jti is None:
+        return b64url_encode(os.urandom(16))
+    if type(jti) is not str or _JTI_RE.fullmatch(jti) is None:
+        raise _mint_error("jti must be 16 bytes of base64url")
+    return jti
+
+
 def mint(
     *,
     key: SigningKey,
@@ -570,38 +411,13 @@ def mint(
         raise _mint_error("iss, tenant, agent and run must be non-empty printable strings")
     if type(sub) is not str or not _is_workload_id(sub):
         raise _mint_error("sub must be a SPIFFE workload ID")
-    if isinstance(aud, str):
-        if not _text(aud):
-            raise _mint_error("aud must be a non-empty string")
-        aud_claim: str | list[str] = aud
-    else:
-        aud_claim = list(aud)
-        if not aud_claim or not all(_text(a) for a in aud_claim):
-            raise _mint_error("aud must be a string or a non-empty list of strings")
-    if isinstance(chain, str | bytes):  # list("run-1") would be its characters
-        raise _mint_error("chain must be a sequence of run ids, not a string")
-    chain_claim = list(chain)
-    problem = _check_chain(spawn_parent, chain_claim, run)
-    if problem is not None:
-        raise _mint_error(problem)
+    aud_claim = _aud_claim(aud)
+    chain_claim = _chain_claim(spawn_parent, chain, run)
     scope_claim = _scope_string(scope)
     if type(cnf_x5t_s256) is not str or _SHA256_RE.fullmatch(cnf_x5t_s256) is None:
         raise _mint_error("cnf_x5t_s256 must be 32 bytes of base64url")
-    if not _integer(now):
-        raise _mint_error("now must be a non-negative int")
-    if type(ttl) is not int or not 0 < ttl <= MAX_TTL:
-        raise _mint_error(f"ttl must be an int in (0, {MAX_TTL}]")
-    exp = now + ttl
-    if nbf is None:
-        nbf = now
-    elif not _integer(nbf) or not now <= nbf < exp:
-        raise _mint_error("nbf must be an int with now <= nbf < now + ttl")
-    if not _integer(exp):
-        raise _mint_error("exp out of range")
-    if jti is None:
-        jti = b64url_encode(os.urandom(16))
-    elif type(jti) is not str or _JTI_RE.fullmatch(jti) is None:
-        raise _mint_error("jti must be 16 bytes of base64url")
+    nbf, exp = _nbf_exp(now, ttl, nbf)
+    jti = _jti_claim(jti)
     claims = {
         "iss": iss,
         "sub": sub,
