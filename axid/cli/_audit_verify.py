@@ -323,6 +323,28 @@ def _verify_bundle(bundle: Path, log: str | None, keys: dict[str, str]) -> _Targ
     return target
 
 
+def _check_sources_and_keys(
+    bundle: Path | None,
+    db: str | None,
+    vkey: list[str] | None,
+    trust_log_key: bool,
+    *,
+    as_json: bool,
+) -> None:
+    """One place to read from, and exactly one way to get the key (exit 2 otherwise)."""
+    if bundle is not None and db is not None:
+        fail("give either BUNDLE_DIR or --db, not both", as_json=as_json)
+    if not vkey and not trust_log_key:
+        fail(
+            "no key to verify with: pass the log's published key with --vkey (one per log), "
+            "or --trust-log-key to use the key stored with the log (only as trustworthy as "
+            "the log itself)",
+            as_json=as_json,
+        )
+    if vkey and trust_log_key:
+        fail("give either --vkey or --trust-log-key, not both", as_json=as_json)
+
+
 _VkeyOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -416,17 +438,7 @@ def verify(
     --max-unwitnessed entries follow it). Exit 0 intact (and witnessed), 1
     tampering found (prints the first bad seq) or no quorum, 2 usage/IO error.
     """
-    if bundle is not None and db is not None:
-        fail("give either BUNDLE_DIR or --db, not both", as_json=as_json)
-    if not vkey and not trust_log_key:
-        fail(
-            "no key to verify with: pass the log's published key with --vkey (one per log), "
-            "or --trust-log-key to use the key stored with the log (only as trustworthy as "
-            "the log itself)",
-            as_json=as_json,
-        )
-    if vkey and trust_log_key:
-        fail("give either --vkey or --trust-log-key, not both", as_json=as_json)
+    _check_sources_and_keys(bundle, db, vkey, trust_log_key, as_json=as_json)
     try:
         policy = _witness_policy(witness or [], quorum, max_unwitnessed)
         keys = _vkeys(vkey or [])

@@ -111,6 +111,43 @@ def _print_report(machine: dict[str, Any], outcomes: list[Any], quick: bool) -> 
     console.print(table)
 
 
+def _harness() -> ModuleType:
+    """The checkout's ``bench._harness`` (exit 2 when there is none, or it does not load)."""
+    d = bench_dir()
+    if d is None:
+        typer.echo(
+            "error: no bench/ directory next to the axid package: `axid bench` runs from a "
+            "source checkout (an installed wheel does not ship the benchmarks)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        return _load_harness(d)
+    except ImportError as e:
+        typer.echo(f"error: cannot load the benchmarks from {d}: {e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _progress(name: str, outcome: Any) -> None:
+    if outcome is None:
+        typer.echo(f"running {name} ...", err=True)
+    elif outcome.skipped is not None:
+        typer.echo(f"skipped {name}: {outcome.skipped}", err=True)
+    elif outcome.error is not None:
+        typer.echo(f"FAILED {name}: {outcome.error}", err=True)
+
+
+def _write_json(json_file: Path, doc: Any) -> None:
+    """The report, written whole or not at all (exit 2 when it cannot be)."""
+    try:
+        tmp = json_file.with_name(f".{json_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(json_file)
+    except OSError as e:
+        typer.echo(f"error: cannot write {json_file}: {e.strerror or e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
 def bench(
     quick: Annotated[
         bool, typer.Option("--quick", help="Smaller sizes and fewer repeats (< 60 s in all).")
@@ -143,19 +180,7 @@ def bench(
     ] = None,
 ) -> None:
     """Measure the README's performance figures, each beside a baseline from the same run."""
-    d = bench_dir()
-    if d is None:
-        typer.echo(
-            "error: no bench/ directory next to the axid package: `axid bench` runs from a "
-            "source checkout (an installed wheel does not ship the benchmarks)",
-            err=True,
-        )
-        raise typer.Exit(EXIT_USAGE)
-    try:
-        h = _load_harness(d)
-    except ImportError as e:
-        typer.echo(f"error: cannot load the benchmarks from {d}: {e}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+    h = _harness()
     h.discover()
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
     try:
@@ -163,27 +188,11 @@ def bench(
     except h.UnknownBench as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-
-    def progress(name: str, outcome: Any) -> None:
-        if outcome is None:
-            typer.echo(f"running {name} ...", err=True)
-        elif outcome.skipped is not None:
-            typer.echo(f"skipped {name}: {outcome.skipped}", err=True)
-        elif outcome.error is not None:
-            typer.echo(f"FAILED {name}: {outcome.error}", err=True)
-
     machine = h.machine_info()
     ctx = h.Context(quick=quick, iterations=iterations, log_size=log_size)
-    outcomes = h.run(selected, ctx, progress=progress)
+    outcomes = h.run(selected, ctx, progress=_progress)
     _print_report(machine, outcomes, quick)
     if json_file is not None:
-        doc = h.report(machine, outcomes)
-        try:
-            tmp = json_file.with_name(f".{json_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            tmp.replace(json_file)
-        except OSError as e:
-            typer.echo(f"error: cannot write {json_file}: {e.strerror or e}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
+        _write_json(json_file, h.report(machine, outcomes))
     if any(o.error is not None for o in outcomes):
         raise typer.Exit(EXIT_FAILED)

@@ -409,89 +409,99 @@ def _report(receipt: Receipt, result: ReceiptCheck) -> int:
 # --------------------------------------------------------------------------- the command
 
 
+_ReceiptArg = Annotated[
+    str,
+    typer.Argument(
+        help="A file (- for standard input) holding the receipt: the line "
+        "'AXID-Receipt: ...' or just its value.",
+        show_default=False,
+    ),
+]
+_VkeyOpt = Annotated[
+    str,
+    typer.Option(
+        "--vkey",
+        metavar="VKEY_OR_FILE",
+        help="The log's verifier key, obtained out of band (or a file holding it).",
+        show_default=False,
+    ),
+]
+_DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help=f"Read the log from this database (the default when --url is not given: "
+        f"{DEFAULT_DB}).",
+        show_default=False,
+    ),
+]
+_LogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log",
+        help="With --db: the log's name (default: <log> of a vkey named axid/<log>, "
+        "else the database's only log).",
+    ),
+]
+_UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        metavar="BASE",
+        help="Read the log from its public read routes instead: BASE is their prefix, "
+        "to which /checkpoint, /proof and /consistency are appended, e.g. "
+        "https://127.0.0.1:8443/v1/audit (the issuer) or "
+        "https://127.0.0.1:9443/.well-known/axid/log (a service).",
+        show_default=False,
+    ),
+]
+_CertOpt = Annotated[
+    Path | None,
+    typer.Option("--cert", help="With https --url: client certificate (PEM) for mTLS."),
+]
+_KeyOpt = Annotated[Path | None, typer.Option("--key", help="With --cert: its private key (PEM).")]
+_BundleOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--bundle",
+        help="With https --url: CA certificates (PEM) to verify the server with "
+        "(default: the system's); the server's certificate must name BASE's host.",
+    ),
+]
+_WitnessOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--witness",
+        metavar="VKEY_OR_FILE",
+        help="A witness's vkey (or a file holding it): type 0x04 (Ed25519) or 0x06 "
+        "(ML-DSA-44). Repeatable; with --quorum.",
+        show_default=False,
+    ),
+]
+_QuorumOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--quorum",
+        metavar="K",
+        help="Require the receipt's checkpoint to be consistent with one of the same or "
+        "a larger size cosigned by K distinct witnesses among --witness.",
+        show_default=False,
+    ),
+]
+
+
 @receipt_app.command()
 def check(
-    file: Annotated[
-        str,
-        typer.Argument(
-            help="A file (- for standard input) holding the receipt: the line "
-            "'AXID-Receipt: ...' or just its value.",
-            show_default=False,
-        ),
-    ],
-    vkey: Annotated[
-        str,
-        typer.Option(
-            "--vkey",
-            metavar="VKEY_OR_FILE",
-            help="The log's verifier key, obtained out of band (or a file holding it).",
-            show_default=False,
-        ),
-    ],
-    db: Annotated[
-        str | None,
-        typer.Option(
-            "--db",
-            help=f"Read the log from this database (the default when --url is not given: "
-            f"{DEFAULT_DB}).",
-            show_default=False,
-        ),
-    ] = None,
-    log: Annotated[
-        str | None,
-        typer.Option(
-            "--log",
-            help="With --db: the log's name (default: <log> of a vkey named axid/<log>, "
-            "else the database's only log).",
-        ),
-    ] = None,
-    url: Annotated[
-        str | None,
-        typer.Option(
-            "--url",
-            metavar="BASE",
-            help="Read the log from its public read routes instead: BASE is their prefix, "
-            "to which /checkpoint, /proof and /consistency are appended, e.g. "
-            "https://127.0.0.1:8443/v1/audit (the issuer) or "
-            "https://127.0.0.1:9443/.well-known/axid/log (a service).",
-            show_default=False,
-        ),
-    ] = None,
-    cert: Annotated[
-        Path | None,
-        typer.Option("--cert", help="With https --url: client certificate (PEM) for mTLS."),
-    ] = None,
-    key: Annotated[
-        Path | None, typer.Option("--key", help="With --cert: its private key (PEM).")
-    ] = None,
-    bundle: Annotated[
-        Path | None,
-        typer.Option(
-            "--bundle",
-            help="With https --url: CA certificates (PEM) to verify the server with "
-            "(default: the system's); the server's certificate must name BASE's host.",
-        ),
-    ] = None,
-    witness: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--witness",
-            metavar="VKEY_OR_FILE",
-            help="A witness's vkey (or a file holding it): type 0x04 (Ed25519) or 0x06 "
-            "(ML-DSA-44). Repeatable; with --quorum.",
-            show_default=False,
-        ),
-    ] = None,
-    quorum: Annotated[
-        int | None,
-        typer.Option(
-            "--quorum",
-            metavar="K",
-            help="Require the receipt's checkpoint to be consistent with one of the same or "
-            "a larger size cosigned by K distinct witnesses among --witness.",
-            show_default=False,
-        ),
-    ] = None,
+    file: _ReceiptArg,
+    vkey: _VkeyOpt,
+    db: _DbOpt = None,
+    log: _LogOpt = None,
+    url: _UrlOpt = None,
+    cert: _CertOpt = None,
+    key: _KeyOpt = None,
+    bundle: _BundleOpt = None,
+    witness: _WitnessOpt = None,
+    quorum: _QuorumOpt = None,
 ) -> None:
     """Check a receipt: does the log still hold exactly that entry and extend its checkpoint?
 

@@ -12,14 +12,59 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from axid.issuer.config import IssuerConfig
+    from mtls.spiffeid import SpiffeIdPattern
 
 
 def _fail(message: str, code: int) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _svid_overrides(
+    cert: Path | None, key: Path | None, bundle: Path | None, workload_api: str | None
+) -> dict[str, Any]:
+    """The SVID flags: files or the Workload API, never both (exit 2)."""
+    if cert is not None or key is not None or bundle is not None:
+        if workload_api is not None:
+            _fail("give --cert/--key/--bundle or --workload-api, not both", 2)
+        return {"cert": cert, "key": key, "bundle": bundle, "workload_api": None}
+    if workload_api is not None:
+        return {"cert": None, "key": None, "bundle": None, "workload_api": workload_api}
+    return {}
+
+
+def _admins(admin: list[str]) -> tuple[SpiffeIdPattern, ...]:
+    from mtls.spiffeid import SpiffeIdError, SpiffeIdPattern
+
+    try:
+        return tuple(SpiffeIdPattern.parse(a) for a in admin)
+    except SpiffeIdError as exc:
+        _fail(f"--admin: {exc}", 2)
+
+
+def _settings(config: Path | None, overrides: dict[str, Any], db: str | None) -> IssuerConfig:
+    """The file's settings (or the defaults and environment) under the flags (exit 2 on
+    a bad configuration)."""
+    from axid.issuer.config import ConfigError, IssuerConfig
+
+    try:
+        if config is not None:
+            settings = replace(IssuerConfig.from_file(config), **overrides)
+        else:
+            if "registrations" not in overrides:
+                _fail("give --config FILE or at least --registrations and the SVID flags", 2)
+            settings = IssuerConfig(**overrides).with_env()
+        if db is not None:
+            settings = replace(settings, database_url=db)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    return settings
 
 
 def serve(
@@ -58,45 +103,24 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the issuer service over mTLS."""
-    from axid.issuer.config import ConfigError, IssuerConfig
+    from axid.issuer.config import ConfigError
     from axid.issuer.registry import RegistryError
     from axid.issuer.server import IssuerStartupError
     from axid.issuer.server import serve as run
-    from mtls.spiffeid import SpiffeIdError, SpiffeIdPattern
 
-    overrides: dict[str, Any] = {}
-    for name, value in (
-        ("host", host),
-        ("port", port),
-        ("issuer", issuer),
-        ("registrations", registrations),
-        ("keys_dir", keys_dir),
-        ("http", http),
-    ):
-        if value is not None:
-            overrides[name] = value
-    if cert is not None or key is not None or bundle is not None:
-        if workload_api is not None:
-            _fail("give --cert/--key/--bundle or --workload-api, not both", 2)
-        overrides.update(cert=cert, key=key, bundle=bundle, workload_api=None)
-    elif workload_api is not None:
-        overrides.update(cert=None, key=None, bundle=None, workload_api=workload_api)
+    flags = {
+        "host": host,
+        "port": port,
+        "issuer": issuer,
+        "registrations": registrations,
+        "keys_dir": keys_dir,
+        "http": http,
+    }
+    overrides = {name: value for name, value in flags.items() if value is not None}
+    overrides.update(_svid_overrides(cert, key, bundle, workload_api))
     if admin:
-        try:
-            overrides["admins"] = tuple(SpiffeIdPattern.parse(a) for a in admin)
-        except SpiffeIdError as exc:
-            _fail(f"--admin: {exc}", 2)
-    try:
-        if config is not None:
-            settings = replace(IssuerConfig.from_file(config), **overrides)
-        else:
-            if "registrations" not in overrides:
-                _fail("give --config FILE or at least --registrations and the SVID flags", 2)
-            settings = IssuerConfig(**overrides).with_env()
-        if db is not None:
-            settings = replace(settings, database_url=db)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
+        overrides["admins"] = _admins(admin)
+    settings = _settings(config, overrides, db)
 
     def ready(url: str) -> None:
         typer.echo(f"issuer: {url}")
