@@ -213,5 +213,17 @@ def test_span_attributes_and_prometheus_scrape(service: Service) -> None:
     failures = families["axid_log_integrity_failures"]
     assert [(s.labels, s.value) for s in failures.samples] == [({"log": "payments"}, 0.0)]
 
+    # ... with the commit latency histogram: one observation per commit batch; the
+    # three decisions were sent one after another, so each had its own batch.
+    commits = families["axid_log_commit_seconds"]
+    assert commits.type == "histogram"
+    samples = {(s.name, s.labels.get("le")): s for s in commits.samples}
+    assert all(s.labels["log"] == "payments" for s in commits.samples)
+    assert samples[("axid_log_commit_seconds_count", None)].value == 3.0
+    assert samples[("axid_log_commit_seconds_bucket", "+Inf")].value == 3.0
+    assert samples[("axid_log_commit_seconds_sum", None)].value > 0
+    cumulative = [s.value for s in commits.samples if s.name.endswith("_bucket")]
+    assert cumulative == sorted(cumulative)
+
     # The scrape itself is ungoverned: its span carries no axid.* attribute.
     assert _axid_attributes(service.server_span("/metrics/")) == {}

@@ -40,6 +40,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from axid.audit.entry import DecisionFields
 from axid.audit.head import IntegrityFailure, read_head_file, write_head_file
+from axid.audit.metrics import CommitTimes
 from axid.audit.note import NoteSigner
 from axid.audit.receipt import Receipt
 from axid.audit.store import (
@@ -125,6 +127,7 @@ class DecisionLog:
         self._target = max_batch
         self._closing = False
         self._closed = False
+        self.commit_times = CommitTimes()  # read by axid.audit.metrics.LogCollector
         self._task = self._loop.create_task(self._run(), name=f"axid-audit-batcher:{store.log}")
 
     # ------------------------------------------------------------------ open / close
@@ -342,6 +345,7 @@ class DecisionLog:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         items = [p.fields for p in batch]
+        started = time.perf_counter()
         try:
             results = await self._loop.run_in_executor(
                 self._executor, self._store.append_batch, items
@@ -370,6 +374,7 @@ class DecisionLog:
             for p in batch:
                 _fail(p.future, AuditUnavailable("decision log stopped"))
             raise
+        self.commit_times.observe(time.perf_counter() - started)
         note = results[-1].checkpoint
         if self._witnessing is not None:
             self._witnessing.offer(note)
