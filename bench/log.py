@@ -73,6 +73,7 @@ from bench._harness import (
     register,
     timed,
 )
+from bench._http import child_env
 
 CALLERS = 64
 LOG_NAME = "bench"
@@ -195,7 +196,6 @@ PG_WRITERS = 2
 PG_CALLERS = 32  # per writer process
 _PG_START_TIMEOUT = 60.0
 _PG_RUN_TIMEOUT = 600.0
-_ROOT = Path(__file__).resolve().parent.parent  # holds the bench/ package
 _PG_CHILD = "import sys\nfrom bench.log import pg_writer\npg_writer(sys.argv[1:])\n"
 
 
@@ -229,8 +229,6 @@ class _Writer:
     """One :func:`pg_writer` process; :meth:`stop` always ends it."""
 
     def __init__(self, args: list[str], stderr: Path) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
         self.stderr = stderr
         with stderr.open("wb") as err:
             self.proc = subprocess.Popen(
@@ -238,7 +236,7 @@ class _Writer:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
-                env=env,
+                env=child_env(),
             )
 
     def expect(self, word: str, deadline: float) -> None:

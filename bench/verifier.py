@@ -34,7 +34,6 @@ import asyncio
 import base64
 import gc
 import json
-import re
 import socket
 import ssl
 import statistics
@@ -51,6 +50,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from axid.keys import KeySet, SigningKey
 from axid.tokens import mint
 from bench._harness import BenchError, Context, Result, compare_rates, rate, register
+from bench._http import take_answer
 from bench.issuer import (
     AUDIENCE,
     HOST,
@@ -415,8 +415,6 @@ def verifier_governed_rps(ctx: Context) -> Result:
 # --------------------------------------------------------------------------- latency
 
 _LATENCY_BLOCK: Final = 100  # requests per block; governed and bare blocks alternate
-_HEAD_END: Final = b"\r\n\r\n"
-_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*\r\n", re.I)
 _MAX_HEAD: Final = 1 << 16
 
 
@@ -444,21 +442,11 @@ class SeqClient:
     def once(self) -> None:
         """Send the request, read one Content-Length-framed answer, check it is a 200."""
         self.sock.sendall(self.request)
-        buf = self._buf
-        while (end := buf.find(_HEAD_END)) < 0:
-            if len(buf) > _MAX_HEAD:
-                raise BenchError(f"{self.label}: oversized answer head")
+        while (answer := take_answer(self._buf, self.label, _MAX_HEAD)) is None:
             self._recv()
-        m = _LENGTH.search(buf, 0, end + 2)
-        if m is None:
-            raise BenchError(f"{self.label}: an answer without Content-Length")
-        total = end + 4 + int(m[1])
-        while len(buf) < total:
-            self._recv()
-        if len(buf) > total:
+        status, body, extra = answer
+        if extra:
             raise BenchError(f"{self.label}: more bytes than one answer")
-        status, body = bytes(buf[9:12]), bytes(buf[end + 4 : total])
-        buf.clear()
         if status != b"200":
             detail = body[:300].decode("utf-8", "replace")
             raise BenchError(f"{self.label}: HTTP {status.decode('ascii', 'replace')} {detail}")
