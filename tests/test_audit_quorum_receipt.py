@@ -44,12 +44,11 @@ from starlette.routing import Route
 
 from axid.audit.note import NoteVerifier
 from axid.audit.quorum import WitnessPolicy
-from axid.audit.receipt import (
+from axid.audit.receipt import Receipt, ReceiptError
+from axid.audit.receipt_check import (
     ConsistencyProof,
     InclusionProof,
     LogEvidence,
-    Receipt,
-    ReceiptError,
     ReceiptFailure,
     ReceiptOk,
     StoredEntry,

@@ -40,21 +40,19 @@ from starlette.routing import Mount, Route
 
 from axid.audit.log import DecisionLog
 from axid.audit.note import Checkpoint, NoteSigner, NoteVerifier, sign_checkpoint
-from axid.audit.receipt import (
+from axid.audit.receipt import Receipt, ReceiptError, receipt_from_text
+from axid.audit.receipt_check import (
     TLOG_PROOF_HEADER,
     ConsistencyProof,
     InclusionProof,
     LogEvidence,
     Missing,
-    Receipt,
-    ReceiptError,
     ReceiptFailure,
     ReceiptOk,
     StoredEntry,
     check_receipt,
     parse_consistency_proof,
     parse_inclusion_proof,
-    receipt_from_text,
 )
 from axid.audit.store import PROOF_HEADER, LogStore, NotFound, consistency_text, proof_text
 from axid.cli import app

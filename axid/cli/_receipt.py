@@ -3,7 +3,7 @@
 The receipt (an ``AXID-Receipt`` header value) must verify with ``--vkey``;
 then the log's answers are fetched, from its database (``--db``) or from the
 public read routes of the issuer or a service (``--url``), and checked by
-:func:`axid.audit.receipt.check_receipt`.
+:func:`axid.audit.receipt_check.check_receipt`.
 
 With ``--witness VKEY ... --quorum K`` the receipt's checkpoint must also be
 consistent with a checkpoint of the same or a larger size cosigned by K of the
@@ -38,22 +38,19 @@ from axid.audit.cosignature import CosignatureError
 from axid.audit.merkle import ProofError
 from axid.audit.note import Checkpoint, NoteVerifier
 from axid.audit.quorum import QuorumError, WitnessPolicy
-from axid.audit.receipt import (
+from axid.audit.receipt import Receipt, ReceiptError, checkpoint_of, receipt_from_text
+from axid.audit.receipt_check import (
     ConsistencyProof,
     InclusionProof,
     LogEvidence,
     Missing,
-    Receipt,
     ReceiptCheck,
-    ReceiptError,
     ReceiptFailure,
     StoredEntry,
     check_receipt,
-    checkpoint_of,
     open_receipt,
     parse_consistency_proof,
     parse_inclusion_proof,
-    receipt_from_text,
 )
 
 if TYPE_CHECKING:
