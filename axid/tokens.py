@@ -41,6 +41,12 @@ alone costs about a third of an Ed25519 verify.
 18. ``iss != issuer`` (exact)                           -> ``token_wrong_issuer``
 19. ``audience`` not in ``aud``                         -> ``token_wrong_audience``
 
+Approval tokens (``typ`` ``axid-approval+jwt``, DESIGN.md "Approvals") go through
+the same steps (:func:`verify_approval`), told to expect that ``typ`` (step 6) and
+the approval claim set (steps 11-12, :mod:`axid._approval_claims`; no ``nbf``, so
+step 14 reads ``nbf`` as ``iat``). An action token is never accepted as an approval
+token nor the reverse: the ``typ`` differs, and so do the claim sets.
+
 Programming errors (a ``leeway`` outside [0, MAX_LEEWAY], a KeySet of the wrong
 type, an empty issuer) raise ``ValueError``/``TypeError``, never ``TokenError``.
 Error messages never contain the token or any attacker-chosen string.
@@ -61,6 +67,7 @@ from typing import Any, Final
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from axid._approval_claims import APPROVAL_ID_RE, ApprovalClaims, ApprovedRequest, _approval_claims
 from axid._json import strict_loads
 from axid._token_claims import (
     _CNF_MEMBER,
@@ -81,6 +88,7 @@ from axid._token_claims import (
 from axid.keys import KeySet, SigningKey, b64url_encode
 
 __all__ = [
+    "APPROVAL_TOKEN_TYPE",
     "MAX_CHAIN_DEPTH",
     "MAX_LEEWAY",
     "MAX_TOKEN_BYTES",
@@ -88,9 +96,13 @@ __all__ = [
     "REASONS",
     "TOKEN_TYPE",
     "ActionClaims",
+    "ApprovalClaims",
+    "ApprovedRequest",
     "TokenError",
     "mint",
+    "mint_approval",
     "verify",
+    "verify_approval",
     "verify_parent_token",
 ]
 
@@ -98,6 +110,7 @@ MAX_TOKEN_BYTES: Final = 8192
 MAX_TTL: Final = 300
 MAX_LEEWAY: Final = 30
 TOKEN_TYPE: Final = "axid+jwt"  # noqa: S105 - a media type, not a secret
+APPROVAL_TOKEN_TYPE: Final = "axid-approval+jwt"  # noqa: S105 - a media type
 ALGORITHM: Final = "EdDSA"
 
 
@@ -174,19 +187,22 @@ def _split_compact(token: object) -> tuple[str, str, str]:
     return header, payload, signature
 
 
-def _header_key(segment: str, keys: KeySet) -> tuple[str, Ed25519PublicKey]:
+def _header_key(segment: str, keys: KeySet, typ: str = TOKEN_TYPE) -> tuple[str, Ed25519PublicKey]:
     """Header checks (steps 4-8). Returns (kid, key); caches the result per KeySet."""
     # The cache maps an already-accepted header segment to its key. Valid because a
     # KeySet never changes; bounded, and cleared when full (only speed is at stake).
+    # An approval header is cached under another key ("a:" never starts a base64url
+    # segment), so a header accepted for one typ is never a hit for the other.
     cache = keys._header_cache
-    hit = cache.get(segment)
+    cache_key = segment if typ == TOKEN_TYPE else "a:" + segment
+    hit = cache.get(cache_key)
     if hit is not None:
         return hit
     header = _decode_json_object(segment, "header")
     if header.get("alg") != ALGORITHM:
         raise _fail("token_bad_alg", "alg must be EdDSA")
-    if header.get("typ") != TOKEN_TYPE:
-        raise _fail("token_bad_type", f"typ must be {TOKEN_TYPE}")
+    if header.get("typ") != typ:
+        raise _fail("token_bad_type", f"typ must be {typ}")
     if len(header) > len(_HEADER_MEMBERS) or not header.keys() <= _HEADER_MEMBERS:
         extra = sorted(set(header) - _HEADER_MEMBERS)
         # Member names are attacker-chosen: name the known dangerous ones only.
@@ -202,7 +218,7 @@ def _header_key(segment: str, keys: KeySet) -> tuple[str, Ed25519PublicKey]:
     if len(cache) >= _HEADER_CACHE_MAX:
         cache.clear()
     result = (kid, key)
-    cache[segment] = result
+    cache[cache_key] = result
     return result
 
 
@@ -223,11 +239,15 @@ def _verify(
     audience: str | None,
     now: float,
     leeway: int,
-) -> ActionClaims:
+    approval: bool = False,
+) -> Any:
+    """The shared verification (module docstring); ``approval`` selects the approval
+    token's ``typ`` and claim set instead of the action token's."""
     if not isinstance(keys, KeySet):
         raise TypeError("keys must be an axid.keys.KeySet")
     header_seg, payload_seg, signature_seg = _split_compact(token)
-    kid, public_key = _header_key(header_seg, keys)
+    typ = APPROVAL_TOKEN_TYPE if approval else TOKEN_TYPE
+    kid, public_key = _header_key(header_seg, keys, typ)
 
     if len(signature_seg) != _SIGNATURE_CHARS:
         raise _fail("token_bad_signature", "signature is not 64 bytes")
@@ -235,7 +255,8 @@ def _verify(
     if not _EDDSA.verify(signing_input, public_key, _b64(signature_seg)):
         raise _fail("token_bad_signature", "signature does not verify")
 
-    claims = _claims(_decode_json_object(payload_seg, "payload"), kid)
+    parse = _approval_claims if approval else _claims
+    claims: ActionClaims | ApprovalClaims = parse(_decode_json_object(payload_seg, "payload"), kid)
     iat, nbf, exp = claims.iat, claims.nbf, claims.exp
     if exp - iat > MAX_TTL:
         raise _fail("token_ttl_too_long", f"exp - iat is more than {MAX_TTL} s")
@@ -279,6 +300,31 @@ def verify(
     return _verify(token, keys, issuer, audience, _check_now_leeway(now, leeway), leeway)
 
 
+def verify_approval(
+    token: str | bytes | None,
+    keys: KeySet,
+    *,
+    issuer: str,
+    audience: str,
+    now: float | None = None,
+    leeway: int = 0,
+) -> ApprovalClaims:
+    """Verify an approval token (``typ`` ``axid-approval+jwt``) and return its claims.
+
+    The same checks, in the same order, as :func:`verify`, with the approval token's
+    ``typ`` and claim set: an action token fails here (``token_bad_type``), and an
+    approval token fails :func:`verify`. Binding the claims to a request (peer, run,
+    method, target, body) is the caller's (the verifier's approval step).
+    """
+    if type(issuer) is not str or not issuer:
+        raise TypeError("issuer must be a non-empty str")
+    if type(audience) is not str or not audience:
+        raise TypeError("audience must be a non-empty str")
+    now_ = _check_now_leeway(now, leeway)
+    claims: ApprovalClaims = _verify(token, keys, issuer, audience, now_, leeway, approval=True)
+    return claims
+
+
 def verify_parent_token(
     token: str | bytes | None,
     keys: KeySet,
@@ -299,8 +345,8 @@ def verify_parent_token(
 
 
 @lru_cache(maxsize=64)
-def _header_segment(kid: str) -> str:
-    return _encode_segment({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid})
+def _header_segment(kid: str, typ: str = TOKEN_TYPE) -> str:
+    return _encode_segment({"alg": ALGORITHM, "typ": typ, "kid": kid})
 
 
 def _encode_segment(obj: dict[str, Any]) -> str:
@@ -437,6 +483,63 @@ def mint(
     token = _sign_compact(
         _header_segment(key.kid), _ENCODER.encode(claims).encode("utf-8"), key.private_key
     )
+    if len(token) > MAX_TOKEN_BYTES:
+        raise _mint_error(f"token would be larger than {MAX_TOKEN_BYTES} bytes")
+    return token
+
+
+def mint_approval(
+    *,
+    key: SigningKey,
+    iss: str,
+    sub: str,
+    aud: str | Sequence[str],
+    tenant: str,
+    run: str,
+    approval: str,
+    approver: str,
+    req: ApprovedRequest,
+    cnf_x5t_s256: str,
+    now: int,
+    ttl: int = MAX_TTL,
+    jti: str | None = None,
+) -> str:
+    """Sign an approval token. Input that :func:`verify_approval` would refuse raises
+    ValueError. ``iat = now``, ``exp = now + ttl`` (``0 < ttl <= 300``)."""
+    if not isinstance(key, SigningKey):
+        raise TypeError("key must be an axid.keys.SigningKey")
+    if not (_text(iss) and _text(tenant) and _text(run)):
+        raise _mint_error("iss, tenant and run must be non-empty printable strings")
+    for name, value in (("sub", sub), ("approver", approver)):
+        if type(value) is not str or not _is_workload_id(value):
+            raise _mint_error(f"{name} must be a SPIFFE workload ID")
+    if type(approval) is not str or APPROVAL_ID_RE.fullmatch(approval) is None:
+        raise _mint_error("approval must be 16 bytes of base64url")
+    if not isinstance(req, ApprovedRequest):
+        raise TypeError("req must be an axid.tokens.ApprovedRequest")
+    try:
+        req = ApprovedRequest.parse(req.to_json())
+    except TokenError as exc:
+        raise _mint_error(exc.message) from None
+    if type(cnf_x5t_s256) is not str or _SHA256_RE.fullmatch(cnf_x5t_s256) is None:
+        raise _mint_error("cnf_x5t_s256 must be 32 bytes of base64url")
+    _, exp = _nbf_exp(now, ttl, None)
+    claims = {
+        "iss": iss,
+        "sub": sub,
+        "cnf": {_CNF_MEMBER: cnf_x5t_s256},
+        "aud": _aud_claim(aud),
+        "iat": now,
+        "exp": exp,
+        "jti": _jti_claim(jti),
+        "approval": approval,
+        "approver": approver,
+        "tenant": tenant,
+        "run": run,
+        "req": req.to_json(),
+    }
+    header = _header_segment(key.kid, APPROVAL_TOKEN_TYPE)
+    token = _sign_compact(header, _ENCODER.encode(claims).encode("utf-8"), key.private_key)
     if len(token) > MAX_TOKEN_BYTES:
         raise _mint_error(f"token would be larger than {MAX_TOKEN_BYTES} bytes")
     return token
