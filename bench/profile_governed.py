@@ -92,6 +92,7 @@ def _install(*, head_file: bool = True) -> None:
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
+    import axid.audit._store_append as store_append  # the append path signs there
     import axid.audit.store as store
     from axid.audit.log import DecisionLog
     from verifier.pipeline import Pipeline
@@ -115,7 +116,7 @@ def _install(*, head_file: bool = True) -> None:
 
     store.LogStore.append_batch = append_batch  # type: ignore[method-assign]
 
-    sign = store.sign_checkpoint
+    sign = store_append.sign_checkpoint
 
     @functools.wraps(sign)
     def sign_checkpoint(*args: Any, **kwargs: Any) -> Any:
@@ -125,7 +126,7 @@ def _install(*, head_file: bool = True) -> None:
         finally:
             _add("sign", time.perf_counter() - t0)
 
-    store.sign_checkpoint = sign_checkpoint
+    store_append.sign_checkpoint = sign_checkpoint
 
     import axid.audit.log as log_module
 
