@@ -61,6 +61,7 @@ _ISSUER_ONLY: Final[dict[str, int]] = {
     "bad_request": 400,
     "audience_not_allowed": 403,
     "spawn_too_deep": 403,
+    "spawn_not_allowed": 403,  # a parent the caller's spawn_from does not name
     "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
@@ -69,12 +70,19 @@ _ISSUER_ONLY: Final[dict[str, int]] = {
     "store_unavailable": 503,
 }
 
-if _VERIFIER.keys() & _ISSUER_ONLY.keys():  # pragma: no cover - the table is wrong
-    raise RuntimeError("a reason code is defined twice")
+# DESIGN.md's approvals (the verifier's approval step); joins _VERIFIER with that step.
+_APPROVALS: Final[dict[str, int]] = {
+    "approval_required": 403,  # filed at the issuer: an approver must decide first
+    "approval_invalid": 403,  # not for this peer, service, request or run; or used
+    "approval_expired": 403,  # the approval token (or the approval) has expired
+    "approval_unavailable": 503,  # the issuer could not be reached to file the request
+}
 
-STATUS: Final[Mapping[str, int]] = MappingProxyType({**_VERIFIER, **_ISSUER_ONLY})
-VERIFIER_STATUS: Final[Mapping[str, int]] = MappingProxyType(dict(_VERIFIER))
-VERIFIER_REASONS: Final = frozenset(_VERIFIER)
+STATUS: Final[Mapping[str, int]] = MappingProxyType({**_VERIFIER, **_ISSUER_ONLY, **_APPROVALS})
+if len(STATUS) != len(_VERIFIER) + len(_ISSUER_ONLY) + len(_APPROVALS):  # pragma: no cover
+    raise RuntimeError("a reason code is defined twice")
+VERIFIER_STATUS: Final[Mapping[str, int]] = MappingProxyType({**_VERIFIER, **_APPROVALS})
+VERIFIER_REASONS: Final = frozenset(VERIFIER_STATUS)
 ISSUER_REASONS: Final = frozenset(_ISSUER_ONLY)
 
 

@@ -167,6 +167,8 @@ def registrations_yaml(w: World) -> str:
                 "agents": [w.worker],
                 "audiences": ["payments", "ledger"],
                 "scope": WORKER_SCOPE + " ledger:read",
+                # Explicit delegation: the planner's runs, and the worker's own (chains).
+                "spawn_from": [f"spiffe://{td}/agent/planner", f"spiffe://{td}/agent/worker"],
             },
             {
                 "spiffe_id": f"spiffe://{td}/agent/globex-bot",

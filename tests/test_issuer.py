@@ -363,7 +363,7 @@ def test_spawn_from_restricts_whose_token_may_parent(tmp_path: Any) -> None:
     planner["spawn_from"] = []  # root tokens only
     worker["spawn_from"] = [f"spiffe://{td}/agent/planner", f"spiffe://{td}/admin/*"]
     helper = f"helper-{uid()}"
-    doc["registrations"].append(  # no spawn_from: any workload of the tenant
+    doc["registrations"].append(  # no spawn_from: spawns from nobody
         {
             "spiffe_id": f"spiffe://{td}/agent/stranger",
             "tenant": w.tenant,
@@ -377,25 +377,30 @@ def test_spawn_from_restricts_whose_token_may_parent(tmp_path: Any) -> None:
     with running(w):
         p = root(w, scope="payments:read")
         # The planner's own token may not parent a planner run (spawn_from: []).
-        body = problem(child(w, p, name="planner"), 403, "agent_not_allowed")
+        body = problem(child(w, p, name="planner"), 403, "spawn_not_allowed")
         assert body["detail"] == refused
         # The worker may be spawned from the planner's token ...
         w1 = minted(child(w, p))
         assert w.verify(w1["token"]).spawn_parent == p["req"]["run"]
         # ... but not from another worker's token.
-        body = problem(child(w, w1), 403, "agent_not_allowed")
+        body = problem(child(w, w1), 403, "spawn_not_allowed")
         assert body["detail"] == refused
         entry = w.entries()[-1]
         assert entry["peer"] == w.spiffe_id("worker")
         assert entry["note"].endswith(f"sub {w.spiffe_id('worker')}")
         assert f"jti {w1['jti']}" in entry["note"]
-        # Without spawn_from: a worker's token parents the helper (same tenant) ...
-        h1 = minted(child(w, w1, name="stranger", agent=helper))
-        assert w.verify(h1["token"]).chain == (p["req"]["run"], w.verify(w1["token"]).run)
-        # ... and the helper's token does not parent the worker.
-        problem(child(w, h1), 403, "agent_not_allowed")
+        # Without spawn_from: neither the worker's token nor the planner's parents
+        # the helper (same tenant, holding both) ...
+        problem(child(w, w1, name="stranger", agent=helper), 403, "spawn_not_allowed")
+        problem(child(w, p, name="stranger", agent=helper), 403, "spawn_not_allowed")
+        # ... and the helper's own root token does not parent the worker.
+        h1 = minted(w.mint("stranger", **w.root_body(agent=helper, scope="payments:read")))
+        problem(child(w, h1), 403, "spawn_not_allowed")
         reasons = [e["reason"] for e in w.entries()]
-        assert reasons == ["ok", "agent_not_allowed"] * 3
+        assert reasons == ["ok", "spawn_not_allowed", "ok"] + ["spawn_not_allowed"] * 3 + [
+            "ok",
+            "spawn_not_allowed",
+        ]
 
 
 def test_worker_cannot_mint_for_parents_run(world: World) -> None:

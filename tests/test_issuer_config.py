@@ -170,11 +170,12 @@ def test_spawn_from_is_optional() -> None:
             entry(spiffe_id="spiffe://example.org/agent/root-only", spawn_from=[]),
         )
     )
-    free, worker, root_only = reg
-    # Absent: any parent workload (of the tenant; the service checks the tenant).
-    assert free.spawn_from is None
-    assert free.may_spawn_from("spiffe://example.org/anything/at/all")
-    assert free.may_spawn_from(SpiffeId.parse("spiffe://other.org/x"))
+    none, worker, root_only = reg
+    # Absent: no parent at all (explicit delegation), not even the workload itself.
+    assert none.spawn_from is None
+    assert not none.may_spawn_from("spiffe://example.org/anything/at/all")
+    assert not none.may_spawn_from(SpiffeId.parse("spiffe://other.org/x"))
+    assert not none.may_spawn_from(str(none.pattern))
     assert worker.spawn_from is not None and len(worker.spawn_from) == 2
     assert worker.may_spawn_from("spiffe://example.org/agent/planner")
     assert worker.may_spawn_from(SpiffeId.parse("spiffe://example.org/ops/admin"))

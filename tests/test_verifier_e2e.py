@@ -192,6 +192,7 @@ def _registrations(td: str) -> str:
                     "agents": ["worker"],
                     "audiences": ["payments"],
                     "scope": "payments:read payments:refund",
+                    "spawn_from": [f"spiffe://{td}/agent/planner"],  # explicit delegation
                 },
                 {
                     "spiffe_id": f"spiffe://{td}/agent/globex",

@@ -186,18 +186,19 @@ class Provisioned:
 
 
 def _registrations(td: str) -> dict[str, Any]:
-    return {
-        "registrations": [
-            {
-                "spiffe_id": f"spiffe://{td}/agent/{agent}",
-                "tenant": PAYMENTS_TENANT,
-                "agents": [agent],
-                "audiences": [PAYMENTS_AUDIENCE],
-                "scope": scope,
-            }
-            for agent, scope in (("planner", PLANNER_SCOPE), ("worker", WORKER_SCOPE))
-        ]
-    }
+    entries: list[dict[str, Any]] = [
+        {
+            "spiffe_id": f"spiffe://{td}/agent/{agent}",
+            "tenant": PAYMENTS_TENANT,
+            "agents": [agent],
+            "audiences": [PAYMENTS_AUDIENCE],
+            "scope": scope,
+        }
+        for agent, scope in (("planner", PLANNER_SCOPE), ("worker", WORKER_SCOPE))
+    ]
+    # Explicit delegation: the worker's runs may be children of the planner's only.
+    entries[1]["spawn_from"] = [f"spiffe://{td}/agent/planner"]
+    return {"registrations": entries}
 
 
 def provision(layout: DemoLayout, trust_domain: str = "example.org") -> Provisioned:

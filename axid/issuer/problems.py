@@ -17,6 +17,8 @@ Reason codes are DESIGN.md's (``no_peer_cert``, ``peer_untrusted``,
 ``audience_not_allowed`` 403     an audience the registration (or, for a child,
                                  the parent token) does not allow
 ``spawn_too_deep``       403     the child's chain would be longer than 8
+``spawn_not_allowed``    403     the parent token's ``sub`` is not named in the
+                                 caller's ``spawn_from`` (DESIGN.md's code)
 ``forbidden``            403     not an admin (revocations), or a peer of another
                                  trust domain reading revocations
 ``not_found``            404     no such route; no checkpoint yet

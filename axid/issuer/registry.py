@@ -9,7 +9,7 @@ caller's SPIFFE ID decides (a caller that matches none is not registered)::
         agents: [planner]                                 # agent slugs it may mint for
         audiences: [payments]                             # services it may address
         scope: "payments:read payments:refund"            # the widest scope it may ask
-        spawn_from:                                       # OPTIONAL, see below
+        spawn_from:                                       # whose tokens may parent, see below
           - "spiffe://example.org/agent/planner"
 
 Rules (everything else is a :class:`RegistryError` naming the entry and key):
@@ -27,15 +27,15 @@ Rules (everything else is a :class:`RegistryError` naming the entry and key):
   naming a bare trust domain; ``null`` is an error, not "absent".
 * no duplicate keys, aliases or merge keys anywhere (strict YAML).
 
-``spawn_from`` and parent tokens: a parent token is a bearer credential at the issuer.
-Without ``spawn_from`` (the default), a workload matching this entry may mint a child
-under ANY valid, unrevoked parent token of the same tenant, whoever it was minted for:
-the spawn model is that a planner hands its token to the worker it spawns, which has
-another SPIFFE ID. With ``spawn_from``, the parent token's ``sub`` (the workload the
-parent was minted for) must match one of the patterns, or the mint is refused with
-403 ``agent_not_allowed`` ("parent token's workload may not spawn this workload").
-An empty list means this workload mints root tokens only. Either way the parent's
-``sub``, ``jti`` and ``run`` are recorded in the decision log's ``note``.
+``spawn_from`` and parent tokens (explicit delegation, DESIGN.md "Minting rules"): a
+workload mints a child under a parent token only when the parent token's ``sub`` (the
+workload the parent was minted for) matches one of its ``spawn_from`` patterns.
+Without ``spawn_from`` (the default), or with an empty list, the workload spawns from
+nobody: it mints root tokens only. Otherwise the mint is refused with 403
+``spawn_not_allowed``. A parent token is a bearer credential, so holding one is not
+enough: the planner's token handed to (or stolen by) another workload of the tenant
+parents nothing unless that workload's registration names the planner. Either way
+the parent's ``sub``, ``jti`` and ``run`` are recorded in the decision log's ``note``.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class Registration:
     agents: frozenset[str]
     audiences: frozenset[str]
     scope: frozenset[str]
-    # None: any workload of the tenant may be the parent (see the module docstring).
+    # None (absent) and () alike: no workload may be the parent (module docstring).
     spawn_from: tuple[SpiffeIdPattern, ...] | None = None
 
     @property
@@ -149,12 +149,10 @@ class Registration:
     def may_spawn_from(self, parent_sub: SpiffeId | str) -> bool:
         """May a parent token minted for ``parent_sub`` parent this workload's runs?
 
-        True when ``spawn_from`` is absent; otherwise ``parent_sub`` must match one of
-        its patterns (a str is parsed strictly; an invalid one never matches).
+        Only when ``parent_sub`` matches one of the ``spawn_from`` patterns (a str is
+        parsed strictly; an invalid one never matches). Without ``spawn_from``: never.
         """
-        if self.spawn_from is None:
-            return True
-        return any(p.matches(parent_sub) for p in self.spawn_from)
+        return any(p.matches(parent_sub) for p in self.spawn_from or ())
 
 
 def _slug(value: object, index: int, key: str) -> str:

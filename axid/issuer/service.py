@@ -13,8 +13,8 @@ first failure wins (status, reason):
     a. it verifies against the issuer's own published keys
        (every check but the audience; leeway 0)                 401 token_*
     b. same tenant as the caller's registration                 403 tenant_not_allowed
-    b'. if the caller's registration has ``spawn_from``, the
-       parent's ``sub`` matches one of its patterns             403 agent_not_allowed
+    b'. the parent's ``sub`` matches a ``spawn_from`` pattern of
+       the caller's registration (none without ``spawn_from``)  403 spawn_not_allowed
     c. the child run is neither the parent's run nor in its
        chain                                                    409 run_conflict
     d. ``len(parent.chain) + 1 <= 8``                           403 spawn_too_deep
@@ -33,9 +33,9 @@ Every outcome is appended to the issuer's decision log by the caller (the app)
 before it answers; the service fills a :class:`DecisionDraft` as it learns, which
 ends in the log's one record type, :class:`~axid.audit.entry.DecisionFields`.
 
-A parent token is a bearer credential here: without ``spawn_from`` any workload of
-the same tenant holding it may mint children under its run (the planner hands its
-token to the worker it spawns). So that attribution is never confused, the parent is
+A parent token is a bearer credential, so holding one is not enough: only a workload
+whose registration names the parent's ``sub`` in ``spawn_from`` may mint children
+under its run (explicit delegation). So that attribution is never confused, the parent is
 verified first (its error is still raised at step 7a, keeping the order above) and
 every request carrying a parent token records the parent's ``jti``, ``run`` and
 ``sub`` in the decision-log entry's ``note``, refusals included; a parent that does
@@ -365,7 +365,7 @@ class IssuerService:
             if not registration.may_spawn_from(parent.sub):
                 raise Refusal(
                     403,
-                    "agent_not_allowed",
+                    "spawn_not_allowed",
                     "parent token's workload may not spawn this workload",
                 )
             if req.run == parent.run or req.run in parent.chain:
