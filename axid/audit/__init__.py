@@ -5,8 +5,16 @@ The math is pure and kept apart from storage, as in transparency-dev/merkle:
 - :mod:`axid.audit.merkle`  RFC 6962/9162 hashing, inclusion and consistency proofs
 - :mod:`axid.audit.note`    C2SP signed notes, tlog checkpoints and vkeys (Ed25519)
 - :mod:`axid.audit.entry`   the RFC 8785 canonical decision entry, and :class:`DecisionFields`,
-  the one typed value a decision is inside AXID (what :meth:`DecisionLog.append` takes)
-- :mod:`axid.audit.store`   SQLModel storage: entries, Merkle nodes, signed checkpoints
+  the one typed value a decision is inside AXID (what :meth:`DecisionLog.append` takes);
+  ``_entry_format`` holds its field names, limits and timestamps, ``_entry_clean`` the
+  one-regex "clean" check (:func:`~axid.audit.entry.entries_clean`)
+- :mod:`axid.audit.store`   SQLModel storage: :class:`LogStore` (entries, Merkle nodes, signed
+  checkpoints), one concept a module: ``_store_tables`` (schema), ``_store_engine``
+  (engines, SQLite settings, write locks), ``_store_append`` (sequencing, node rows,
+  checkpoint signing), ``_store_head`` (the authenticated head), ``_store_nodes`` (nodes
+  and proofs), ``_store_checkpoints`` (checkpoints, cosignature lines), ``_store_pages``
+  (entry reads), ``_store_sqlite_file`` (a replaced SQLite file), ``_store_errors``;
+  ``_logkeys`` (log key files) and ``_prooftext`` (proofs as text)
 - :mod:`axid.audit.head`    the authenticated head: what the writer proves before it signs
 - :mod:`axid.audit.log`     :class:`DecisionLog`, the group-commit appender services use
 - :mod:`axid.audit.receipt` receipts (``AXID-Receipt``) and the caller's check of one
@@ -89,8 +97,8 @@ _EXPORTS: dict[str, str] = {
     "DatabaseSource": "axid.audit.verify",
     "DecisionFields": "axid.audit.entry",
     "DecisionLog": "axid.audit.log",
-    "ENTRY_FIELDS": "axid.audit.entry",
-    "EntryError": "axid.audit.entry",
+    "ENTRY_FIELDS": "axid.audit._entry_format",
+    "EntryError": "axid.audit._entry_format",
     "ExportDirSource": "axid.audit.verify",
     "ExportError": "axid.audit.export",
     "ExportResult": "axid.audit.export",
@@ -104,25 +112,25 @@ _EXPORTS: dict[str, str] = {
     "ProofError": "axid.audit.merkle",
     "Receipt": "axid.audit.receipt",
     "ReceiptError": "axid.audit.receipt",
-    "StoreError": "axid.audit.store",
+    "StoreError": "axid.audit._store_errors",
     "VerifyReport": "axid.audit.verify",
     "VerifyUsageError": "axid.audit.verify",
     "WitnessKey": "axid.audit.cosignature",
     "WitnessSigner": "axid.audit.cosignature",
     "canonical_entry": "axid.audit.entry",
     "consistency_proof": "axid.audit.merkle",
-    "consistency_text": "axid.audit.store",
+    "consistency_text": "axid.audit._prooftext",
     "export_bundle": "axid.audit.export",
-    "generate_log_key": "axid.audit.store",
+    "generate_log_key": "axid.audit._logkeys",
     "inclusion_proof": "axid.audit.merkle",
     "leaf_hash": "axid.audit.merkle",
-    "load_log_key": "axid.audit.store",
-    "make_engine": "axid.audit.store",
+    "load_log_key": "axid.audit._logkeys",
+    "make_engine": "axid.audit._store_engine",
     "node_hash": "axid.audit.merkle",
     "open_checkpoint": "axid.audit.note",
     "open_note": "axid.audit.note",
     "parse_entry": "axid.audit.entry",
-    "proof_text": "axid.audit.store",
+    "proof_text": "axid.audit._prooftext",
     "root_from_leaf_hashes": "axid.audit.merkle",
     "sign_checkpoint": "axid.audit.note",
     "sign_note": "axid.audit.note",

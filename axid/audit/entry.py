@@ -1,8 +1,11 @@
 """Decision-log entries: building and strictly parsing their canonical bytes.
 
-(Longer than most modules, on purpose: the entry format's one encoder, its one
-parser and the grammar that proves bytes canonical mirror each other line for
-line, and a reader checking that they agree needs them side by side.)
+The entry format's one encoder, its one parser and :class:`DecisionFields`
+live here, side by side, so a reader can check that they agree; the field
+names, limits, :class:`EntryError` and the timestamp helpers are in
+:mod:`axid.audit._entry_format`, and :func:`entries_clean` (the one-regex
+"clean" check) in :mod:`axid.audit._entry_clean`. Every name is importable
+from here.
 
 An entry is the RFC 8785 (JCS) canonical JSON of an object holding exactly
 :data:`ENTRY_FIELDS`; those bytes are what gets hashed (leaf hash =
@@ -66,16 +69,39 @@ the auditor's accelerator to vouch for whole ranges of entries at once.
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from itertools import filterfalse
 from json.encoder import encode_basestring as _json_str  # C version when available
 
 import rfc8785
+
+from axid.audit._entry_clean import entries_clean
+from axid.audit._entry_format import (
+    _DECISION_FIELDS,
+    _DECISION_KEYS,
+    _DECISIONS,
+    _ENTRY_KEYS,
+    _HEX64_RE,
+    _LOG_FIELDS,
+    _MAX_SEQ,
+    _MAX_TS_MS,
+    _OPTIONAL_STR,
+    _REASON_RE,
+    _RESERVED_LOG_LEN,
+    _SORTED_FIELDS,
+    ENTRY_FIELDS,
+    ENTRY_VERSION,
+    MAX_CHAIN,
+    MAX_ENTRY_SIZE,
+    MAX_NOTE,
+    MAX_STR_LEN,
+    ZERO_HASH_HEX,
+    EntryError,
+    _parse_ts_cached,
+    format_ts,
+    parse_ts,
+)
 
 __all__ = [
     "ENTRY_FIELDS",
@@ -94,96 +120,6 @@ __all__ = [
     "parse_entry",
     "parse_ts",
 ]
-
-ENTRY_FIELDS: tuple[str, ...] = (
-    "v",
-    "seq",
-    "ts",
-    "log",
-    "decision",
-    "reason",
-    "method",
-    "path",
-    "service",
-    "peer",
-    "peer_cert",
-    "kid",
-    "jti",
-    "iss",
-    "tenant",
-    "agent",
-    "run",
-    "spawn_parent",
-    "chain",
-    "scope_required",
-    "rule",
-    "note",
-    "prev",
-)
-ENTRY_VERSION = 1
-ZERO_HASH_HEX = "0" * 64
-MAX_STR_LEN = 8192
-MAX_CHAIN = 64
-MAX_ENTRY_SIZE = 256 * 1024
-MAX_NOTE = 2000  # the notes AXID's own services write (DecisionFields.cut_note)
-_MAX_SEQ = 2**53 - 1  # RFC 8785 (I-JSON) integer range
-
-# Set by the log itself (keyword arguments of canonical_entry), never by callers' fields.
-_LOG_FIELDS = frozenset({"v", "seq", "ts", "log", "prev"})
-_REQUIRED = frozenset({"decision", "reason"})
-_OPTIONAL_STR = tuple(
-    f for f in ENTRY_FIELDS if f not in _LOG_FIELDS and f not in _REQUIRED and f != "chain"
-)
-_DECISIONS = frozenset({"allow", "deny"})
-_REASON_RE = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
-_HEX64_RE = re.compile(r"[0-9a-f]{64}")
-_TS_RE = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z"
-)
-_MAX_TS_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS = timedelta(milliseconds=1)
-
-# The caller's part of an entry (DecisionFields' fields, in this order).
-_DECISION_FIELDS: tuple[str, ...] = tuple(f for f in ENTRY_FIELDS if f not in _LOG_FIELDS)
-_DECISION_KEYS = frozenset(_DECISION_FIELDS)
-_ENTRY_KEYS = frozenset(ENTRY_FIELDS)
-# Longest log name DecisionFields reserves room for (the store's LOG_NAME_RE
-# allows 64 ASCII characters); encode_entry checks the exact size regardless.
-_RESERVED_LOG_LEN = 64
-
-
-class EntryError(ValueError):
-    """An entry (or its fields) is malformed or not in canonical form."""
-
-
-# --------------------------------------------------------------------------- timestamps
-
-
-def format_ts(ms: int) -> str:
-    """Unix milliseconds -> ``YYYY-MM-DDTHH:MM:SS.mmmZ``."""
-    if not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms <= _MAX_TS_MS:
-        raise EntryError(f"timestamp out of range: {ms!r}")
-    dt = datetime.fromtimestamp(ms // 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
-
-
-def parse_ts(ts: str) -> int:
-    """``YYYY-MM-DDTHH:MM:SS.mmmZ`` (exactly that form) -> Unix milliseconds."""
-    m = _TS_RE.fullmatch(ts) if isinstance(ts, str) else None
-    if m is None:
-        raise EntryError(f"timestamp must be YYYY-MM-DDTHH:MM:SS.mmmZ, got {ts!r}")
-    # ASCII digits only (the regex), so int() sees plain decimals.
-    y, mo, d, h, mi, sec, frac = (int(g) for g in m.groups())
-    try:
-        # datetime refuses impossible dates, hour 24, minute/second 60 (leap seconds).
-        dt = datetime(y, mo, d, h, mi, sec, tzinfo=UTC)
-    except ValueError as e:
-        raise EntryError(f"invalid timestamp {ts!r}") from e
-    ms = (dt - _EPOCH) // _ONE_MS + frac
-    if ms < 0:
-        raise EntryError(f"timestamp before 1970: {ts!r}")
-    return ms
 
 
 # --------------------------------------------------------------------------- validation
@@ -403,13 +339,12 @@ def _utf8_len(text: str) -> int:
 # --------------------------------------------------------------------------- serialising
 
 # Entries have one fixed set of ASCII keys, so their canonical order is fixed
-# (for ASCII, UTF-16 code-unit order is Python's str order) and the skeleton
-# can be a template; each value is encoded by the standard library's JSON
-# string escaper (the one json.dumps uses; C-accelerated), "null" or the
-# decimal int. The template is cut at the log's fields: a DecisionFields
-# fills the caller's parts once (_parts), and every append only joins them
-# with the log's values (_join). This is the hot path of every append.
-_SORTED_FIELDS: tuple[str, ...] = tuple(sorted(ENTRY_FIELDS))
+# (_SORTED_FIELDS) and the skeleton can be a template; each value is encoded
+# by the standard library's JSON string escaper (the one json.dumps uses;
+# C-accelerated), "null" or the decimal int. The template is cut at the log's
+# fields: a DecisionFields fills the caller's parts once (_parts), and every
+# append only joins them with the log's values (_join). This is the hot path of every append.
+#
 # The log's fields in template order; _join spells this order out.
 if tuple(f for f in _SORTED_FIELDS if f in _LOG_FIELDS) != ("log", "prev", "seq", "ts", "v"):
     raise RuntimeError("entry template: the log's fields out of order")  # pragma: no cover
@@ -481,11 +416,6 @@ def _log_values(seq: object, prev: object, log: object, ts: object) -> tuple[int
     if (seq == 0) != (prev == ZERO_HASH_HEX):
         raise EntryError("field 'prev' must be the zero hash exactly when seq is 0")
     return seq, prev, log, ts  # type: ignore[return-value]  # each checked above
-
-
-# A commit batch stamps all its entries with one ts: check each distinct string
-# once. Thread-safe; failures raise and are not cached.
-_parse_ts_cached = functools.lru_cache(maxsize=64)(parse_ts)
 
 
 def encode_entry(fields: DecisionFields, *, seq: int, prev: str, log: str, ts: int | str) -> bytes:
@@ -633,134 +563,3 @@ def _ts_str(ts: object) -> str:
     if not isinstance(ts, str):
         raise EntryError("field 'ts' must be str")
     return ts
-
-
-# --------------------------------------------------------------------------- clean or don't know
-
-# The exact grammar of the bytes the template writes for a valid entry, as one
-# regular expression over the fixed template. A JCS string: raw UTF-8 except
-# quote, backslash and U+0000-U+001F; those only as the two-character escapes
-# (\" \\ \b \f \n \r \t) or, for the other controls, \u00xx with lowercase
-# hex. Every string it admits therefore decodes and re-encodes to the same
-# bytes, as do the other values (``null``, ``seq`` in plain decimal, ``v``).
-_SCAN_STR = (
-    rb'"[^"\\\x00-\x1f]*+(?:\\(?:["\\bfnrt]|u00(?:0[0-7bef]|1[0-9a-f]))[^"\\\x00-\x1f]*+)*+"'
-)
-# The same without escapes: a string of bytes that need none (a positive
-# byte class, which the regex engine matches faster). Nearly every entry
-# matches this one; the others are matched against the full grammar.
-_SCAN_STR_PLAIN = rb'"[ !#-\[\]-\xff]*+"'
-
-
-def _scan_re(s: bytes, log: bytes) -> re.Pattern[bytes]:
-    values: dict[str, bytes] = {
-        "v": b"%d" % ENTRY_VERSION,
-        "seq": rb"(0|[1-9][0-9]{0,15})",
-        "ts": rb'"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z)"',
-        # A log name with an escape is valid but left to the full check: the
-        # group compared with an expected name is the name's bytes as they stand.
-        "log": b'"(' + log + b')"',
-        "prev": rb'"([0-9a-f]{64})"',
-        "decision": rb'"(?:' + b"|".join(sorted(d.encode() for d in _DECISIONS)) + rb')"',
-        "reason": b'"' + _REASON_RE.pattern.encode() + b'"',
-        "chain": rb"\[(?:" + s + rb"(?:," + s + rb"){0,%d})?\]" % (MAX_CHAIN - 1),
-        **{f: rb"(?:null|" + s + rb")" for f in _OPTIONAL_STR},
-    }
-    if values.keys() != _ENTRY_KEYS:  # pragma: no cover - a field without a grammar
-        raise RuntimeError("scan grammar does not cover ENTRY_FIELDS")
-    return re.compile(
-        rb"\{" + b",".join(b'"%s":%s' % (k.encode(), values[k]) for k in _SORTED_FIELDS) + rb"\}"
-    )
-
-
-_SCAN_RE = _scan_re(_SCAN_STR, rb'[^"\\\x00-\x1f]++')
-_SCAN_RE_PLAIN = _scan_re(_SCAN_STR_PLAIN, rb"[ !#-\[\]-\xff]++")
-# entries_clean unpacks the capture groups in this (template) order.
-if tuple(f for f in _SORTED_FIELDS if f in ("log", "prev", "seq", "ts")) != (
-    "log",
-    "prev",
-    "seq",
-    "ts",
-):  # pragma: no cover
-    raise RuntimeError("scan groups out of order")
-_ZERO_HEX_B = ZERO_HASH_HEX.encode()
-
-
-def entries_clean(
-    datas: Sequence[bytes],
-    *,
-    start: int | None = None,
-    log: str | None = None,
-    prevs: bytes | None = None,
-) -> bool:
-    """Whether every entry is proven one :func:`parse_entry` accepts, saying what is expected.
-
-    A check, not a parser: True means "clean", False only "don't know" (an
-    entry may still be valid, e.g. one with an escape in its log name or
-    longer than :data:`MAX_STR_LEN` bytes): the caller then asks
-    :func:`parse_entry`, for the verdict and a precise error. Given, the
-    expectations must hold too: entry ``i`` says ``seq`` ``start + i``, its
-    ``log`` is ``log``, its ``prev`` is ``prevs[64 * i : 64 * (i + 1)]``
-    (lowercase ASCII hex, all entries' end to end). It never says "clean" of
-    what :func:`parse_entry` refuses:
-
-    - the template and value grammar (``_SCAN_RE``) admit exactly the
-      canonical encodings of the allowed types (so no duplicate, missing or
-      reordered key, no whitespace, no float, no non-canonical escape) and
-      the decision, reason, prev, ts and version formats;
-    - ``len(data) <= MAX_STR_LEN`` bounds every decoded string to
-      :data:`MAX_STR_LEN` characters (escapes only shrink) and the entry to
-      :data:`MAX_ENTRY_SIZE`; the ``{0,63}`` repeat bounds ``chain``;
-    - non-ASCII entries must decode as UTF-8 (which refuses surrogates);
-    - ``_SCAN_RE_PLAIN``, tried first, is that grammar minus escapes;
-    - the remaining rules are checked here: ``seq`` range, real calendar
-      timestamps, and the zero ``prev`` exactly at seq 0.
-
-    The grammar's groups are compared with the expectations here and never
-    leave this function.
-    """
-    if not datas:
-        return True
-    if set(map(type, datas)) != {bytes} or max(map(len, datas)) > MAX_STR_LEN:
-        return False
-    plain, full = _SCAN_RE_PLAIN.fullmatch, _SCAN_RE.fullmatch
-    try:
-        for data in filterfalse(bytes.isascii, datas):
-            data.decode("utf-8")
-        rows = [(plain(d) or full(d)).groups() for d in datas]  # type: ignore[union-attr]
-    except (UnicodeDecodeError, AttributeError):  # AttributeError: no match (None)
-        return False
-    logs, prev_hex, seq_digits, tss = (list(col) for col in zip(*rows, strict=True))
-    seqs = list(map(int, seq_digits))  # plain ASCII decimal (the grammar)
-    if max(seqs) > _MAX_SEQ or not _as_expected(logs, prev_hex, seqs, start, log, prevs):
-        return False
-    try:
-        for ts in set(tss):
-            _parse_ts_cached(ts.decode("ascii"))
-    except EntryError:
-        return False
-    return not (
-        (0 in seqs or _ZERO_HEX_B in prev_hex)
-        and any((s == 0) != (p == _ZERO_HEX_B) for s, p in zip(seqs, prev_hex, strict=True))
-    )
-
-
-def _as_expected(
-    logs: list[bytes],
-    prev_hex: list[bytes],
-    seqs: list[int],
-    start: int | None,
-    log: str | None,
-    prevs: bytes | None,
-) -> bool:
-    """The grammar's groups (UTF-8 log names, hex prevs, seqs) against the expectations."""
-    if start is not None and seqs != list(range(start, start + len(seqs))):
-        return False
-    if log is not None:
-        try:
-            want = log.encode("utf-8")  # a name with an escape never matches: don't know
-        except (AttributeError, UnicodeEncodeError):
-            return False
-        if logs.count(want) != len(logs):
-            return False
-    return prevs is None or b"".join(prev_hex) == prevs
