@@ -331,7 +331,17 @@ def verify_consistency(
     want = consistency_proof_size(size1, size2)
     if len(path) != want:
         raise ProofError(f"wrong consistency proof size {len(path)}, want {want}")
+    fr, sr = _consistency_roots(size1, size2, root1, path)
+    if not hmac.compare_digest(fr, root1):
+        raise ProofError("consistency proof does not match root1")
+    if not hmac.compare_digest(sr, root2):
+        raise ProofError("consistency proof does not match root2")
 
+
+def _consistency_roots(
+    size1: int, size2: int, root1: bytes, path: list[bytes]
+) -> tuple[bytes, bytes]:
+    """RFC 9162 2.1.4.2 steps 2-7 for ``0 < size1 < size2``: the two roots the proof gives."""
     # 2. If size1 is an exact power of 2, prepend root1.
     if size1 & (size1 - 1) == 0:
         path = [root1, *path]
@@ -359,10 +369,7 @@ def verify_consistency(
     # 7.
     if sn != 0:
         raise ProofError("consistency proof too short")
-    if not hmac.compare_digest(fr, root1):
-        raise ProofError("consistency proof does not match root1")
-    if not hmac.compare_digest(sr, root2):
-        raise ProofError("consistency proof does not match root2")
+    return fr, sr
 
 
 # --------------------------------------------------------------------------- storage helpers
