@@ -14,14 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA44PrivateKey
 from axid.audit.cosignature import WitnessSigner
 from axid.audit.log import DecisionLog
 from axid.audit.note import Checkpoint, NoteSigner
-from axid.audit.witnessing import (
-    WitnessConfig,
-    WitnessConfigError,
-    _check_cosignatures,
-    _parse_size,
-    _Refused,
-    witness_settings,
-)
+from axid.audit.witness_answers import Refused, check_cosignatures, parse_size
+from axid.audit.witnessing import WitnessConfig, WitnessConfigError, witness_settings
 from axid.issuer.config import ConfigError as IssuerConfigError
 from axid.issuer.config import IssuerConfig
 from verifier.config import LogConfig, VerifierConfig
@@ -246,15 +240,15 @@ def test_answers_keep_the_good_lines_and_name_the_bad() -> None:
     keys = (SIGNER1.public(), SIGNER1_MLDSA.public())
     good, good_mldsa = SIGNER1.cosign(CP, 100), SIGNER1_MLDSA.cosign(CP, 100)
     other = SIGNER2.cosign(CP, 100)  # a key not configured: ignored
-    lines, problem = _check_cosignatures((good + other + good_mldsa).encode(), CP, keys)
+    lines, problem = check_cosignatures((good + other + good_mldsa).encode(), CP, keys)
     assert lines == [good.encode(), good_mldsa.encode()] and problem is None
 
-    lines, problem = _check_cosignatures((_tampered(good) + good_mldsa).encode(), CP, keys)
+    lines, problem = check_cosignatures((_tampered(good) + good_mldsa).encode(), CP, keys)
     assert lines == [good_mldsa.encode()]
     assert problem is not None and "does not verify" in problem
 
     on_another = SIGNER1.cosign(Checkpoint(CP.origin, 8, CP.root), 100)
-    lines, problem = _check_cosignatures(on_another.encode(), CP, keys)
+    lines, problem = check_cosignatures(on_another.encode(), CP, keys)
     assert lines == [] and problem is not None and "does not verify" in problem
 
     for body, why in [
@@ -265,13 +259,13 @@ def test_answers_keep_the_good_lines_and_name_the_bad() -> None:
         (b"ok\n", "malformed"),
         (good.encode() + b"\n", "malformed"),
     ]:
-        lines, problem = _check_cosignatures(body, CP, keys)
+        lines, problem = check_cosignatures(body, CP, keys)
         assert problem is not None and why in problem, (body, problem)
 
 
 def test_409_size_is_parsed_strictly() -> None:
-    assert _parse_size("text/x.tlog.size", b"42\n") == 42
-    assert _parse_size("Text/X.TLOG.Size; charset=utf-8", b"0\n") == 0
+    assert parse_size("text/x.tlog.size", b"42\n") == 42
+    assert parse_size("Text/X.TLOG.Size; charset=utf-8", b"0\n") == 0
     for ctype, body in [
         ("text/plain", b"42\n"),
         ("text/x.tlog.size", b"42"),
@@ -281,5 +275,5 @@ def test_409_size_is_parsed_strictly() -> None:
         ("text/x.tlog.size", b"42\n\n"),
         ("", b"42\n"),
     ]:
-        with pytest.raises(_Refused):
-            _parse_size(ctype, body)
+        with pytest.raises(Refused):
+            parse_size(ctype, body)

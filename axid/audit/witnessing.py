@@ -55,20 +55,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast
-from urllib.parse import urlsplit
+from typing import Any, Final
 
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
-from axid.audit.cosignature import CosignatureError, WitnessKey, verify_cosignature
+from axid.audit.cosignature import WitnessKey
 from axid.audit.note import Checkpoint, NoteError, NoteVerifier, open_checkpoint
 from axid.audit.store import LogStore, StoreError, consistency_text, cosignature_key
+from axid.audit.witness_answers import (
+    Refused,
+    Unreachable,
+    check_cosignatures,
+    first_line,
+    parse_size,
+)
+
+# The settings live in axid.audit.witness_config; importable from here as before.
+from axid.audit.witness_config import (
+    DEFAULT_WITNESS_TIMEOUT,
+    MAX_WITNESS_KEYS,
+    WitnessConfig,
+    WitnessConfigError,
+    WitnessSettings,
+    witness_settings,
+)
 
 __all__ = [
     "DEFAULT_WITNESS_TIMEOUT",
@@ -81,186 +95,17 @@ __all__ = [
     "witness_settings",
 ]
 
-DEFAULT_WITNESS_TIMEOUT: Final = 5.0
-MAX_WITNESS_TIMEOUT: Final = 300.0
-# A cosigned note holds the log's line and one line per key: signed-note
-# verifiers (ours included) refuse notes with more than 100 signatures.
-MAX_WITNESS_KEYS: Final = 32
 PATH: Final = "/add-checkpoint"
-_MODES: Final = ("async", "sync")
 _MAX_RESPONSE: Final = 256 * 1024  # 32 ML-DSA-44 cosignature lines are ~110 KB
 _MAX_RESYNCS: Final = 3
 _BACKOFF_MIN: Final = 0.2
 _BACKOFF_MAX: Final = 30.0
 _WARN_EVERY: Final = 60.0
-_SIZE_RE: Final = re.compile(rb"(0|[1-9][0-9]{0,18})\n")
-_SIZE_TYPE: Final = "text/x.tlog.size"
 _log = logging.getLogger(__name__)
-
-
-class WitnessConfigError(ValueError):
-    """The witness settings are invalid; ``key`` names the offending setting."""
-
-    def __init__(self, message: str, *, key: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
 
 
 class WitnessUnavailable(Exception):
     """No checkpoint covering the batch was cosigned by a quorum in time (sync mode)."""
-
-
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class WitnessConfig:
-    """One witness key: the witness's submission prefix ``url`` and its ``vkey``
-    (a C2SP vkey string or a :class:`~axid.audit.cosignature.WitnessKey`)."""
-
-    url: str
-    vkey: WitnessKey | str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "url", _check_url(self.url))
-        if isinstance(self.vkey, str):
-            try:
-                object.__setattr__(self, "vkey", WitnessKey.from_vkey(self.vkey))
-            except CosignatureError as e:
-                raise WitnessConfigError(str(e), key="vkey") from None
-        elif not isinstance(self.vkey, WitnessKey):
-            raise WitnessConfigError("must be a witness vkey string", key="vkey")
-
-    @property
-    def key(self) -> WitnessKey:
-        return cast(WitnessKey, self.vkey)
-
-    @property
-    def name(self) -> str:
-        return self.key.name
-
-    @classmethod
-    def from_value(cls, value: object) -> WitnessConfig:
-        """A :class:`WitnessConfig` as is, or one from a mapping of exactly ``url``, ``vkey``."""
-        if isinstance(value, WitnessConfig):
-            return value
-        if not isinstance(value, Mapping):
-            raise WitnessConfigError("must be a mapping {url, vkey}", key="witnesses")
-        for k in value:
-            if k not in ("url", "vkey"):
-                raise WitnessConfigError("unknown key (allowed: url, vkey)", key=str(k)[:60])
-        for k in ("url", "vkey"):
-            if k not in value:
-                raise WitnessConfigError("is required", key=k)
-        return cls(value["url"], value["vkey"])
-
-
-def _check_url(url: object) -> str:
-    """A witness's submission prefix: an http(s) URL with a host, no query,
-    fragment or userinfo; returned without a trailing slash."""
-    if not isinstance(url, str) or not url or len(url) > 2048 or not url.isprintable():
-        raise WitnessConfigError("must be a printable http(s) URL", key="url")
-    parts = urlsplit(url)
-    try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise WitnessConfigError("has an invalid port", key="url") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WitnessConfigError("must be an http:// or https:// URL with a host", key="url")
-    if parts.query or parts.fragment or parts.username or parts.password or " " in url:
-        raise WitnessConfigError("must not have a query, fragment, userinfo or spaces", key="url")
-    return url.rstrip("/")
-
-
-@dataclass(frozen=True)
-class WitnessSettings:
-    """Validated witness settings (build with :func:`witness_settings`)."""
-
-    witnesses: tuple[WitnessConfig, ...] = ()
-    quorum: int = 0
-    mode: Literal["async", "sync"] = "async"
-    timeout: float = DEFAULT_WITNESS_TIMEOUT
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The distinct witnesses (key names), in configuration order."""
-        return tuple(dict.fromkeys(w.name for w in self.witnesses))
-
-
-def witness_settings(
-    witnesses: Sequence[WitnessConfig | Mapping[str, object]] | None = None,
-    quorum: int | None = None,
-    mode: str = "async",
-    timeout: float = DEFAULT_WITNESS_TIMEOUT,
-) -> WitnessSettings:
-    """Check the log's witness settings (raises :class:`WitnessConfigError`).
-
-    - ``witnesses``: a list of at most 32 keys (``{url, vkey}``); one key once;
-      a witness's keys share its URL, and witnesses do not share a URL.
-    - ``quorum``: the number of distinct witnesses (key names) a checkpoint
-      needs, 0..their number; default 1 with witnesses, else 0.
-    - ``mode``: ``async`` (nobody waits) or ``sync`` (each batch waits for a
-      quorum, which must then be at least 1).
-    - ``timeout``: seconds, in (0, 300]: each request to a witness, and in
-      sync mode each batch's wait.
-    """
-    items = _witness_list(witnesses)
-    names = tuple(dict.fromkeys(w.name for w in items))
-    if quorum is None:
-        quorum = 1 if names else 0
-    if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 0:
-        raise WitnessConfigError("must be an integer >= 0", key="quorum")
-    if quorum > len(names):
-        raise WitnessConfigError(
-            f"is {quorum} but only {len(names)} distinct witness(es) are configured", key="quorum"
-        )
-    if mode not in _MODES:
-        raise WitnessConfigError("must be 'async' or 'sync'", key="witness_mode")
-    if mode == "sync" and quorum < 1:
-        raise WitnessConfigError("sync needs witnesses and a quorum >= 1", key="witness_mode")
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or not 0 < timeout <= MAX_WITNESS_TIMEOUT
-    ):
-        raise WitnessConfigError(
-            f"must be a number of seconds in (0, {MAX_WITNESS_TIMEOUT:g}]", key="witness_timeout"
-        )
-    return WitnessSettings(items, quorum, cast(Any, mode), float(timeout))
-
-
-def _witness_list(witnesses: object) -> tuple[WitnessConfig, ...]:
-    if witnesses is None:
-        return ()
-    if isinstance(witnesses, str | bytes | Mapping) or not isinstance(witnesses, Sequence):
-        raise WitnessConfigError("must be a list of {url, vkey}", key="witnesses")
-    if len(witnesses) > MAX_WITNESS_KEYS:
-        raise WitnessConfigError(f"at most {MAX_WITNESS_KEYS} witness keys", key="witnesses")
-    items: list[WitnessConfig] = []
-    url_of: dict[str, str] = {}
-    name_of: dict[str, str] = {}
-    keys: set[tuple[str, bytes]] = set()
-    for i, value in enumerate(witnesses):
-        try:
-            w = WitnessConfig.from_value(value)
-        except WitnessConfigError as e:
-            sub = "" if e.key == "witnesses" else f".{e.key}"
-            raise WitnessConfigError(e.message, key=f"witnesses[{i}]{sub}") from None
-        if (w.name, w.key.key_id) in keys:
-            raise WitnessConfigError("the same witness key twice", key=f"witnesses[{i}].vkey")
-        if url_of.setdefault(w.name, w.url) != w.url:
-            raise WitnessConfigError(
-                f"witness {w.name} is configured with two URLs", key=f"witnesses[{i}].url"
-            )
-        if name_of.setdefault(w.url, w.name) != w.name:
-            raise WitnessConfigError(
-                "two witnesses (key names) at one URL", key=f"witnesses[{i}].url"
-            )
-        keys.add((w.name, w.key.key_id))
-        items.append(w)
-    return tuple(items)
 
 
 # --------------------------------------------------------------------------- state
@@ -301,14 +146,6 @@ class _Cosigned:
     def note(self) -> bytes:
         lines = sorted((ln for group in self.lines.values() for ln in group), key=cosignature_key)
         return self.cp.note + b"".join(lines)
-
-
-class _Refused(Exception):
-    """The witness refused (an ERROR and a counted refusal)."""
-
-
-class _Unreachable(Exception):
-    """The witness could not be asked (a WARNING and a retry with backoff)."""
 
 
 def _group(witnesses: Sequence[WitnessConfig]) -> list[_Witness]:
@@ -510,10 +347,10 @@ class Witnessing:
     async def _attempt(self, w: _Witness, target: _Cp) -> None:
         try:
             cp, lines, problem = await self._exchange(w, target)
-        except _Refused as e:
+        except Refused as e:
             self._refused(w, target, str(e))
             return
-        except (_Unreachable, httpx.HTTPError, TimeoutError, OSError) as e:
+        except (Unreachable, httpx.HTTPError, TimeoutError, OSError) as e:
             self._unreachable(w, str(e) or type(e).__name__)
             return
         except (SQLAlchemyError, StoreError) as e:
@@ -544,18 +381,18 @@ class Witnessing:
             status, ctype, data = await self._post(w, body)
             if status == 200:
                 w.known = cp.size
-                lines, problem = _check_cosignatures(data, cp.checkpoint, w.keys)
+                lines, problem = check_cosignatures(data, cp.checkpoint, w.keys)
                 return cp, lines, problem
             if status == 409:
-                size = _parse_size(ctype, data)
+                size = parse_size(ctype, data)
                 if size == old:
-                    raise _Refused(f"409 for the old size {old} it was sent (another root?)")
+                    raise Refused(f"409 for the old size {old} it was sent (another root?)")
                 w.known = old = size
                 continue
             if status in (408, 429) or status >= 500:
-                raise _Unreachable(f"HTTP {status}")
-            raise _Refused(f"HTTP {status}: {_first_line(data)}")
-        raise _Refused(f"kept answering 409 ({_MAX_RESYNCS} resyncs)")
+                raise Unreachable(f"HTTP {status}")
+            raise Refused(f"HTTP {status}: {first_line(data)}")
+        raise Refused(f"kept answering 409 ({_MAX_RESYNCS} resyncs)")
 
     async def _at_least(self, size: int) -> _Cp:
         """The database's latest checkpoint, if it is at least ``size``."""
@@ -563,10 +400,10 @@ class Witnessing:
         try:
             cp = None if note is None else self._parse(note)
         except NoteError as e:
-            raise _Refused(f"it is at size {size}; the log's latest checkpoint: {e}") from None
+            raise Refused(f"it is at size {size}; the log's latest checkpoint: {e}") from None
         if cp is None or cp.size < size:
             have = 0 if cp is None else cp.size
-            raise _Refused(
+            raise Refused(
                 f"it has cosigned size {size}, larger than the log's {have}: the log was "
                 "rolled back or forked, or the witness is wrong"
             )
@@ -581,7 +418,7 @@ class Witnessing:
                 async for chunk in resp.aiter_bytes():
                     data += chunk
                     if len(data) > _MAX_RESPONSE:
-                        raise _Refused(f"answer larger than {_MAX_RESPONSE} bytes")
+                        raise Refused(f"answer larger than {_MAX_RESPONSE} bytes")
                 return resp.status_code, resp.headers.get("content-type", ""), bytes(data)
 
     # ------------------------------------------------------------------ outcomes
@@ -650,59 +487,3 @@ class Witnessing:
         )
         for s in [s for s in self._cosigned if s < keep]:
             del self._cosigned[s]
-
-
-# --------------------------------------------------------------------------- answers
-
-
-def _check_cosignatures(
-    data: bytes, checkpoint: Checkpoint, keys: Sequence[WitnessKey]
-) -> tuple[list[bytes], str | None]:
-    """The lines of a 200 answer that verify with ``keys``, and what was wrong.
-
-    Lines by other keys are ignored (C2SP tlog-witness); a line claiming one of
-    ``keys`` that does not verify, a malformed line, or no good line at all is
-    a problem (a refusal); the good lines are kept anyway.
-    """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return [], "its answer is not UTF-8"
-    if not text.endswith("\n"):
-        return [], "its answer is not newline-terminated signature lines"
-    known = {(k.name, k.key_id.hex()): k for k in keys}
-    good: dict[tuple[str, str], bytes] = {}
-    problems: list[str] = []
-    for line in text[:-1].split("\n"):
-        raw = (line + "\n").encode("utf-8")
-        try:
-            claimed = cosignature_key(raw)
-        except StoreError:
-            problems.append("a malformed signature line")
-            continue
-        key = known.get(claimed)
-        if key is None:
-            continue
-        try:
-            verify_cosignature(line + "\n", checkpoint, key)
-        except CosignatureError:
-            problems.append(f"a cosignature by {claimed[0]}+{claimed[1]} that does not verify")
-            continue
-        good.setdefault(claimed, raw)
-    if not good and not problems:
-        problems.append("no cosignature by its configured key(s)")
-    return list(good.values()), "; ".join(problems) or None
-
-
-def _parse_size(ctype: str, data: bytes) -> int:
-    media = ctype.split(";", 1)[0].strip().lower()
-    m = _SIZE_RE.fullmatch(data)
-    if media != _SIZE_TYPE or m is None:
-        raise _Refused(f"409 without a {_SIZE_TYPE} size: {_first_line(data)}")
-    return int(m.group(1))
-
-
-def _first_line(data: bytes) -> str:
-    """The start of a witness's answer, safe to log."""
-    text = data[:200].decode("utf-8", "replace").split("\n", 1)[0]
-    return "".join(c if c.isprintable() else "?" for c in text)[:120] or "(empty)"
