@@ -719,6 +719,7 @@ def test_reason_table() -> None:
         "audit_unavailable",
         "revocation_unavailable",
         "jwks_unavailable",
+        "approval_unavailable",
     }
     for reason in ("subject_mismatch", "cert_binding_mismatch", "no_peer_cert", "token_expired"):
         assert STATUS[reason] == 401
@@ -732,7 +733,8 @@ def test_reason_table() -> None:
         "token_missing_claim", "subject_mismatch", "cert_binding_mismatch",
         "tenant_not_allowed", "agent_not_allowed", "scope_insufficient", "revoked",
         "replayed", "custom_check_denied", "audit_unavailable", "unsupported_protocol",
-        "budget_exceeded",
+        "budget_exceeded", "approval_required", "approval_invalid", "approval_expired",
+        "approval_unavailable",
     }  # fmt: skip
     assert design | {"revocation_unavailable", "jwks_unavailable"} == REASONS
     with pytest.raises(ValueError):

@@ -49,7 +49,12 @@ named; relative paths in a file are resolved against the file's directory::
       witness_mode: async              # sync: a batch waits for the quorum (else 503)
       witness_timeout: 5               # seconds: each submission; sync: each batch's wait
     replay:                            # single_use jti store; default: the log's database
-      database_url: sqlite:///.axid/axid.db
+      database_url: sqlite:///.axid/axid.db   # (also each approval id's one use)
+    approvals:                         # needed by rules with `approval: required` (and
+                                       #   `approvers: [SPIFFE ID patterns]`), see verifier.rules
+      url: https://127.0.0.1:8443/v1/approvals  # the issuer's, over mTLS (own SVID)
+      timeout: 5                       # one filing; then 503 approval_unavailable
+      max_body: 1048576                # bytes of an approval route's body (hashed)
     rules:                             # first match wins; see verifier.rules
       - {methods: [GET], path: "/payments/*", scope: "payments:read"}
       - {methods: [POST], path: "/payments/*/refund", scope: "payments:refund",
@@ -88,11 +93,13 @@ from verifier.errors import ConfigError
 from verifier.proxies import TrustedProxies
 from verifier.rules import SLUG_RE, RouteRule, RuleSet
 from verifier.sections import (
+    ApprovalsConfig,
     IdentityConfig,
     JwksConfig,
     LogConfig,
     ReplayConfig,
     RevocationConfig,
+    approvals_from,
     identity_from,
     jwks_from,
     log_from,
@@ -101,7 +108,9 @@ from verifier.sections import (
 )
 
 __all__ = [
+    "APPROVAL_HEADER",
     "DEFAULT_HEADER",
+    "ApprovalsConfig",
     "ConfigError",
     "IdentityConfig",
     "JwksConfig",
@@ -114,6 +123,7 @@ __all__ = [
 ]
 
 DEFAULT_HEADER: Final = "X-Waxell-AXID"
+APPROVAL_HEADER: Final = "X-AXID-Approval"
 _HEADER_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _SERVICE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}")
 _DEFAULT_REPLAY: Final = ReplayConfig()
@@ -131,6 +141,7 @@ _TOP_KEYS: Final = (
     "revocations",
     "log",
     "replay",
+    "approvals",
     "rules",
     "token_cache_size",
     "check_timeout",
@@ -181,6 +192,7 @@ class VerifierConfig:
     issuer_id: SpiffeId | SpiffeIdPattern | None
     trusted_proxies: TrustedProxies
     replay: ReplayConfig
+    approvals: ApprovalsConfig | None
     rules: tuple[RouteRule, ...]
     token_cache_size: int
     check_timeout: float
@@ -206,6 +218,7 @@ class VerifierConfig:
         issuer_id: SpiffeId | SpiffeIdPattern | str | None = None,
         trusted_proxies: TrustedProxies | Sequence[str] = (),
         replay: ReplayConfig = _DEFAULT_REPLAY,
+        approvals: ApprovalsConfig | None = None,
         rules: Sequence[RouteRule] = (),
         token_cache_size: int = 4096,
         check_timeout: float = 5.0,
@@ -234,6 +247,7 @@ class VerifierConfig:
             revocations=_revocations(revocations),
             log=_named_log(log, service),
             replay=_typed(replay, ReplayConfig, "replay", "a ReplayConfig"),
+            approvals=_typed(approvals, ApprovalsConfig | None, "approvals", "an ApprovalsConfig"),
             identity=_typed(identity, IdentityConfig | None, "identity", "an IdentityConfig"),
             source=_source(source),
             rules=_rules(rules),
@@ -247,8 +261,10 @@ class VerifierConfig:
     def __post_init__(self) -> None:
         if self.identity is None and self.source is None:
             raise ConfigError("is required (bundle files or workload_api)", key="identity")
-        needs_svid = (isinstance(self.jwks, JwksConfig) and self.jwks.url is not None) or (
-            isinstance(self.revocations, RevocationConfig) and self.revocations.url is not None
+        needs_svid = (
+            (isinstance(self.jwks, JwksConfig) and self.jwks.url is not None)
+            or (isinstance(self.revocations, RevocationConfig) and self.revocations.url is not None)
+            or self.approvals is not None
         )
         if needs_svid and not self._has_own_svid():
             raise ConfigError(
@@ -257,6 +273,11 @@ class VerifierConfig:
                 key="identity",
             )
         for index, rule in enumerate(self.rules):
+            if rule.approval_required and self.approvals is None:
+                raise ConfigError(
+                    "a rule with 'approval: required' needs the approvals section (approvals.url)",
+                    key=f"rules[{index}].approval",
+                )
             if rule.tenants is None or self.any_tenant:
                 continue
             extra = sorted(set(rule.tenants) - set(self.tenants))
@@ -313,6 +334,8 @@ class VerifierConfig:
         kwargs["log"] = log_from(doc["log"], base)
         if "replay" in doc:
             kwargs["replay"] = replay_from(doc["replay"], base)
+        if "approvals" in doc:
+            kwargs["approvals"] = approvals_from(doc["approvals"])
         if "rules" in doc:
             kwargs["rules"] = _rules_from(doc["rules"])
         kwargs.update(code)

@@ -12,9 +12,10 @@ The reason codes and their statuses are :mod:`axid.reasons`' (the one table);
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final
 
 from axid.audit.entry import DecisionFields
 from axid.reasons import IDENTITY_REASONS, VERIFIER_REASONS
@@ -106,6 +107,8 @@ class Decision:
     rule: str | None = None
     note: str | None = None
     action: VerifiedAction | None = field(default=None, compare=False)
+    # An approval_required deny: the filed approval {id, url, expires_at} (problem+json).
+    approval: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.reason not in STATUS:

@@ -10,6 +10,8 @@ One request, from the socket to the log entry::
            method or path not in normal form?  -> no rule matches (see below)
            rule = first route rule matching (method, path)
            ungoverned rule?  -> the app, unchecked and unrecorded
+           approval rule?    -> the body is read (up to approvals.max_body) and hashed;
+                                the app later receives exactly those bytes
            runtime = the open resources (verifier.runtime; opened now if need be)
            presented = chain, socket peer, token header, XFCC      (_presented)
            decision = await runtime.pipeline.decide(presented, rule)   steps 1-7
@@ -66,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -98,6 +101,7 @@ _Send = Callable[[_Message], Awaitable[None]]
 _ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
 _XFCC: Final = b"x-forwarded-client-cert"
+_APPROVAL: Final = b"x-axid-approval"
 # mtls.uvicorn.TRANSPORT_EXTENSION (not imported: the verifier runs under any server).
 _TRANSPORT: Final = "axid.transport"
 _MAX_LOGGED_PATH: Final = 2048
@@ -136,6 +140,7 @@ class AxidVerifier:
         self._header = config.header.lower().encode("latin-1")
         self._runtime = LazyRuntime(config, clock=self.clock)
         self._warned_no_transport = False
+        self._max_body = config.approvals.max_body if config.approvals is not None else 0
 
     # ------------------------------------------------------------------ accessors
 
@@ -224,11 +229,24 @@ class AxidVerifier:
             await self.app(scope, receive, send)
             return
 
+        body_sha256 = None
+        if rule is not None and rule.approval_required and kind == "http":
+            buffered = await _buffered_body(receive, self._max_body)
+            if buffered is None:
+                return  # the client left before its body arrived: nothing to decide
+            body_sha256, receive = buffered
+
         began = time.perf_counter()
         logged_method = _clip(method, _MAX_METHOD)
         logged_path = _clip(path, _MAX_LOGGED_PATH)
         decision, receipt = await self._decide_and_record(
-            scope, method, path, rule, unroutable, logged=(logged_method, logged_path)
+            scope,
+            method,
+            path,
+            rule,
+            unroutable,
+            logged=(logged_method, logged_path),
+            body_sha256=body_sha256,
         )
         seq = receipt.seq if receipt is not None else None
         self.metrics.observe(decision, time.perf_counter() - began)
@@ -255,6 +273,7 @@ class AxidVerifier:
         unroutable: str | None,
         *,
         logged: tuple[str, str],
+        body_sha256: str | None = None,
     ) -> tuple[Decision, Receipt | None]:
         """Steps 1-8: the decision and, once it is committed, its receipt (else None,
         and the decision is a 503 ``audit_unavailable`` deny)."""
@@ -263,7 +282,9 @@ class AxidVerifier:
         except Exception:  # logged by LazyRuntime.get, once per outage
             reason = "the verifier could not open its decision log"
             return Decision(False, "audit_unavailable", reason), None
-        decision, undo = await self._decide(runtime.pipeline, scope, method, path, rule, unroutable)
+        decision, undo = await self._decide(
+            runtime.pipeline, scope, method, path, rule, unroutable, body_sha256
+        )
         try:
             fields = decision.fields(method=logged[0], path=logged[1], service=self.config.service)
             return decision, await runtime.log.append(fields)  # committed when this returns
@@ -290,6 +311,7 @@ class AxidVerifier:
         path: str,
         rule: RouteRule | None,
         unroutable: str | None,
+        body_sha256: str | None = None,
     ) -> tuple[Decision, Undo | None]:
         """Steps 1-7, and the undo of an allow's reservations (Pipeline.decide_with_undo);
         any failure of them is a deny (recorded by the caller)."""
@@ -297,6 +319,8 @@ class AxidVerifier:
             return _unsupported_protocol(rule), None
         try:
             presented = self._presented(scope, method, path, unroutable)
+            if rule is not None and rule.approval_required:
+                presented = _with_approval(presented, scope, body_sha256)
             return await pipeline.decide_with_undo(presented, rule)
         except (Exception, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
@@ -487,4 +511,60 @@ def _unrecorded(decision: Decision) -> Decision:
         reason="audit_unavailable",
         detail="the decision could not be recorded; nothing is allowed unrecorded",
         action=None,
+    )
+
+
+# --------------------------------------------------------------------------- approval routes
+
+
+async def _buffered_body(receive: _Receive, cap: int) -> tuple[str | None, _Receive] | None:
+    """Read the request body (at most ``cap`` bytes) for an approval route: (its hex
+    SHA-256, or None when over the cap; a receive that hands the app exactly the bytes
+    hashed, then the original receive's messages). None: the client disconnected."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        if message["type"] != "http.request":
+            continue
+        chunk = bytes(message.get("body", b""))
+        size += len(chunk)
+        if size > cap:
+            return None, receive  # refused: the app never runs
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    pending: list[_Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> _Message:
+        return pending.pop() if pending else await receive()
+
+    return hashlib.sha256(body).hexdigest(), replay
+
+
+def _with_approval(presented: Presented, scope: _Scope, body_sha256: str | None) -> Presented:
+    """``presented`` with the approval header, the raw request target (query included)
+    and the body's hash: what an approval is bound to."""
+    approval: str | None = None
+    count = 0
+    for name, value in scope.get("headers", ()):
+        if name == _APPROVAL:
+            count += 1
+            approval = value.decode("latin-1")
+    raw = scope.get("raw_path")
+    target = raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else presented.path
+    query = scope.get("query_string", b"")
+    if query:
+        target += "?" + bytes(query).decode("latin-1")
+    headers = tuple(h for h in presented.info.headers if h[0] != _APPROVAL)
+    return dataclasses.replace(
+        presented,
+        info=dataclasses.replace(presented.info, headers=headers),
+        approval=approval,
+        approval_headers=count,
+        target=target,
+        body_sha256=body_sha256,
     )

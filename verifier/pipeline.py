@@ -1,5 +1,7 @@
 """The decision pipeline, steps 1-7 of DESIGN.md, free of ASGI.
 
+(Longer than 600 lines: the steps share one private deny type and fact record.)
+
 :meth:`Pipeline.decide` takes what a request presented and its route rule and
 returns a :class:`~verifier.decision.Decision`, stopping at the first failure:
 
@@ -12,8 +14,9 @@ returns a :class:`~verifier.decision.Decision`, stopping at the first failure:
 5. the route rule: allowed agents, tenants, required scope, single use (rules.py,
    replay.py); no rule at all -> ``scope_insufficient``
 6. not revoked (jti, run, any run of the chain, agent, tenant)     (revocation.py)
+   then, for an ``approval: required`` rule, the approval step     (approval.py)
 7. custom checks                                                   (checks.py)
-   then, for a ``single_use`` rule, the jti is claimed             (replay.py)
+   then the approval id and, for a ``single_use`` rule, the jti are claimed (replay.py)
 
 Step 8, committing the decision to the log before the app runs, is the
 middleware's (middleware.py).
@@ -54,7 +57,9 @@ from typing import Any, Final
 from sqlalchemy.exc import SQLAlchemyError
 
 from axid.keys import KeySet, b64url_decode
-from axid.tokens import ActionClaims, TokenError, verify
+from axid.tokens import ActionClaims, ApprovalClaims, ApprovedRequest, TokenError, verify
+from axid.tokens import verify_approval as _verify_approval
+from verifier.approval import ApprovalFiler, ApprovalUnavailable, binding_problem, replay_key
 from verifier.checks import CheckResult, RequestInfo, Undo, check_name
 from verifier.config import VerifierConfig
 from verifier.decision import Decision, VerifiedAction
@@ -99,6 +104,12 @@ class Presented:
     info: RequestInfo
     xfcc_headers: int = 1
     unroutable: str | None = None
+    # Approval routes only: the X-AXID-Approval header (and how many lines), the raw
+    # request target with its query, and the body's SHA-256 (None: over the cap).
+    approval: str | None = None
+    approval_headers: int = 0
+    target: str | None = None
+    body_sha256: str | None = None
 
 
 class TokenCache:
@@ -140,11 +151,18 @@ class TokenCache:
 
 
 class _Deny(Exception):
-    def __init__(self, reason: str, detail: str, note: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        note: str | None = None,
+        approval: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
         self.note = note
+        self.approval = approval
 
 
 def _time_problem(claims: ActionClaims, now: float, leeway: int) -> str | None:
@@ -237,7 +255,11 @@ class _Facts:
             self.chain = tuple(_short(c) for c in chain)
 
     def decision(
-        self, reason: str, detail: str = "", action: VerifiedAction | None = None
+        self,
+        reason: str,
+        detail: str = "",
+        action: VerifiedAction | None = None,
+        approval: dict[str, Any] | None = None,
     ) -> Decision:
         return Decision(
             allow=reason == "ok",
@@ -257,6 +279,7 @@ class _Facts:
             rule=self.rule,
             note="; ".join(self.notes) or None,
             action=action,
+            approval=approval,
         )
 
 
@@ -271,7 +294,136 @@ def _bound(claims: ActionClaims, peer: PeerIdentity) -> None:
         )
 
 
-class Pipeline:
+class _ApprovalStep:
+    """The approval step's methods (approval.py), mixed into :class:`Pipeline`."""
+
+    _approvals: ApprovalFiler | None
+    _audience: str
+    _clock: Callable[[], float]
+    _issuer: str
+    _jwks: JwksSource
+    _leeway: int
+    _service: str
+
+    def _replay_store(self) -> ReplayGuard:  # pragma: no cover - Pipeline's
+        raise NotImplementedError
+
+    async def _approved(
+        self,
+        req: Presented,
+        rule: RouteRule,
+        claims: ActionClaims,
+        peer: PeerIdentity,
+        facts: _Facts,
+    ) -> ApprovalClaims:
+        """The approval step: file the request (``approval_required``), or verify and
+        bind the approval token and check its id is unused (claimed later)."""
+        if req.approval_headers > 1:
+            raise _Deny("approval_invalid", "more than one approval header")
+        if req.body_sha256 is None or req.target is None:
+            raise _Deny(
+                "approval_invalid",
+                "the request body is larger than this service approves",
+                note="body over approvals.max_body",
+            )
+        request = ApprovedRequest(req.method, req.target, req.body_sha256)
+        if req.approval is None:
+            raise await self._filed(request, rule, claims)
+        approval = self._verified_approval(req.approval)
+        problem = binding_problem(approval, peer=peer, action=claims, request=request)
+        if problem is not None:
+            raise _Deny("approval_invalid", "the approval is for another request", note=problem)
+        try:
+            used_by = await asyncio.to_thread(
+                self._replay_store().used_by, replay_key(approval.approval)
+            )
+        except (SQLAlchemyError, OSError) as exc:
+            raise _Deny(
+                "audit_unavailable",
+                "the single-use store is unavailable",
+                note=f"replay store: {type(exc).__name__}",
+            ) from None
+        if used_by is not None:
+            raise _Deny(
+                "approval_invalid",
+                "this approval was already used",
+                note=f"approval {approval.approval} used before",
+            )
+        facts.note(f"approval {approval.approval} by {_short(approval.approver)}")
+        return approval
+
+    async def _filed(
+        self, request: ApprovedRequest, rule: RouteRule, claims: ActionClaims
+    ) -> _Deny:
+        """File the approval request at the issuer: the ``approval_required`` deny."""
+        if self._approvals is None:
+            raise _Deny("approval_unavailable", "no approvals issuer is configured")
+        body = {
+            "service": self._service,
+            "tenant": claims.tenant,
+            "agent": claims.agent,
+            "run": claims.run,
+            "sub": claims.sub,
+            "cnf": {"x5t#S256": claims.cnf_x5t_s256},
+            "req": request.to_json(),
+            "scope": rule.scope_required,
+            "jti": claims.jti,
+            "approvers": list(rule.approvers) if rule.approvers is not None else None,
+        }
+        try:
+            ticket = await self._approvals.file(body)
+        except ApprovalUnavailable as exc:
+            raise _Deny(
+                "approval_unavailable", "the approval could not be requested", note=str(exc)
+            ) from None
+        return _Deny(
+            "approval_required",
+            "this request needs an approval: poll the approval, then repeat the request "
+            "with the approval token in X-AXID-Approval",
+            note=f"approval {ticket.id} requested",
+            approval=ticket.to_json(),
+        )
+
+    def _verified_approval(self, token: str) -> ApprovalClaims:
+        keys = self._jwks.key_set()
+        if keys is None:
+            raise _Deny("jwks_unavailable", "the issuer's keys are not available")
+        try:
+            return _verify_approval(
+                token,
+                keys,
+                issuer=self._issuer,
+                audience=self._audience,
+                now=self._clock(),
+                leeway=self._leeway,
+            )
+        except TokenError as exc:
+            if exc.reason == "token_expired":
+                raise _Deny("approval_expired", "the approval has expired") from None
+            raise _Deny(
+                "approval_invalid", "the approval token is not valid", note=exc.reason
+            ) from None
+
+    async def _claim_approval(self, approval: ApprovalClaims) -> None:
+        """Claim the approval id (atomic across replicas): one request per approval."""
+        try:
+            first = await asyncio.to_thread(
+                self._replay_store().claim,
+                replay_key(approval.approval),
+                approval.exp,
+                int(self._clock()),
+            )
+        except (SQLAlchemyError, OSError) as exc:
+            raise _Deny(
+                "audit_unavailable",
+                "the single-use store is unavailable",
+                note=f"replay store: {type(exc).__name__}",
+            ) from None
+        if not first:
+            raise _Deny("approval_invalid", "this approval was already used")
+
+
+class Pipeline(_ApprovalStep):
     """Steps 1-7 for one verifier; built by the middleware from its config."""
 
     def __init__(
@@ -283,6 +435,7 @@ class Pipeline:
         revocations: RevocationSource,
         replay: ReplayGuard | None = None,
         clock: Callable[[], float] | None = None,
+        approvals: ApprovalFiler | None = None,
     ) -> None:
         self._issuer = config.issuer
         self._audience = config.audience
@@ -295,6 +448,8 @@ class Pipeline:
         self._jwks = jwks
         self._revocations = revocations
         self._replay = replay
+        self._approvals = approvals
+        self._service = config.service
         self.token_cache = TokenCache(config.token_cache_size)
 
     async def decide(self, request: Presented, rule: RouteRule | None) -> Decision:
@@ -312,7 +467,7 @@ class Pipeline:
             action, undo = await self._steps(request, rule, facts)
         except _Deny as deny:
             facts.note(deny.note)
-            return facts.decision(deny.reason, deny.detail), None
+            return facts.decision(deny.reason, deny.detail, approval=deny.approval), None
         return facts.decision("ok", "", action), undo
 
     async def _steps(
@@ -330,14 +485,20 @@ class Pipeline:
         if rule.single_use:
             await self._unused(claims)  # a look only: claimed last, see the module doc
         self._not_revoked(claims)  # 6
+        approval = None
+        if rule.approval_required:  # between 6 and 7: budgets only for approved requests
+            approval = await self._approved(req, rule, claims, peer, facts)
         action = VerifiedAction.from_claims(claims)
         undo = None
         if self._checks:
             undo = await self._checked(action, req.info.for_rule(rule), facts)  # 7
-        # Single use: the one consuming step, last (before the middleware's log append).
-        if rule.single_use:
+        # The consuming steps, last (before the middleware's log append).
+        if rule.single_use or approval is not None:
             try:
-                await self._claim_once(claims)
+                if approval is not None:
+                    await self._claim_approval(approval)
+                if rule.single_use:
+                    await self._claim_once(claims)
             except BaseException:  # not allowed in the end: release what checks reserved
                 if undo is not None:
                     await undo()

@@ -11,7 +11,7 @@ carries no headers).
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -26,8 +26,11 @@ _Send = Callable[[_Message], Awaitable[None]]
 _RECEIPT_NAME: Final = RECEIPT_HEADER.lower().encode("ascii")
 
 
-def problem_json(status: int, reason: str, detail: str) -> bytes:
-    """An RFC 9457 problem+json body, the shape of the verifier's denies."""
+def problem_json(
+    status: int, reason: str, detail: str, approval: Mapping[str, Any] | None = None
+) -> bytes:
+    """An RFC 9457 problem+json body, the shape of the verifier's denies (with the
+    filed ``approval`` of an ``approval_required`` deny)."""
     try:
         title = HTTPStatus(status).phrase
     except ValueError:
@@ -39,12 +42,14 @@ def problem_json(status: int, reason: str, detail: str) -> bytes:
         "detail": detail,
         "reason": reason,
     }
+    if approval is not None:
+        doc["approval"] = dict(approval)
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
 def problem_body(decision: Decision) -> bytes:
     """The problem+json body of a deny (the issuer's shape)."""
-    return problem_json(decision.status, decision.reason, decision.detail)
+    return problem_json(decision.status, decision.reason, decision.detail, decision.approval)
 
 
 def receipt_header(receipt: Receipt | None) -> tuple[bytes, bytes] | None:

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from mtls.spiffeid import SpiffeIdError, SpiffeIdPattern
 from verifier._values import boolean, init_frozen, integer
 from verifier.errors import ConfigError
 
@@ -65,6 +66,8 @@ _RULE_KEYS: Final = (
     "single_use",
     "governed",
     "cost",
+    "approval",
+    "approvers",
 )
 
 
@@ -130,6 +133,34 @@ def _slugs(value: object, key: str) -> frozenset[str]:
     return frozenset(items)
 
 
+def _approval(value: object) -> bool:
+    """``approval: required`` (DESIGN.md "Approvals"); absent or ``none``: not required."""
+    if value is None or value == "none":
+        return False
+    if value == "required":
+        return True
+    raise ConfigError("must be 'required' (or left out)", key="approval")
+
+
+def _approvers(value: object) -> tuple[str, ...] | None:
+    """SPIFFE ID patterns of who may approve; None: the issuer's configured approvers."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
+        raise ConfigError("must be a non-empty list of SPIFFE ID patterns", key="approvers")
+    if len(value) > _MAX_ITEMS:
+        raise ConfigError(f"has more than {_MAX_ITEMS} items", key="approvers")
+    out = []
+    for item in value:
+        try:
+            out.append(str(SpiffeIdPattern.parse(item)))
+        except (SpiffeIdError, TypeError):
+            raise ConfigError("items must be SPIFFE ID patterns", key="approvers") from None
+    if len(set(out)) != len(out):
+        raise ConfigError("repeats an item", key="approvers")
+    return tuple(out)
+
+
 def _methods(value: object) -> frozenset[str] | None:
     if value is None or value == "*":
         return None
@@ -158,8 +189,11 @@ class RouteRule:
     must all hold; ``agents``/``tenants`` of ``None`` allow any; ``single_use``
     lets each token ``jti`` through once; ``cost`` (an integer in [0, MAX_COST],
     e.g. cents) is what a budget check (:class:`verifier.BudgetLedger`) reserves
-    for an allowed request; ``governed=False`` passes matching requests to the app
-    unchecked and unrecorded (then no other option may be set).
+    for an allowed request; ``approval="required"`` makes each request wait for a
+    human approval of exactly that request (``approval_required`` is then the
+    rule's ``True``), ``approvers`` (SPIFFE ID patterns; None: the issuer's
+    configured approvers) says who may give it; ``governed=False`` passes matching
+    requests to the app unchecked and unrecorded (then no other option may be set).
     The constructor parses ``methods``, ``scope``, ``agents`` and ``tenants`` (a
     string or a list) into frozensets.
     """
@@ -173,6 +207,8 @@ class RouteRule:
     governed: bool
     name: str | None
     cost: int
+    approval_required: bool
+    approvers: tuple[str, ...] | None
     _regex: re.Pattern[str] = field(repr=False, compare=False)
 
     def __init__(
@@ -186,6 +222,8 @@ class RouteRule:
         governed: bool = True,
         name: str | None = None,
         cost: int = 0,
+        approval: str | None = None,
+        approvers: Iterable[str] | None = None,
     ) -> None:
         init_frozen(
             self,
@@ -199,6 +237,8 @@ class RouteRule:
             governed=boolean(governed, "governed"),
             name=name,
             cost=integer(cost, "cost", lo=0, hi=MAX_COST),
+            approval_required=_approval(approval),
+            approvers=_approvers(list(approvers) if isinstance(approvers, tuple) else approvers),
         )
 
     def __post_init__(self) -> None:
@@ -212,6 +252,10 @@ class RouteRule:
             raise ConfigError("an ungoverned rule cannot be single_use", key="single_use")
         if not self.governed and self.cost:
             raise ConfigError("an ungoverned rule cannot have a cost", key="cost")
+        if not self.governed and self.approval_required:
+            raise ConfigError("an ungoverned rule cannot require approval", key="approval")
+        if self.approvers is not None and not self.approval_required:
+            raise ConfigError("approvers need 'approval: required'", key="approvers")
         if self.name is not None and (
             not isinstance(self.name, str) or _NAME_RE.fullmatch(self.name) is None
         ):
@@ -275,6 +319,10 @@ class RuleSet:
     @property
     def has_single_use(self) -> bool:
         return any(r.single_use for r in self._rules)
+
+    @property
+    def has_approval(self) -> bool:
+        return any(r.approval_required for r in self._rules)
 
     def match(self, method: str, path: str) -> RouteRule | None:
         for rule in self._rules:

@@ -45,6 +45,7 @@ from axid.audit.log import DecisionLog
 from mtls.sources import FileSource, WorkloadApiSource
 from mtls.spiffeid import SpiffeId
 from mtls.tlsconfig import client_context
+from verifier.approval import ApprovalFiler
 from verifier.config import JwksConfig, RevocationConfig, VerifierConfig
 from verifier.errors import VerifierError
 from verifier.identity import BundleFiles, PeerResolver
@@ -132,7 +133,7 @@ class Runtime:
             witness_timeout=config.log.witness_timeout,
         )
         self._closing(self.log.close)
-        if config.rule_set.has_single_use:
+        if config.rule_set.has_single_use or config.rule_set.has_approval:
             self.replay = await asyncio.to_thread(
                 ReplayGuard.open,
                 config.replay_url,
@@ -150,6 +151,11 @@ class Runtime:
         self.revocations = _revocation_source(config.revocations, client)
         await self.revocations.start()
         self._closing(self.revocations.close)
+        approvals = None
+        if config.approvals is not None and client is not None:  # files approval requests
+            approvals = ApprovalFiler(
+                client, config.approvals.url, timeout=config.approvals.timeout
+            )
         self.pipeline = Pipeline(
             config=config,
             peers=PeerResolver(bundles, config.trusted_proxies),
@@ -157,6 +163,7 @@ class Runtime:
             revocations=self.revocations,
             replay=self.replay,
             clock=self.clock,
+            approvals=approvals,
         )
         if self.replay is not None:
             purge = _purge_loop(self.replay, self.clock)
@@ -279,8 +286,10 @@ class LazyRuntime:
 
 
 def _calls_issuer(config: VerifierConfig) -> bool:
-    return (isinstance(config.jwks, JwksConfig) and config.jwks.url is not None) or (
-        isinstance(config.revocations, RevocationConfig) and config.revocations.url is not None
+    return (
+        (isinstance(config.jwks, JwksConfig) and config.jwks.url is not None)
+        or (isinstance(config.revocations, RevocationConfig) and config.revocations.url is not None)
+        or config.approvals is not None
     )
 
 

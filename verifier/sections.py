@@ -40,11 +40,13 @@ from verifier._values import (
 from verifier.errors import ConfigError
 
 __all__ = [
+    "ApprovalsConfig",
     "IdentityConfig",
     "JwksConfig",
     "LogConfig",
     "ReplayConfig",
     "RevocationConfig",
+    "approvals_from",
     "identity_from",
     "jwks_from",
     "log_from",
@@ -54,6 +56,7 @@ __all__ = [
 
 _IDENTITY_KEYS: Final = ("bundle", "cert", "key", "workload_api")
 _JWKS_KEYS: Final = ("file", "url", "cache_ttl", "refetch_min_interval", "max_stale", "timeout")
+_APPROVALS_KEYS: Final = ("url", "timeout", "max_body")
 _REVOCATION_KEYS: Final = ("url", "database_url", "interval", "max_stale", "timeout")
 _LOG_KEYS: Final = (
     "url",
@@ -307,6 +310,27 @@ class ReplayConfig:
         )
 
 
+@dataclass(frozen=True, init=False)
+class ApprovalsConfig:
+    """Where the verifier files approval requests (DESIGN.md "Approvals"): the issuer's
+    ``POST /v1/approvals`` over mTLS with this service's own SVID. ``timeout`` bounds
+    one filing (then 503 ``approval_unavailable``); ``max_body`` caps the body of a
+    request on an approval route (its SHA-256 is bound into the approval), larger
+    bodies are refused."""
+
+    url: str
+    timeout: float
+    max_body: int
+
+    def __init__(self, url: str, timeout: float = 5.0, max_body: int = 1 << 20) -> None:
+        init_frozen(
+            self,
+            url=https_url(url, "approvals.url").rstrip("/"),
+            timeout=number(timeout, "approvals.timeout", lo=0, hi=300, lo_open=True),
+            max_body=integer(max_body, "approvals.max_body", lo=0, hi=1 << 30),
+        )
+
+
 # --------------------------------------------------------------------------- file sections
 
 
@@ -381,3 +405,10 @@ def replay_from(doc: Any, base: Path) -> ReplayConfig:
     if "database_url" in replay:
         replay["database_url"] = _db_value(replay["database_url"], base)
     return ReplayConfig(**replay)
+
+
+def approvals_from(doc: Any) -> ApprovalsConfig:
+    approvals = _section(doc, "approvals", _APPROVALS_KEYS)
+    if "url" not in approvals:
+        raise ConfigError("is required", key="approvals.url")
+    return ApprovalsConfig(**approvals)
