@@ -306,23 +306,11 @@ class DevCA:
             raise DevPkiError(f"{sid} is not in this CA's trust domain {self.trust_domain.name}")
         if not sid.path:
             raise DevPkiError(f"{sid} has no path: an X509-SVID names a workload")
-        if ttl <= timedelta(0):
-            raise DevPkiError("SVID ttl must be positive")
-        start = _utc(not_before) if not_before is not None else _utc(None) - _BACKDATE
-        end = min(start + ttl, self.cert.not_valid_after_utc)
-        if end <= start:
-            raise DevPkiError("the CA expires before the SVID would start")
+        start, end = self._svid_window(ttl, not_before)
         key = _new_key()
         cert = (
             x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE"),
-                    ]
-                )
-            )
+            .subject_name(_svid_subject())
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -330,20 +318,7 @@ class DevCA:
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             # What SPIRE's X509-SVID template sets.
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=True,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_svid_key_usage(), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -359,6 +334,19 @@ class DevCA:
             .sign(self.key, hashes.SHA256())
         )
         return IssuedSvid(sid, cert, key, (cert,))
+
+    def _svid_window(
+        self, ttl: timedelta, not_before: datetime | None
+    ) -> tuple[datetime, datetime]:
+        """An SVID's validity: from ``not_before`` (default: now, backdated for clock
+        skew) for ``ttl``, never past the CA's own end."""
+        if ttl <= timedelta(0):
+            raise DevPkiError("SVID ttl must be positive")
+        start = _utc(not_before) if not_before is not None else _utc(None) - _BACKDATE
+        end = min(start + ttl, self.cert.not_valid_after_utc)
+        if end <= start:
+            raise DevPkiError("the CA expires before the SVID would start")
+        return start, end
 
     def _aki(self) -> x509.AuthorityKeyIdentifier:
         try:
@@ -380,6 +368,30 @@ class DevCA:
 
     def __repr__(self) -> str:  # never show the key
         return f"DevCA(trust_domain={self.trust_domain.name}, serial={self.cert.serial_number:x})"
+
+
+def _svid_subject() -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE"),
+        ]
+    )
+
+
+def _svid_key_usage() -> x509.KeyUsage:
+    """What SPIRE's X509-SVID template sets: signing and key exchange, no CA use."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=True,
+        data_encipherment=False,
+        key_agreement=True,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _svid_sans(sid: SpiffeId, server_names: bool) -> list[x509.GeneralName]:

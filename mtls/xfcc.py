@@ -251,6 +251,28 @@ def parse_xfcc(
     ``bytes`` are accepted too (as ASGI gives headers) and must be ASCII. Raises
     :class:`XfccError` and nothing else.
     """
+    value = _checked_text(value, max_length)
+    elements: list[XfccElement] = []
+    pos = 0
+    end = len(value)
+    while True:
+        if len(elements) >= max_elements:
+            raise XfccError("too_many_elements", f"header has more than {max_elements} elements")
+        pairs, pos = _element_pairs(value, pos)
+        elements.append(_build_element(pairs, len(elements)))
+        if pos == end:
+            break
+        after_ows = _OWS_RE.match(value, pos).end()  # type: ignore[union-attr]
+        if after_ows < end and value[after_ows] == ",":
+            pos = _OWS_RE.match(value, after_ows + 1).end()  # type: ignore[union-attr]
+            continue
+        raise XfccError("unexpected_char", f"unexpected character {_at(value, pos)}")
+    return tuple(elements)
+
+
+def _checked_text(value: object, max_length: int) -> str:
+    """The header as text: ASCII, within ``max_length``, not empty, no control
+    character (checked before any parsing of attacker-controlled input)."""
     if isinstance(value, bytes | bytearray):
         if len(value) > max_length:
             raise XfccError("too_long", f"header is {len(value)} bytes, limit {max_length}")
@@ -270,51 +292,41 @@ def parse_xfcc(
         c = bad.group()
         kind = "non-ASCII" if not c.isascii() else "control"
         raise XfccError("bad_char", f"{kind} character {c!r} at offset {bad.start()}")
+    return value
 
-    elements: list[XfccElement] = []
-    pos = 0
+
+def _element_pairs(value: str, pos: int) -> tuple[list[tuple[str, str]], int]:
+    """The ``key=value`` pairs (``;``-separated) of the element at ``pos``, and the
+    position after them."""
     end = len(value)
+    pairs: list[tuple[str, str]] = []
     while True:
-        if len(elements) >= max_elements:
-            raise XfccError("too_many_elements", f"header has more than {max_elements} elements")
-        pairs: list[tuple[str, str]] = []
-        while True:
-            m = _KEY_RE.match(value, pos)
-            if m is None:
-                if pos >= end or value[pos] in ",;=":
-                    raise XfccError("empty_key", f"empty key or element {_at(value, pos)}")
-                raise XfccError("bad_key", f"invalid key character {_at(value, pos)}")
-            key = m.group()
-            pos = m.end()
-            if pos >= end or value[pos] != "=":
-                raise XfccError(
-                    "missing_equals", f"key {key!r} not followed by '=' {_at(value, pos)}"
-                )
+        m = _KEY_RE.match(value, pos)
+        if m is None:
+            if pos >= end or value[pos] in ",;=":
+                raise XfccError("empty_key", f"empty key or element {_at(value, pos)}")
+            raise XfccError("bad_key", f"invalid key character {_at(value, pos)}")
+        key = m.group()
+        pos = m.end()
+        if pos >= end or value[pos] != "=":
+            raise XfccError("missing_equals", f"key {key!r} not followed by '=' {_at(value, pos)}")
+        pos += 1
+        if pos < end and value[pos] == '"':
+            q = _QUOTED_RE.match(value, pos)
+            if q is None:
+                raise _quoted_error(value, pos)
+            val = _UNESCAPE_RE.sub(r"\1", q.group(1))
+            pos = q.end()
+        else:
+            u = _UNQUOTED_RE.match(value, pos)
+            val = u.group()  # type: ignore[union-attr]  # '*' always matches
+            pos = u.end()  # type: ignore[union-attr]
+        pairs.append((key, val))
+        if pos < end and value[pos] == ";":
             pos += 1
-            if pos < end and value[pos] == '"':
-                q = _QUOTED_RE.match(value, pos)
-                if q is None:
-                    raise _quoted_error(value, pos)
-                val = _UNESCAPE_RE.sub(r"\1", q.group(1))
-                pos = q.end()
-            else:
-                u = _UNQUOTED_RE.match(value, pos)
-                val = u.group()  # type: ignore[union-attr]  # '*' always matches
-                pos = u.end()  # type: ignore[union-attr]
-            pairs.append((key, val))
-            if pos < end and value[pos] == ";":
-                pos += 1
-                continue
-            break
-        elements.append(_build_element(pairs, len(elements)))
-        if pos == end:
-            break
-        after_ows = _OWS_RE.match(value, pos).end()  # type: ignore[union-attr]
-        if after_ows < end and value[after_ows] == ",":
-            pos = _OWS_RE.match(value, after_ows + 1).end()  # type: ignore[union-attr]
             continue
-        raise XfccError("unexpected_char", f"unexpected character {_at(value, pos)}")
-    return tuple(elements)
+        break
+    return pairs, pos
 
 
 def last_element(
