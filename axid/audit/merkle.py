@@ -24,6 +24,7 @@ __all__ = [
     "ListNodes",
     "NodeGetter",
     "ProofError",
+    "SubtreeEdge",
     "consistency_proof",
     "consistency_proof_size",
     "empty_root",
@@ -461,6 +462,36 @@ class CompactRange:
 
     def __repr__(self) -> str:
         return f"CompactRange(size={self._size})"
+
+
+class SubtreeEdge:
+    """The right edge of a tree being rebuilt, as in :class:`CompactRange`
+    (one perfect subtree hash per set bit of ``size``, largest first), but
+    also taking whole perfect subtrees: a clean range costs the verification
+    pass (:mod:`axid.audit.reference`) one call per subtree, not one per leaf.
+    Unchecked, for that hot path: its caller hands it hashes it computed."""
+
+    __slots__ = ("hashes", "size")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.hashes: list[bytes] = []
+
+    def add(self, level: int, h: bytes) -> None:
+        """Append the subtree of ``2**level`` leaves starting at ``size`` (a multiple of it)."""
+        size = self.size
+        if size & ((1 << level) - 1):  # pragma: no cover - chunks are aligned
+            raise AssertionError("unaligned subtree")
+        bit = 1 << level
+        hashes = self.hashes
+        while size & bit:  # each set bit from ``level`` up is a left sibling to merge
+            h = hashlib.sha256(b"\x01" + hashes.pop() + h).digest()
+            bit <<= 1
+        hashes.append(h)
+        self.size = size + (1 << level)
+
+    def root(self) -> bytes:
+        return CompactRange(self.size, self.hashes).root()
 
 
 class ListNodes:

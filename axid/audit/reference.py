@@ -23,7 +23,6 @@ here or from hashes a signed root vouched for.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,7 @@ from axid.audit.columns import index_disagreements
 from axid.audit.cosignature import CosignatureError
 from axid.audit.entry import ZERO_HASH_HEX, EntryError, parse_entry
 from axid.audit.findings import Findings, SourceFormatError
-from axid.audit.merkle import HASH_SIZE, CompactRange, leaf_hash
+from axid.audit.merkle import HASH_SIZE, SubtreeEdge, leaf_hash
 from axid.audit.note import Checkpoint, NoteError, NoteVerifier, open_checkpoint
 from axid.audit.quorum import WitnessPolicy
 from axid.audit.sources import LogSource
@@ -51,35 +50,6 @@ _WINDOW = 2
 
 def _short(h: bytes) -> str:
     return h.hex()[:16] + "…"
-
-
-class _Edge:
-    """The right edge of the tree being rebuilt, as in :class:`CompactRange`
-    (one perfect subtree hash per set bit of ``size``, largest first), but
-    also taking whole perfect subtrees: a clean range costs one call per
-    subtree, not one per leaf."""
-
-    __slots__ = ("hashes", "size")
-
-    def __init__(self) -> None:
-        self.size = 0
-        self.hashes: list[bytes] = []
-
-    def add(self, level: int, h: bytes) -> None:
-        """Append the subtree of ``2**level`` leaves starting at ``size`` (a multiple of it)."""
-        size = self.size
-        if size & ((1 << level) - 1):  # pragma: no cover - chunks are aligned
-            raise AssertionError("unaligned subtree")
-        bit = 1 << level
-        hashes = self.hashes
-        while size & bit:  # each set bit from ``level`` up is a left sibling to merge
-            h = hashlib.sha256(b"\x01" + hashes.pop() + h).digest()
-            bit <<= 1
-        hashes.append(h)
-        self.size = size + (1 << level)
-
-    def root(self) -> bytes:
-        return CompactRange(self.size, self.hashes).root()
 
 
 class Pass:
@@ -109,7 +79,7 @@ class Pass:
         self.progress = progress
         self.accelerator = accelerator
         self.limit = limit
-        self.cr = _Edge()
+        self.cr = SubtreeEdge()
         self.n = 0  # entries read so far == current tree size
         self.last_good = 0  # size of the last checkpoint that fully verified
         self.max_cp = -1  # largest checkpoint size seen (good or bad)
