@@ -179,6 +179,22 @@ class IssuerConfig:
     source_file: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_listen()
+        self._check_svid()
+        self._check_witnessing()
+        for name in ("registrations", "keys_dir", "log_key", "log_head", "cert", "key", "bundle"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        self._check_databases()
+        if not isinstance(self.admins, tuple) or not all(
+            isinstance(a, SpiffeIdPattern) for a in self.admins
+        ):
+            raise ConfigError("must be a tuple of SpiffeIdPattern", key="admins")
+        self._check_tokens()
+
+    def _check_listen(self) -> None:
+        """host, port, the issuer URL (default from them) and the HTTP implementation."""
         if not isinstance(self.host, str) or _HOST_RE.fullmatch(self.host) is None:
             raise ConfigError(f"{_show(self.host)} is not a host name or address", key="host")
         _int(self.port, "port", 0, 65535)
@@ -190,6 +206,9 @@ class IssuerConfig:
         _check_issuer_url(self.issuer)
         if self.http not in ("h11", "httptools"):
             raise ConfigError("must be 'h11' or 'httptools'", key="http")
+
+    def _check_svid(self) -> None:
+        """The SVID from files or from the Workload API: exactly one of the two."""
         files = (self.cert, self.key, self.bundle)
         if self.workload_api is not None:
             if any(f is not None for f in files):
@@ -203,6 +222,9 @@ class IssuerConfig:
                 "the issuer's SVID is needed: cert, key and bundle files, or workload_api",
                 key="svid",
             )
+
+    def _check_witnessing(self) -> None:
+        """The log's head file flag and witness settings (normalised here)."""
         if not isinstance(self.log_head_required, bool):
             raise ConfigError("must be true or false", key="audit.head_required")
         try:
@@ -214,10 +236,9 @@ class IssuerConfig:
         object.__setattr__(self, "log_witnesses", ws.witnesses)
         object.__setattr__(self, "log_quorum", ws.quorum)
         object.__setattr__(self, "log_witness_timeout", ws.timeout)
-        for name in ("registrations", "keys_dir", "log_key", "log_head", "cert", "key", "bundle"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
+
+    def _check_databases(self) -> None:
+        """The database URLs and the decision log's name."""
         for name in ("database_url", "audit_database_url"):
             value = getattr(self, name)
             if value is None and name == "audit_database_url":
@@ -228,10 +249,8 @@ class IssuerConfig:
             validate_log_name(self.log_name)
         except StoreError as exc:
             raise ConfigError(str(exc), key="audit.log") from None
-        if not isinstance(self.admins, tuple) or not all(
-            isinstance(a, SpiffeIdPattern) for a in self.admins
-        ):
-            raise ConfigError("must be a tuple of SpiffeIdPattern", key="admins")
+
+    def _check_tokens(self) -> None:
         _int(self.max_ttl, "tokens.max_ttl", 1, MAX_TTL)
         _int(self.default_ttl, "tokens.default_ttl", 1, self.max_ttl)
         lead = self.publish_lead
@@ -271,86 +290,25 @@ class IssuerConfig:
         base = Path(base_dir)
         _known(doc, _TOP_KEYS, "")
         kwargs: dict[str, Any] = {}
-
-        def path(value: object, key: str) -> Path:
-            if not isinstance(value, str) or not value or "\x00" in value:
-                raise ConfigError("must be a non-empty path", key=key)
-            p = Path(value).expanduser()
-            return p if p.is_absolute() else base / p
-
-        def text(value: object, key: str) -> str:
-            if not isinstance(value, str) or not value:
-                raise ConfigError("must be a non-empty string", key=key)
-            return value
-
-        if "issuer" in doc:
-            kwargs["issuer"] = text(doc["issuer"], "issuer")
-        if "host" in doc:
-            kwargs["host"] = text(doc["host"], "host")
+        for name in ("issuer", "host"):
+            if name in doc:
+                kwargs[name] = _text(doc[name], name)
         if "port" in doc:
             kwargs["port"] = _int(doc["port"], "port", 0, 65535)
         if "http" in doc:
-            kwargs["http"] = text(doc["http"], "http")
+            kwargs["http"] = _text(doc["http"], "http")
         if "registrations" not in doc:
             raise ConfigError("is required (the registration file)", key="registrations")
-        kwargs["registrations"] = path(doc["registrations"], "registrations")
-        svid = doc.get("svid")
-        if svid is None:
-            raise ConfigError("is required (cert/key/bundle or workload_api)", key="svid")
-        if not isinstance(svid, Mapping):
-            raise ConfigError("must be a mapping", key="svid")
-        _known(svid, _SVID_KEYS, "svid.")
-        for name in ("cert", "key", "bundle"):
-            if name in svid:
-                kwargs[name] = path(svid[name], f"svid.{name}")
-        if "workload_api" in svid:
-            kwargs["workload_api"] = text(svid["workload_api"], "svid.workload_api")
+        kwargs["registrations"] = _path(doc["registrations"], "registrations", base)
+        kwargs.update(_svid_kwargs(doc.get("svid"), base))
         if "keys_dir" in doc:
-            kwargs["keys_dir"] = path(doc["keys_dir"], "keys_dir")
+            kwargs["keys_dir"] = _path(doc["keys_dir"], "keys_dir", base)
         if "database_url" in doc:
-            kwargs["database_url"] = text(doc["database_url"], "database_url")
+            kwargs["database_url"] = _text(doc["database_url"], "database_url")
         if "admins" in doc:
-            admins = doc["admins"]
-            if not isinstance(admins, list):
-                raise ConfigError("must be a list of SPIFFE ID patterns", key="admins")
-            patterns = []
-            for i, item in enumerate(admins):
-                if not isinstance(item, str):
-                    raise ConfigError("must be a string", key=f"admins[{i}]")
-                try:
-                    patterns.append(SpiffeIdPattern.parse(item))
-                except SpiffeIdError as exc:
-                    raise ConfigError(str(exc), key=f"admins[{i}]") from None
-            kwargs["admins"] = tuple(patterns)
-        audit = doc.get("audit")
-        if audit is not None:
-            if not isinstance(audit, Mapping):
-                raise ConfigError("must be a mapping", key="audit")
-            _known(audit, _AUDIT_KEYS, "audit.")
-            if "log" in audit:
-                kwargs["log_name"] = text(audit["log"], "audit.log")
-            if "key" in audit:
-                kwargs["log_key"] = path(audit["key"], "audit.key")
-            if audit.get("database_url") is not None:
-                kwargs["audit_database_url"] = text(audit["database_url"], "audit.database_url")
-            if "head" in audit:
-                kwargs["log_head"] = path(audit["head"], "audit.head")
-            if "head_required" in audit:
-                kwargs["log_head_required"] = audit["head_required"]
-            for name in ("witnesses", "quorum", "witness_mode", "witness_timeout"):
-                if name in audit:
-                    kwargs[f"log_{name}"] = audit[name]
-        tokens = doc.get("tokens")
-        if tokens is not None:
-            if not isinstance(tokens, Mapping):
-                raise ConfigError("must be a mapping", key="tokens")
-            _known(tokens, _TOKEN_KEYS, "tokens.")
-            if "default_ttl" in tokens:
-                kwargs["default_ttl"] = _int(tokens["default_ttl"], "tokens.default_ttl", 1, 300)
-            if "max_ttl" in tokens:
-                kwargs["max_ttl"] = _int(tokens["max_ttl"], "tokens.max_ttl", 1, 300)
-            if "publish_lead" in tokens:
-                kwargs["publish_lead"] = tokens["publish_lead"]
+            kwargs["admins"] = _admin_patterns(doc["admins"])
+        kwargs.update(_audit_kwargs(doc.get("audit"), base))
+        kwargs.update(_tokens_kwargs(doc.get("tokens")))
         config = cls(**kwargs)
         return config.with_env(environ)
 
@@ -380,3 +338,90 @@ def _known(doc: Mapping[Any, Any], allowed: tuple[str, ...], prefix: str) -> Non
             raise ConfigError(
                 f"unknown key (allowed: {', '.join(allowed)})", key=f"{prefix}{str(key)[:60]}"
             )
+
+
+# ---------------------------------------------------------------------- file sections
+
+
+def _path(value: object, key: str, base: Path) -> Path:
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise ConfigError("must be a non-empty path", key=key)
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _text(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError("must be a non-empty string", key=key)
+    return value
+
+
+def _svid_kwargs(svid: object, base: Path) -> dict[str, Any]:
+    """The ``svid:`` section (required): cert/key/bundle files or workload_api."""
+    if svid is None:
+        raise ConfigError("is required (cert/key/bundle or workload_api)", key="svid")
+    if not isinstance(svid, Mapping):
+        raise ConfigError("must be a mapping", key="svid")
+    _known(svid, _SVID_KEYS, "svid.")
+    kwargs: dict[str, Any] = {}
+    for name in ("cert", "key", "bundle"):
+        if name in svid:
+            kwargs[name] = _path(svid[name], f"svid.{name}", base)
+    if "workload_api" in svid:
+        kwargs["workload_api"] = _text(svid["workload_api"], "svid.workload_api")
+    return kwargs
+
+
+def _admin_patterns(admins: object) -> tuple[SpiffeIdPattern, ...]:
+    if not isinstance(admins, list):
+        raise ConfigError("must be a list of SPIFFE ID patterns", key="admins")
+    patterns = []
+    for i, item in enumerate(admins):
+        if not isinstance(item, str):
+            raise ConfigError("must be a string", key=f"admins[{i}]")
+        try:
+            patterns.append(SpiffeIdPattern.parse(item))
+        except SpiffeIdError as exc:
+            raise ConfigError(str(exc), key=f"admins[{i}]") from None
+    return tuple(patterns)
+
+
+def _audit_kwargs(audit: object, base: Path) -> dict[str, Any]:
+    """The optional ``audit:`` section: the issuer's decision log."""
+    if audit is None:
+        return {}
+    if not isinstance(audit, Mapping):
+        raise ConfigError("must be a mapping", key="audit")
+    _known(audit, _AUDIT_KEYS, "audit.")
+    kwargs: dict[str, Any] = {}
+    if "log" in audit:
+        kwargs["log_name"] = _text(audit["log"], "audit.log")
+    if "key" in audit:
+        kwargs["log_key"] = _path(audit["key"], "audit.key", base)
+    if audit.get("database_url") is not None:
+        kwargs["audit_database_url"] = _text(audit["database_url"], "audit.database_url")
+    if "head" in audit:
+        kwargs["log_head"] = _path(audit["head"], "audit.head", base)
+    if "head_required" in audit:
+        kwargs["log_head_required"] = audit["head_required"]
+    for name in ("witnesses", "quorum", "witness_mode", "witness_timeout"):
+        if name in audit:
+            kwargs[f"log_{name}"] = audit[name]
+    return kwargs
+
+
+def _tokens_kwargs(tokens: object) -> dict[str, Any]:
+    """The optional ``tokens:`` section: lifetimes and the key publication lead."""
+    if tokens is None:
+        return {}
+    if not isinstance(tokens, Mapping):
+        raise ConfigError("must be a mapping", key="tokens")
+    _known(tokens, _TOKEN_KEYS, "tokens.")
+    kwargs: dict[str, Any] = {}
+    if "default_ttl" in tokens:
+        kwargs["default_ttl"] = _int(tokens["default_ttl"], "tokens.default_ttl", 1, 300)
+    if "max_ttl" in tokens:
+        kwargs["max_ttl"] = _int(tokens["max_ttl"], "tokens.max_ttl", 1, 300)
+    if "publish_lead" in tokens:
+        kwargs["publish_lead"] = tokens["publish_lead"]
+    return kwargs

@@ -57,7 +57,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 from sqlalchemy import BigInteger, Connection, Engine, Index, func, select
@@ -199,6 +199,16 @@ def _run_record(row: Any) -> RunRecord:
 
 def _revocation(row: Any) -> Revocation:
     return Revocation(int(row[0]), row[1], row[2], row[3], int(row[4]), row[5])
+
+
+def _first_revocation(kind: str, value: str) -> Any:
+    """The query for the oldest revocation of ``kind``/``value``."""
+    return (
+        select(_REV_T)
+        .where(_REV_T.c.kind == kind, _REV_T.c.value == value)
+        .order_by(_REV_T.c.seq)
+        .limit(1)
+    )
 
 
 def _placeholders(sql: str, ph: str) -> str:
@@ -460,38 +470,16 @@ class IssuerStore:
 
             def add(k: str, v: str, why: str) -> Revocation | None:
                 nonlocal next_seq
-                existing = conn.execute(
-                    select(_REV_T)
-                    .where(_REV_T.c.kind == k, _REV_T.c.value == v)
-                    .order_by(_REV_T.c.seq)
-                    .limit(1)
-                ).one_or_none()
-                if existing is not None:
+                if conn.execute(_first_revocation(k, v)).one_or_none() is not None:
                     return None
                 next_seq += 1
                 row = Revocation(next_seq, k, v, why, now_ms, created_by)
-                conn.execute(
-                    _REV_T.insert().values(
-                        seq=row.seq,
-                        kind=row.kind,
-                        value=row.value,
-                        reason=row.reason,
-                        created_at=row.created_at,
-                        created_by=row.created_by,
-                    )
-                )
+                conn.execute(_REV_T.insert().values(**asdict(row)))
                 return row
 
             primary = add(kind, value, reason)
             if primary is None:
-                primary = _revocation(
-                    conn.execute(
-                        select(_REV_T)
-                        .where(_REV_T.c.kind == kind, _REV_T.c.value == value)
-                        .order_by(_REV_T.c.seq)
-                        .limit(1)
-                    ).one()
-                )
+                primary = _revocation(conn.execute(_first_revocation(kind, value)).one())
             cascaded: list[Revocation] = []
             if kind == "run" and cascade:
                 for child in self._descendants(conn, value):
