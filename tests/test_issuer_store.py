@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.exc import SQLAlchemyError
 
-from axid.issuer.service import _MintChecks
+from axid.issuer._mint_checks import MintChecks
 from axid.issuer.store import (
     REVOCATION_KINDS,
     IssuerStore,
@@ -277,7 +277,7 @@ async def test_mint_checks_serve_concurrent_callers(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     store = IssuerStore.open(f"sqlite:///{db}")
     try:
-        checks = _MintChecks(store, parallel=1)
+        checks = MintChecks(store, parallel=1)
         revoked, _ = store.revoke("run", "bad", "why", created_by="admin", now_ms=1)
         calls = [MintCheck(rec(f"r{i}"), runs=(f"r{i}",)) for i in range(20)]
         calls += [

@@ -48,7 +48,6 @@ the detail says what differs. (The decision log's note keeps the precise cause.)
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -62,8 +61,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from axid.audit.entry import DecisionFields
 from axid.audit.log import AuditUnavailable, DecisionLog
 from axid.audit.receipt import Receipt
+from axid.issuer._mint_checks import MintChecks
 from axid.issuer.problems import Refusal
-from axid.issuer.registry import Registry
+from axid.issuer.registry import Registration, Registry
 from axid.issuer.schemas import MintRequest, RevocationRequest
 from axid.issuer.store import IssuerStore, MintCheck, Revocation, RunConflict, RunRecord
 from axid.keys import Keyring, KeyringError, KeySet, b64url_encode
@@ -183,66 +183,65 @@ def _parent_note(parent: ActionClaims) -> str:
     return f"parent jti {parent.jti} run {parent.run} sub {parent.sub}"
 
 
-_CheckOutcome = Revocation | RunConflict | None
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """What the caller's registration allows one mint request (steps 1-6)."""
+
+    registration: Registration
+    scope: frozenset[str]
+    ttl: int
+
+    @property
+    def tenant(self) -> str:
+        return self.registration.tenant
 
 
-class _MintChecks:
-    """Runs the store work of concurrent mints in batches, one thread hand-off each.
+@dataclass(frozen=True, slots=True)
+class _Lineage:
+    """Where the new run hangs in its spawn tree; all empty for a root run."""
 
-    A hand-off to a worker thread (queue, wake-up, GIL hand-over, wake-up of the
-    loop) costs several times the CPU of the two indexed queries a mint needs, so
-    the mints that arrive while a batch runs go together in the next one
-    (:meth:`IssuerStore.check_mints`, in arrival order). At most ``parallel``
-    batches run at once: one for SQLite (local, microseconds a query); a few for
-    PostgreSQL, whose round trips would otherwise queue behind each other. Each
-    caller waits for its own outcome; a failed batch fails every caller in it.
-    """
+    chain: tuple[str, ...] = ()
+    spawn_parent: str | None = None
+    parent_jti: str | None = None
+    parent_agent: str | None = None
+    exp: int | None = None  # the parent's: the child's cap
 
-    def __init__(self, store: IssuerStore, *, parallel: int) -> None:
-        self._store = store
-        self._parallel = parallel
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[tuple[MintCheck, asyncio.Future[_CheckOutcome]]] = []
-        self._drains: set[asyncio.Task[None]] = set()
 
-    async def run(self, check: MintCheck) -> _CheckOutcome:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            # A new event loop (a test, a restarted server): the old one's state is moot.
-            self._loop, self._pending, self._drains = loop, [], set()
-        fut: asyncio.Future[_CheckOutcome] = loop.create_future()
-        self._pending.append((check, fut))
-        # Count live drains only: a finished one leaves the set a little later (its
-        # done-callback), and must not keep this check from being picked up.
-        if sum(not task.done() for task in self._drains) < self._parallel:
-            task = loop.create_task(self._drain(loop))
-            self._drains.add(task)
-            task.add_done_callback(self._drains.discard)
-        return await fut
+_ROOT: Final = _Lineage()
 
-    async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        while self._pending and self._loop is loop:
-            batch, self._pending = self._pending, []
-            try:
-                outcomes = await loop.run_in_executor(
-                    None, self._store.check_mints, [check for check, _ in batch]
-                )
-            except BaseException as exc:
-                # Failed: this batch fails. Cancelled (the loop is closing): what is
-                # queued fails too, so nobody waits forever on a drain that is gone.
-                stopped = not isinstance(exc, Exception)
-                if stopped:
-                    batch, self._pending = batch + self._pending, []
-                err = RuntimeError("mint checks stopped") if stopped else exc
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
-                if stopped:
-                    raise
-                continue
-            for (_, fut), outcome in zip(batch, outcomes, strict=True):
-                if not fut.done():  # its caller may have been cancelled meanwhile
-                    fut.set_result(outcome)
+
+def _check_parent(
+    rec: DecisionDraft,
+    req: MintRequest,
+    grant: _Grant,
+    parent: ActionClaims | TokenError | None,
+) -> _Lineage:
+    """Step 7: a child's parent, and the child's place under it (module docstring)."""
+    if isinstance(parent, TokenError):
+        raise Refusal(401, parent.reason, f"parent_token: {parent.message}")
+    if parent is None:
+        return _ROOT
+    if parent.tenant != grant.tenant:
+        raise Refusal(403, "tenant_not_allowed", "the parent token belongs to another tenant")
+    if not grant.registration.may_spawn_from(parent.sub):
+        raise Refusal(
+            403, "spawn_not_allowed", "parent token's workload may not spawn this workload"
+        )
+    if req.run == parent.run or req.run in parent.chain:
+        raise Refusal(
+            409, "run_conflict", "a child run must differ from its parent's run and chain"
+        )
+    chain = (*parent.chain, parent.run)
+    rec.chain, rec.spawn_parent = chain, parent.run
+    if len(chain) > MAX_CHAIN_DEPTH:
+        raise Refusal(403, "spawn_too_deep", f"spawn chains are at most {MAX_CHAIN_DEPTH} deep")
+    if not grant.scope <= parent.scope:
+        raise Refusal(403, "scope_insufficient", "a child's scope must be within its parent's")
+    if not set(req.audiences) <= set(parent.aud):
+        raise Refusal(
+            403, "audience_not_allowed", "a child's audiences must be within its parent's"
+        )
+    return _Lineage(chain, parent.run, parent.jti, parent.agent, parent.exp)
 
 
 class IssuerService:
@@ -271,7 +270,7 @@ class IssuerService:
         self.max_ttl = max_ttl
         self.clock = clock
         self.log: DecisionLog | None = None
-        self._checks = _MintChecks(
+        self._checks = MintChecks(
             store, parallel=4 if store.engine.dialect.name == "postgresql" else 1
         )
 
@@ -318,96 +317,79 @@ class IssuerService:
         # The parent is verified before the registration checks only so that every
         # refusal of a child mint names whose token was presented; its error still
         # surfaces at step 7a.
-        parent: ActionClaims | None = None
-        parent_error: TokenError | None = None
-        if req.parent_token is not None:
-            try:
-                parent = verify_parent_token(
-                    req.parent_token, self.key_set(now_f), issuer=self.iss, now=now
-                )
-                rec.note = _parent_note(parent)
-            except TokenError as exc:
-                parent_error = exc
-                rec.note = f"parent_token did not verify: {exc.reason}"
+        parent = self._verify_parent(rec, req.parent_token, now_f, now)
+        grant = self._check_registration(rec, peer, req)
+        lineage = _check_parent(rec, req, grant, parent)
+        # A child never outlives its parent (verify_parent_token: now < parent.exp).
+        ttl = grant.ttl if lineage.exp is None else min(grant.ttl, lineage.exp - now)
+        await self._bind_run(rec, peer, req, grant.tenant, lineage, now_f)
+        return self._sign(rec, peer, req, grant, lineage, now_f, ttl)
+
+    def _verify_parent(
+        self, rec: DecisionDraft, token: str | None, now_f: float, now: int
+    ) -> ActionClaims | TokenError | None:
+        """Step 7a, early: the parent's claims, or why it did not verify (noted)."""
+        if token is None:
+            return None
+        try:
+            parent = verify_parent_token(token, self.key_set(now_f), issuer=self.iss, now=now)
+        except TokenError as exc:
+            rec.note = f"parent_token did not verify: {exc.reason}"
+            return exc
+        rec.note = _parent_note(parent)
+        return parent
+
+    def _check_registration(self, rec: DecisionDraft, peer: Peer, req: MintRequest) -> _Grant:
+        """Steps 1-6: what the peer's registration lets this request have."""
         registration = self.registry.match(peer.spiffe_id)
         if registration is None:
             raise Refusal(403, "agent_not_allowed", "the peer's SPIFFE ID is not registered")
         rec.rule = registration.rule
-        rec.tenant = tenant = registration.tenant
+        rec.tenant = registration.tenant
         if req.agent not in registration.agents:
             raise Refusal(403, "agent_not_allowed", "the registration does not allow this agent")
-        audiences = req.audiences
-        if not set(audiences) <= registration.audiences:
+        if not set(req.audiences) <= registration.audiences:
             raise Refusal(
                 403, "audience_not_allowed", "the registration does not allow this audience"
             )
         scope = req.scope_set
         if not scope <= registration.scope:
             raise Refusal(403, "scope_insufficient", "scope is wider than the registration allows")
-        if req.tenant is not None and req.tenant != tenant:
+        if req.tenant is not None and req.tenant != registration.tenant:
             raise Refusal(403, "tenant_not_allowed", "the peer is not registered for this tenant")
         ttl = self.default_ttl if req.ttl_seconds is None else req.ttl_seconds
         if ttl > self.max_ttl:
             raise Refusal(400, "bad_request", f"ttl_seconds: at most {self.max_ttl}")
+        return _Grant(registration, scope, ttl)
 
-        chain: tuple[str, ...] = ()
-        spawn_parent: str | None = None
-        parent_jti: str | None = None
-        parent_agent: str | None = None
-        if parent_error is not None:
-            raise Refusal(401, parent_error.reason, f"parent_token: {parent_error.message}")
-        if parent is not None:
-            parent_jti, parent_agent = parent.jti, parent.agent
-            if parent.tenant != tenant:
-                raise Refusal(
-                    403, "tenant_not_allowed", "the parent token belongs to another tenant"
-                )
-            if not registration.may_spawn_from(parent.sub):
-                raise Refusal(
-                    403,
-                    "spawn_not_allowed",
-                    "parent token's workload may not spawn this workload",
-                )
-            if req.run == parent.run or req.run in parent.chain:
-                raise Refusal(
-                    409, "run_conflict", "a child run must differ from its parent's run and chain"
-                )
-            chain = (*parent.chain, parent.run)
-            spawn_parent = parent.run
-            rec.chain, rec.spawn_parent = chain, spawn_parent
-            if len(chain) > MAX_CHAIN_DEPTH:
-                raise Refusal(
-                    403, "spawn_too_deep", f"spawn chains are at most {MAX_CHAIN_DEPTH} deep"
-                )
-            if not scope <= parent.scope:
-                raise Refusal(
-                    403, "scope_insufficient", "a child's scope must be within its parent's"
-                )
-            if not set(audiences) <= set(parent.aud):
-                raise Refusal(
-                    403, "audience_not_allowed", "a child's audiences must be within its parent's"
-                )
-            # A child never outlives its parent (verify_parent_token: now < parent.exp).
-            ttl = min(ttl, parent.exp - now)
-
+    async def _bind_run(
+        self,
+        rec: DecisionDraft,
+        peer: Peer,
+        req: MintRequest,
+        tenant: str,
+        lineage: _Lineage,
+        now_f: float,
+    ) -> None:
+        """Steps 8 and 9 as one database round: the revocation lookup, then (if nothing
+        is revoked) the binding. Both read the database itself, no cache: a revocation
+        committed by any replica is seen by the next mint."""
+        chain = lineage.chain
         binding = RunRecord(
             run=req.run,
             tenant=tenant,
             agent=req.agent,
             spiffe_id=str(peer.spiffe_id),
-            parent=spawn_parent,
+            parent=lineage.spawn_parent,
             root=chain[0] if chain else req.run,
             depth=len(chain),
             created_at=int(now_f * 1000),
         )
-        # Steps 8 and 9 as one database round: the revocation lookup, then (if nothing
-        # is revoked) the binding. Both read the database itself, no cache: a
-        # revocation committed by any replica is seen by the next mint.
         check = MintCheck(
             binding,
-            jtis=(parent_jti,) if parent_jti else (),
+            jtis=(lineage.parent_jti,) if lineage.parent_jti else (),
             runs=(req.run, *chain),
-            agents=(req.agent, parent_agent) if parent_agent else (req.agent,),
+            agents=(req.agent, lineage.parent_agent) if lineage.parent_agent else (req.agent,),
             tenants=(tenant,),
         )
         try:
@@ -428,6 +410,18 @@ class IssuerService:
                 403, "revoked", f"{outcome.kind} {outcome.value} is revoked (seq {outcome.seq})"
             )
 
+    def _sign(
+        self,
+        rec: DecisionDraft,
+        peer: Peer,
+        req: MintRequest,
+        grant: _Grant,
+        lineage: _Lineage,
+        now_f: float,
+        ttl: int,
+    ) -> Minted:
+        """Step 10: the token, for the peer and bound to its certificate."""
+        now = int(now_f)
         key = self.keyring.signing_key(now_f)
         jti = b64url_encode(os.urandom(16))  # 128-bit random (DESIGN.md)
         token = mint(
@@ -435,19 +429,28 @@ class IssuerService:
             iss=self.iss,
             sub=str(peer.spiffe_id),
             aud=req.audience if isinstance(req.audience, str) else list(req.audience),
-            tenant=tenant,
+            tenant=grant.tenant,
             agent=req.agent,
             run=req.run,
-            spawn_parent=spawn_parent,
-            chain=chain,
-            scope=scope,
+            spawn_parent=lineage.spawn_parent,
+            chain=lineage.chain,
+            scope=grant.scope,
             cnf_x5t_s256=peer.x5t_s256,
             now=now,
             ttl=ttl,
             jti=jti,
         )
         rec.kid, rec.jti = key.kid, jti
-        return Minted(token, jti, key.kid, now + ttl, tenant, req.run, spawn_parent, chain)
+        return Minted(
+            token,
+            jti,
+            key.kid,
+            now + ttl,
+            grant.tenant,
+            req.run,
+            lineage.spawn_parent,
+            lineage.chain,
+        )
 
     # ------------------------------------------------------------------ revocation
 
