@@ -26,6 +26,17 @@ LogOpt = Annotated[
     str | None,
     typer.Option("--log", help="Log name; needed only when the database holds several logs."),
 ]
+# `audit verify` and `audit receipt check`: the witnesses a quorum counts.
+WitnessOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--witness",
+        metavar="VKEY_OR_FILE",
+        help="A witness's vkey (or a file holding it): type 0x04 (Ed25519) or 0x06 "
+        "(ML-DSA-44). Repeatable; with --quorum.",
+        show_default=False,
+    ),
+]
 
 
 def fail(msg: str, *, as_json: bool = False) -> NoReturn:

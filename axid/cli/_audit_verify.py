@@ -20,7 +20,15 @@ from axid.audit.verify import (
     load_witness_arg,
     verify_log,
 )
-from axid.cli._audit_common import EXIT_OK, EXIT_TAMPERED, DbOpt, counted, fail, open_logs
+from axid.cli._audit_common import (
+    EXIT_OK,
+    EXIT_TAMPERED,
+    DbOpt,
+    WitnessOpt,
+    counted,
+    fail,
+    open_logs,
+)
 
 PROGRESS_THRESHOLD = 10_000  # entries; smaller logs verify before a bar would help
 _MAX_TRUSTED_CP = (1 << 20) + 1
@@ -363,16 +371,6 @@ _TrustLogKeyOpt = Annotated[
         "as the log itself (a warning says so).",
     ),
 ]
-_WitnessOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--witness",
-        metavar="VKEY_OR_FILE",
-        help="A witness's vkey (or a file holding it): type 0x04 (Ed25519) or 0x06 "
-        "(ML-DSA-44). Repeatable; with --quorum.",
-        show_default=False,
-    ),
-]
 _QuorumOpt = Annotated[
     int | None,
     typer.Option(
@@ -421,7 +419,7 @@ def verify(
     vkey: _VkeyOpt = None,
     trust_log_key: _TrustLogKeyOpt = False,
     trusted_checkpoint: _TrustedOpt = None,
-    witness: _WitnessOpt = None,
+    witness: WitnessOpt = None,
     quorum: _QuorumOpt = None,
     max_unwitnessed: _MaxUnwitnessedOpt = None,
     as_json: Annotated[

@@ -52,6 +52,7 @@ from axid.audit.receipt_check import (
     parse_consistency_proof,
     parse_inclusion_proof,
 )
+from axid.cli._audit_common import DEFAULT_DB, WitnessOpt
 
 if TYPE_CHECKING:
     import httpx
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
 
 receipt_app = typer.Typer(help="Check the receipts callers keep of recorded decisions.")
 
-DEFAULT_DB = "sqlite:///.axid/axid.db"
 EXIT_OK = 0
 EXIT_NOT_HELD = 1
 EXIT_USAGE = 2
@@ -465,16 +465,6 @@ _BundleOpt = Annotated[
         "(default: the system's); the server's certificate must name BASE's host.",
     ),
 ]
-_WitnessOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--witness",
-        metavar="VKEY_OR_FILE",
-        help="A witness's vkey (or a file holding it): type 0x04 (Ed25519) or 0x06 "
-        "(ML-DSA-44). Repeatable; with --quorum.",
-        show_default=False,
-    ),
-]
 _QuorumOpt = Annotated[
     int | None,
     typer.Option(
@@ -497,7 +487,7 @@ def check(
     cert: _CertOpt = None,
     key: _KeyOpt = None,
     bundle: _BundleOpt = None,
-    witness: _WitnessOpt = None,
+    witness: WitnessOpt = None,
     quorum: _QuorumOpt = None,
 ) -> None:
     """Check a receipt: does the log still hold exactly that entry and extend its checkpoint?

@@ -67,40 +67,56 @@ def _settings(config: Path | None, overrides: dict[str, Any], db: str | None) ->
     return settings
 
 
+_ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="YAML config file (see the README).")
+]
+_HostOpt = Annotated[str | None, typer.Option("--host", help="Listen address.")]
+_PortOpt = Annotated[
+    int | None, typer.Option("--port", min=0, max=65535, help="Listen port (0: any).")
+]
+_IssuerOpt = Annotated[
+    str | None, typer.Option("--issuer", help="The tokens' iss (default https://HOST:PORT).")
+]
+_CertOpt = Annotated[Path | None, typer.Option("--cert", help="Issuer SVID (PEM).")]
+_KeyOpt = Annotated[Path | None, typer.Option("--key", help="Issuer SVID key (PEM).")]
+_BundleOpt = Annotated[Path | None, typer.Option("--bundle", help="Trust bundle (PEM).")]
+_WorkloadApiOpt = Annotated[
+    str | None, typer.Option("--workload-api", help="SPIFFE Workload API socket.")
+]
+_RegistrationsOpt = Annotated[
+    Path | None, typer.Option("--registrations", help="Registration file (YAML).")
+]
+_DbOpt = Annotated[
+    str | None, typer.Option("--db", help="Database URL (sqlite:///... or postgresql://...).")
+]
+_KeysDirOpt = Annotated[
+    Path | None, typer.Option("--keys-dir", help="Token signing keyring directory.")
+]
+_AdminOpt = Annotated[
+    list[str] | None,
+    typer.Option("--admin", help="Admin SPIFFE ID or pattern (repeatable)."),
+]
+_HttpOpt = Annotated[
+    str | None, typer.Option("--http", help="uvicorn HTTP implementation: h11 | httptools.")
+]
+_LogLevelOpt = Annotated[str, typer.Option("--log-level", help="uvicorn log level.")]
+
+
 def serve(
-    config: Annotated[
-        Path | None, typer.Option("--config", help="YAML config file (see the README).")
-    ] = None,
-    host: Annotated[str | None, typer.Option("--host", help="Listen address.")] = None,
-    port: Annotated[
-        int | None, typer.Option("--port", min=0, max=65535, help="Listen port (0: any).")
-    ] = None,
-    issuer: Annotated[
-        str | None, typer.Option("--issuer", help="The tokens' iss (default https://HOST:PORT).")
-    ] = None,
-    cert: Annotated[Path | None, typer.Option("--cert", help="Issuer SVID (PEM).")] = None,
-    key: Annotated[Path | None, typer.Option("--key", help="Issuer SVID key (PEM).")] = None,
-    bundle: Annotated[Path | None, typer.Option("--bundle", help="Trust bundle (PEM).")] = None,
-    workload_api: Annotated[
-        str | None, typer.Option("--workload-api", help="SPIFFE Workload API socket.")
-    ] = None,
-    registrations: Annotated[
-        Path | None, typer.Option("--registrations", help="Registration file (YAML).")
-    ] = None,
-    db: Annotated[
-        str | None, typer.Option("--db", help="Database URL (sqlite:///... or postgresql://...).")
-    ] = None,
-    keys_dir: Annotated[
-        Path | None, typer.Option("--keys-dir", help="Token signing keyring directory.")
-    ] = None,
-    admin: Annotated[
-        list[str] | None,
-        typer.Option("--admin", help="Admin SPIFFE ID or pattern (repeatable)."),
-    ] = None,
-    http: Annotated[
-        str | None, typer.Option("--http", help="uvicorn HTTP implementation: h11 | httptools.")
-    ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    config: _ConfigOpt = None,
+    host: _HostOpt = None,
+    port: _PortOpt = None,
+    issuer: _IssuerOpt = None,
+    cert: _CertOpt = None,
+    key: _KeyOpt = None,
+    bundle: _BundleOpt = None,
+    workload_api: _WorkloadApiOpt = None,
+    registrations: _RegistrationsOpt = None,
+    db: _DbOpt = None,
+    keys_dir: _KeysDirOpt = None,
+    admin: _AdminOpt = None,
+    http: _HttpOpt = None,
+    log_level: _LogLevelOpt = "info",
 ) -> None:
     """Run the issuer service over mTLS."""
     from axid.issuer.config import ConfigError
