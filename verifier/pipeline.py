@@ -359,7 +359,7 @@ class _ApprovalStep:
         if self._approvals is None:
             raise _Deny("approval_unavailable", "no approvals issuer is configured")
         body = {
-            "service": self._service,
+            "service": self._audience,  # the approval token's aud
             "tenant": claims.tenant,
             "agent": claims.agent,
             "run": claims.run,

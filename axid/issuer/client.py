@@ -225,6 +225,13 @@ def _minted(response: httpx.Response) -> MintResult:
     return MintResult(token, jti, kid, exp, receipt)
 
 
+def _segment(value: str) -> str:
+    """An approval id as one path segment (base64url only: nothing to escape)."""
+    if not value or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
+        raise ValueError("an approval id is base64url")
+    return value
+
+
 def _unreachable(exc: httpx.HTTPError) -> IssuerError:
     return IssuerError(None, "issuer_unreachable", f"{type(exc).__name__}: {exc}"[:_MAX_DETAIL])
 
@@ -299,6 +306,35 @@ class IssuerClient:
 
     def checkpoint(self) -> str:
         return _check(self._send("GET", "/v1/audit/checkpoint"), 200).text
+
+    # Approvals (DESIGN.md "Approvals"): an approver's and a polling agent's calls.
+
+    def approvals(self, status: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/approvals[?status=...]``: the requests this approver may decide."""
+        params = {"status": status} if status is not None else None
+        doc = _json(_check(self._send("GET", "/v1/approvals", params=params), 200))
+        items = doc.get("approvals") if isinstance(doc, dict) else None
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise IssuerError(200, "bad_response", "approvals answer is not a list")
+        return items
+
+    def approval(self, approval_id: str) -> dict[str, Any]:
+        """``GET /v1/approvals/{id}``: its status and, once approved, ``token``."""
+        doc = _json(_check(self._send("GET", f"/v1/approvals/{_segment(approval_id)}"), 200))
+        if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
+            raise IssuerError(200, "bad_response", "approval answer has no status")
+        return doc
+
+    def decide(self, approval_id: str, decision: str, note: str | None = None) -> dict[str, Any]:
+        """``POST /v1/approvals/{id}/decision`` with ``approve`` or ``deny``."""
+        body: dict[str, Any] = {"decision": decision}
+        if note is not None:
+            body["note"] = note
+        path = f"/v1/approvals/{_segment(approval_id)}/decision"
+        doc = _json(_check(self._send("POST", path, json=body), 200))
+        if not isinstance(doc, dict):
+            raise IssuerError(200, "bad_response", "decision answer is not an object")
+        return doc
 
     def close(self) -> None:
         self._http.close()

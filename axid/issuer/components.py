@@ -14,6 +14,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from axid.audit.witnessing import DEFAULT_WITNESS_TIMEOUT, WitnessConfig
+from axid.issuer.approval_settings import ApprovalSettings
 from axid.issuer.config import DEFAULT_LOG_KEY, DEFAULT_LOG_NAME, IssuerConfig
 from axid.issuer.registry import Registry
 from axid.issuer.store import IssuerStore
@@ -59,6 +60,7 @@ class IssuerComponents:
     log_witness_mode: str = "async"
     log_witness_timeout: float = DEFAULT_WITNESS_TIMEOUT
     admins: tuple[SpiffeIdPattern, ...] = ()
+    approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
     default_ttl: int = 120
     max_ttl: int = 300
     owned: list[Any] = field(default_factory=list, repr=False)
@@ -101,6 +103,7 @@ class IssuerComponents:
             log_witness_mode=config.log_witness_mode,
             log_witness_timeout=config.log_witness_timeout,
             admins=config.admins,
+            approvals=config.approvals,
             default_ttl=config.default_ttl,
             max_ttl=config.max_ttl,
             owned=owned,

@@ -19,6 +19,11 @@ the file's directory (so a config works from any working directory)::
     registrations: registrations.yaml    # see axid.issuer.registry
     admins:                              # who may POST /v1/revocations
       - "spiffe://example.org/admin/*"
+    approvals:                           # approval requests (axid.issuer.approval_settings)
+      approvers: ["spiffe://example.org/admin/*"]  # default approvers of a request
+      services: ["spiffe://example.org/svc/*"]     # who may file (default: nobody)
+      timeout: 900                       # seconds; undecided = expired = denied
+      # notify_url: https://hooks.example.org/axid   # a JSON POST per new request
     audit:
       log: issuer                        # the issuer's own decision log
       key: .axid/keys/log.pem            # its signing key, created 0600 on first start
@@ -58,6 +63,7 @@ from axid.audit.witnessing import (
     WitnessConfigError,
     witness_settings,
 )
+from axid.issuer.approval_settings import ApprovalSettings
 from axid.issuer.errors import IssuerBaseError
 from axid.keys import DEFAULT_PUBLISH_LEAD
 from axid.tokens import MAX_TTL
@@ -94,6 +100,7 @@ _TOP_KEYS: Final = (
     "database_url",
     "registrations",
     "admins",
+    "approvals",
     "audit",
     "tokens",
 )
@@ -161,6 +168,7 @@ class IssuerConfig:
     keys_dir: Path = DEFAULT_KEYS_DIR
     database_url: str = DEFAULT_DATABASE_URL
     admins: tuple[SpiffeIdPattern, ...] = ()
+    approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
     log_name: str = DEFAULT_LOG_NAME
     log_key: Path = DEFAULT_LOG_KEY
     audit_database_url: str | None = None
@@ -307,6 +315,11 @@ class IssuerConfig:
             kwargs["database_url"] = _text(doc["database_url"], "database_url")
         if "admins" in doc:
             kwargs["admins"] = _admin_patterns(doc["admins"])
+        if "approvals" in doc:
+            try:
+                kwargs["approvals"] = ApprovalSettings.from_dict(doc["approvals"])
+            except ValueError as exc:
+                raise ConfigError(str(exc), key="approvals") from None
         kwargs.update(_audit_kwargs(doc.get("audit"), base))
         kwargs.update(_tokens_kwargs(doc.get("tokens")))
         config = cls(**kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from axid.issuer._routes import audit, public, revocations, tokens
+from axid.issuer._routes import approvals, audit, public, revocations, tokens
 
 __all__ = ["install_routes"]
 
@@ -15,4 +15,5 @@ def install_routes(app: FastAPI) -> None:
     app.include_router(public.keys)
     app.include_router(revocations.router)
     audit.install(app)
+    approvals.install(app)
     app.include_router(public.service)
