@@ -25,6 +25,7 @@ import yaml
 from _tls_helpers import WAIT, ServerThread
 from _verifier_helpers import PG_URL, Pki, log_entries, make_pki, require_pg
 from fastapi import FastAPI, Request
+from typer.testing import CliRunner
 
 from axid.audit.verify import DatabaseSource, verify_log
 from axid.issuer.app import create_app
@@ -390,3 +391,34 @@ def test_undecided_request_expires_and_is_never_allowed(env: Env) -> None:
         assert any(approval_id in e["note"] for e in expiries)
     finally:
         env.clock.advance(-(TIMEOUT + 1))
+
+
+def test_denied_and_the_cli(env: Env) -> None:
+    from axid.cli._app import app
+
+    runner = CliRunner()
+    d = env.pki.dev.directory
+
+    def axid(name: str, *args: str) -> Any:
+        conn = ["--issuer", env.issuer_url, "--cert", str(d / f"{name}.pem")]
+        conn += ["--key", str(d / f"{name}.key"), "--bundle", str(env.pki.dev.bundle)]
+        return runner.invoke(app, ["approvals", *args, *conn])
+
+    token = env.token()
+    first = env.filed("/payments/p6", token)
+    listed = axid("admin", "list", "--status", "pending")
+    assert listed.exit_code == 0 and first in listed.stdout
+    shown = axid("admin", "show", first)
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["req"]["path"] == "/payments/p6"
+    assert axid("admin", "deny", first, "--note", "no").exit_code == 0
+    waited = axid("planner", "wait", first, "--interval", "0.1")
+    assert waited.exit_code == 1 and waited.stdout == ""
+    second = env.filed("/payments/p6", token)  # filed anew
+    assert second != first
+    assert axid("admin", "approve", second, "--note", "ok").exit_code == 0
+    waited = axid("planner", "wait", second, "--interval", "0.1")
+    assert waited.exit_code == 0
+    approval = waited.stdout.strip()
+    assert reason(env.delete("/payments/p6", token, approval=approval)) == "ok"
+    # Another workload may not read the request.
+    assert axid("worker", "show", second).exit_code == 1

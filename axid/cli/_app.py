@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from axid.cli import _audit, _bench, _budget, _certs, _demo, _keys, _serve, _token, _witness
+from axid.cli import (
+    _approvals,
+    _audit,
+    _bench,
+    _budget,
+    _certs,
+    _demo,
+    _keys,
+    _serve,
+    _token,
+    _witness,
+)
 
 app = typer.Typer(
     name="axid",
@@ -14,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(_certs.app, name="certs")
+app.add_typer(_approvals.app, name="approvals")
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_budget.app, name="budget")
 app.add_typer(_keys.app, name="keys")
