@@ -11,6 +11,8 @@ import functools
 import re
 from datetime import UTC, datetime, timedelta
 
+from axid.audit.errors import AuditError
+
 __all__ = [
     "ENTRY_FIELDS",
     "ENTRY_VERSION",
@@ -82,7 +84,7 @@ _ENTRY_KEYS = frozenset(ENTRY_FIELDS)
 _RESERVED_LOG_LEN = 64
 
 
-class EntryError(ValueError):
+class EntryError(AuditError, ValueError):
     """An entry (or its fields) is malformed or not in canonical form."""
 
 

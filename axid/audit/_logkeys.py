@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from axid.audit.errors import AuditError
 from axid.keys import KeyringError, read_private_key_file, write_private_key_file
 
 __all__ = ["KEY_PASSPHRASE_ENV", "LogKeyError", "generate_log_key", "load_log_key"]
@@ -14,7 +15,7 @@ __all__ = ["KEY_PASSPHRASE_ENV", "LogKeyError", "generate_log_key", "load_log_ke
 KEY_PASSPHRASE_ENV = "AXID_KEY_PASSPHRASE"  # noqa: S105 - an env var name, not a secret
 
 
-class LogKeyError(ValueError):
+class LogKeyError(AuditError, ValueError):
     """A log signing key file is missing, unsafe, unreadable or not Ed25519."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from axid.audit.errors import AuditError
+
 __all__ = [
     "DatabaseURLError",
     "LogKeyMismatch",
@@ -12,7 +14,7 @@ __all__ = [
 ]
 
 
-class StoreError(Exception):
+class StoreError(AuditError):
     """The decision-log storage cannot do what was asked (bad state, bad input)."""
 
 

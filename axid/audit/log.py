@@ -53,6 +53,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from axid.audit.entry import DecisionFields
+from axid.audit.errors import AuditError
 from axid.audit.head import IntegrityFailure, read_head_file, write_head_file
 from axid.audit.metrics import CommitTimes
 from axid.audit.note import NoteSigner
@@ -81,7 +82,7 @@ __all__ = ["AuditUnavailable", "DecisionLog", "Receipt"]
 _log = logging.getLogger(__name__)
 
 
-class AuditUnavailable(Exception):
+class AuditUnavailable(AuditError):
     """The decision log could not commit: callers must deny (503 ``audit_unavailable``)."""
 
 

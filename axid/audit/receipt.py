@@ -24,6 +24,7 @@ from typing import Final
 
 import http_sfv
 
+from axid.audit.errors import AuditError
 from axid.audit.merkle import HASH_SIZE, leaf_hash
 from axid.audit.note import Checkpoint
 
@@ -42,7 +43,7 @@ _MAX_HEADER: Final = 128 * 1024  # far above any real receipt (entries are a few
 _HEADER_NAME: Final = "axid-receipt:"
 
 
-class ReceiptError(ValueError):
+class ReceiptError(AuditError, ValueError):
     """A receipt, or the log's answer about it, is malformed or not about this log."""
 
 

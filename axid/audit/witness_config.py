@@ -12,6 +12,7 @@ from typing import Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
 from axid.audit.cosignature import CosignatureError, WitnessKey
+from axid.audit.errors import AuditError
 
 __all__ = [
     "DEFAULT_WITNESS_TIMEOUT",
@@ -31,7 +32,7 @@ MAX_WITNESS_KEYS: Final = 32
 _MODES: Final = ("async", "sync")
 
 
-class WitnessConfigError(ValueError):
+class WitnessConfigError(AuditError, ValueError):
     """The witness settings are invalid; ``key`` names the offending setting."""
 
     def __init__(self, message: str, *, key: str) -> None:

@@ -64,6 +64,7 @@ import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
 from axid.audit.cosignature import WitnessKey
+from axid.audit.errors import AuditError
 from axid.audit.note import Checkpoint, NoteError, NoteVerifier, open_checkpoint
 from axid.audit.store import LogStore, StoreError, consistency_text, cosignature_key
 from axid.audit.witness_answers import (
@@ -104,7 +105,7 @@ _WARN_EVERY: Final = 60.0
 _log = logging.getLogger(__name__)
 
 
-class WitnessUnavailable(Exception):
+class WitnessUnavailable(AuditError):
     """No checkpoint covering the batch was cosigned by a quorum in time (sync mode)."""
 
 

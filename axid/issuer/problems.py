@@ -41,6 +41,7 @@ from typing import Final
 
 from starlette.responses import JSONResponse
 
+from axid.issuer.errors import IssuerBaseError
 from axid.reasons import ISSUER_REASONS
 
 __all__ = [
@@ -52,7 +53,8 @@ __all__ = [
 
 PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
 
-class Refusal(Exception):
+
+class Refusal(IssuerBaseError):
     """A request is refused: becomes a problem+json answer (and a ``deny`` entry)."""
 
     status: int

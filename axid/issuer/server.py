@@ -23,6 +23,7 @@ import uvicorn
 
 from axid.issuer.app import IssuerComponents, create_app
 from axid.issuer.config import IssuerConfig
+from axid.issuer.errors import IssuerBaseError
 
 # Shared with axid witness serve; it lives with the witness, which imports nothing of
 # AXID outside its package but axid.audit's pure modules.
@@ -35,7 +36,7 @@ __all__ = ["IssuerStartupError", "issuer_uvicorn_config", "serve", "serve_async"
 _log = logging.getLogger(__name__)
 
 
-class IssuerStartupError(RuntimeError):
+class IssuerStartupError(IssuerBaseError, RuntimeError):
     """The server did not start (port in use, decision log unavailable, ...)."""
 
 

@@ -13,6 +13,7 @@ import uvicorn
 from axid.witness._serving import bind_socket, serve_until_exit, stop_signals
 from axid.witness.app import WitnessApp
 from axid.witness.config import WitnessConfig
+from axid.witness.errors import WitnessError
 from axid.witness.keys import load_signers
 from axid.witness.store import WitnessStore
 
@@ -21,7 +22,7 @@ __all__ = ["WitnessStartupError", "serve", "witness_socket", "witness_uvicorn_co
 KEEP_ALIVE = 30  # seconds an idle keep-alive connection stays open
 
 
-class WitnessStartupError(RuntimeError):
+class WitnessStartupError(WitnessError, RuntimeError):
     """The server did not start (port in use, ...)."""
 
 
