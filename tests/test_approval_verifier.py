@@ -288,3 +288,38 @@ def test_problem_json_carries_the_approval() -> None:
 
     doc = json.loads(problem_json(403, "approval_required", "d", {"id": "x", "url": "u"}))
     assert doc["approval"] == {"id": "x", "url": "u"}
+
+
+async def test_one_approval_one_request_across_replicas(world: World, tmp_path: Path) -> None:
+    """A second verifier (another replica: its own log, the same single-use table)
+    and the first race one approval: exactly one request is allowed."""
+    import asyncio
+    import dataclasses
+
+    other_config = dataclasses.replace(
+        world.config,
+        log=LogConfig(url=world.url, name="payments-2", key=tmp_path / "log2.pem", max_delay=0),
+    )
+    replica = AxidVerifier(world.seen.app, other_config)
+    await replica.startup()
+    try:
+        approval, token = world.approval(), world.token()
+        scopes = [
+            http_scope(
+                "/payments/p1",
+                method="DELETE",
+                chain=world.pki.chain_pem("planner"),
+                token=token,
+                headers=[("X-AXID-Approval", approval)],
+            )
+            for _ in range(2)
+        ]
+        answers = await asyncio.gather(
+            _call(world.verifier, scopes[0], (b"",)), _call(replica, scopes[1], (b"",))
+        )
+    finally:
+        await replica.shutdown()
+    assert sorted(reason(a) for a in answers) == ["approval_invalid", "ok"]
+    assert len(world.seen.bodies) == 1
+    report = verify_log(DatabaseSource(world.url, "payments-2"))
+    assert report.ok, report.first_bad

@@ -67,6 +67,8 @@ STORY_REASONS = (
     "subject_mismatch",
     "token_expired",
     "revoked",
+    "approval_required",
+    "approval_invalid",
 )
 
 WITNESS = "witness.example.org/demo"  # the demo's witness name (trust domain example.org)
@@ -134,9 +136,11 @@ def test_demo_plays_the_whole_story(tmp_path: Path) -> None:
     assert "audit verify --witness: OK the payments log" in out
     # Every recorded step's answer carried a receipt for its very log entry.
     rows = re.findall(r"^ *(\d+) .* (issuer|payments) #(\d+) +(\S+) +✓ *$", out, re.M)
-    assert [int(r[0]) for r in rows] == list(range(1, 14)), out
+    assert [int(r[0]) for r in rows] == list(range(1, 18)), out
     assert all(receipt == seq for _n, _log, seq, receipt in rows), rows
-    assert re.search(r"^ *14 +anonymous .* — +— +✓ *$", out, re.M), out  # nothing recorded
+    assert re.search(r"^ *18 +anonymous .* — +— +✓ *$", out, re.M), out  # nothing recorded
+    # The DELETE waits for the admin's approval, then passes once, naming the approver.
+    assert re.search(r"approval \S+ by spiffe://example\.org/ops/admin", out), out
     # The refund's receipt (step 4), checked by the real CLI with the payments vkey.
     _n, log, seq, _receipt = rows[3]
     assert log == "payments"
@@ -149,7 +153,7 @@ def test_demo_plays_the_whole_story(tmp_path: Path) -> None:
     assert "  OK: the log holds the receipted entry and extends the receipted checkpoint" in out
     checked = f"audit receipt check: OK the receipt of step 4 (seq {seq}) against the payments log"
     assert checked in out
-    assert "demo: all 14 steps did what they should, both logs verify and are witnessed" in out
+    assert "demo: all 18 steps did what they should, both logs verify and are witnessed" in out
     assert "FAILED" not in out
     # Without --dir the demo's temporary directory is gone afterwards.
     db = re.search(r"log payments in sqlite:///(\S+)", out)
@@ -173,7 +177,7 @@ def test_demo_fails_when_its_receipt_does_not_check(
     assert code == 1, out
     assert "audit receipt check: FAILED (exit 2) the receipt of step 1 (seq 0)" in out
     assert "demo: FAILED: the receipt of step 1 does not check" in out
-    assert "demo: all 14 steps" not in out
+    assert "demo: all 18 steps" not in out
 
 
 def _entry_fields(tag: str) -> dict[str, object]:
@@ -299,15 +303,15 @@ def test_demo_serves_its_witness_as_axid_witness_serve(
 
 
 def test_the_story_is_a_table() -> None:
-    """The printed story is STEPS, in order: 14 rows, every deny the README names, and
+    """The printed story is STEPS, in order: 18 rows, every deny the README names, and
     the kept receipt is the allowed refund's."""
-    assert len(STEPS) == STORY_STEPS == 14
+    assert len(STEPS) == STORY_STEPS == 18
     assert {step.expect[1] for step in STEPS} >= set(STORY_REASONS)
     refund = STEPS[RECEIPT_STEP - 1]
     assert isinstance(refund.request, Call)
     assert (refund.request.method, refund.request.path) == ("POST", "/payments/p-1001/refund")
     assert refund.expect == (200, "ok")
-    assert [step.recorded for step in STEPS] == [True] * 13 + [False]  # the TLS refusal
+    assert [step.recorded for step in STEPS] == [True] * 17 + [False]  # the TLS refusal
 
 
 def test_demo_servers_set_tcp_nodelay(tmp_path: Path) -> None:
@@ -388,7 +392,7 @@ def test_demo_fails_when_the_witness_does_not_cosign(
     assert "  NOT WITNESSED: " in out  # the CLI's verdict
     assert "audit verify --witness: FAILED (exit 1) the payments log" in out
     assert "demo: FAILED: the logs' latest checkpoints are not witnessed" in out
-    assert "demo: all 14 steps" not in out
+    assert "demo: all 18 steps" not in out
 
 
 class _Lines:
@@ -446,7 +450,7 @@ def test_keep_running_serves_until_signalled(tmp_path: Path, sig: signal.Signals
             for vkey in ("issuer.vkey", "payments.vkey", "witness.vkey"):
                 assert (keys / vkey).is_file(), vkey
             assert fields["audit"] == f"sqlite:///{demo_dir.resolve()}/axid.db"
-            assert "demo: all 14 steps did what they should" in "\n".join(lines)
+            assert "demo: all 18 steps did what they should" in "\n".join(lines)
             source = FileSource(certs / "planner.pem", certs / "planner.key", certs / "bundle.pem")
             payments_id = SpiffeId.parse("spiffe://example.org/svc/payments")
 

@@ -4,7 +4,8 @@
 
     GET    /payments/{id}          scope payments:read
     POST   /payments/{id}/refund   scope payments:refund   (single use: one refund per token)
-    DELETE /payments/{id}          scope payments:delete
+    DELETE /payments/{id}          scope payments:delete   (approval: required: a human
+                                   approves exactly that request, once)
     GET    /healthz                ungoverned
 
 Every route but ``/healthz`` sits behind :class:`verifier.middleware.AxidVerifier`: a
@@ -27,7 +28,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from axid.audit.witnessing import WitnessConfig as LogWitness
-from verifier.config import IdentityConfig, JwksConfig, LogConfig, VerifierConfig
+from verifier.config import (
+    ApprovalsConfig,
+    IdentityConfig,
+    JwksConfig,
+    LogConfig,
+    VerifierConfig,
+)
 from verifier.decision import VerifiedAction
 from verifier.middleware import AxidVerifier
 from verifier.rules import RouteRule
@@ -50,7 +57,7 @@ PAYMENTS_RULES: Final[tuple[RouteRule, ...]] = (
     RouteRule("/healthz", governed=False),
     RouteRule("/payments/*", methods=("GET",), scope="payments:read"),
     RouteRule("/payments/*/refund", methods=("POST",), scope="payments:refund", single_use=True),
-    RouteRule("/payments/*", methods=("DELETE",), scope="payments:delete"),
+    RouteRule("/payments/*", methods=("DELETE",), scope="payments:delete", approval="required"),
 )
 
 # id -> (amount in cents, currency)
@@ -88,7 +95,8 @@ def payments_verifier_config(
     key ``log_key``, created 0600 if missing) and the single-use store live in
     ``database_url``. ``witnesses`` (``{"url", "vkey"}`` each), ``quorum`` and
     ``witness_mode`` are the log's ``log.witnesses``, ``log.quorum`` and
-    ``log.witness_mode``.
+    ``log.witness_mode``. Approval requests (the DELETE rule) are filed at the
+    issuer's ``/v1/approvals``, over the same mTLS client.
     """
     return VerifierConfig(
         service=PAYMENTS_SERVICE,
@@ -112,6 +120,7 @@ def payments_verifier_config(
             quorum=quorum,
             witness_mode=witness_mode,
         ),
+        approvals=ApprovalsConfig(url=f"{issuer_url}/v1/approvals"),
         rules=tuple(rules),
     )
 

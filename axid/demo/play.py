@@ -32,6 +32,7 @@ from axid.demo.steps import (
     Anonymous,
     Answer,
     Call,
+    Decide,
     Mint,
     Request,
     Revoke,
@@ -41,7 +42,7 @@ from axid.demo.steps import (
 from axid.issuer.client import AsyncIssuerClient, IssuerError, MintResult
 from mtls.sources import FileSource
 from mtls.tlsconfig import client_context
-from verifier.config import DEFAULT_HEADER
+from verifier.config import APPROVAL_HEADER, DEFAULT_HEADER
 
 __all__ = ["StepResult", "play_story"]
 
@@ -226,6 +227,7 @@ class _Story:
         self.clients = _Clients(stack)
         self.results: list[StepResult] = []
         self.kept: dict[str, MintResult] = {}  # minted tokens, by the table's names
+        self.approvals: dict[str, dict[str, Any]] = {}  # {id, token?}, by the table's names
 
     async def play(self) -> None:
         """Every step in turn; stops after the first that does not do what it should."""
@@ -261,6 +263,8 @@ class _Story:
             return await self._mint(request)
         if isinstance(request, Call):
             return await self._call(request)
+        if isinstance(request, Decide):
+            return await self._decide(request)
         if isinstance(request, Revoke):
             return await self._revoke(request)
         return await self._anonymous(request)
@@ -290,6 +294,8 @@ class _Story:
             facts["waited"] = max(0.0, token.expires_at + DEMO_LEEWAY - time.time()) + 0.05
             await asyncio.sleep(facts["waited"])
         headers = {DEFAULT_HEADER: token.token}
+        if call.approval is not None:
+            headers[APPROVAL_HEADER] = self.approvals[call.approval].get("token", "")
         response = await self.clients.http(call.client).request(
             call.method, call.path, headers=headers
         )
@@ -302,7 +308,33 @@ class _Story:
             reason = f"HTTP {response.status_code}"
         receipt, bad_receipt = _receipt_of(response)
         entry = await self.clients.last_entry(PAYMENTS_SERVICE, call.path, call.method)
+        filed = body.get("approval") if isinstance(body, dict) else None
+        if call.keep_approval is not None and isinstance(filed, dict):
+            self.approvals[call.keep_approval] = {"id": str(filed.get("id"))}
+        facts["approval"] = filed.get("id") if isinstance(filed, dict) else "none"
         return Answer(response.status_code, reason, body, entry, receipt, bad_receipt, facts=facts)
+
+    async def _decide(self, decide: Decide) -> Answer:
+        """The approver's decision (what ``axid approvals approve`` sends), then the
+        agent's poll for the approval token (what ``axid approvals wait`` does)."""
+        kept = self.approvals.get(decide.approval, {})
+        path = f"/v1/approvals/{kept.get('id')}"
+        response = await self.clients.http(decide.approver, "issuer").post(
+            f"{path}/decision", json={"decision": decide.decision, "note": "demo"}
+        )
+        doc = _json(response)
+        doc = doc if isinstance(doc, dict) else {}
+        facts: dict[str, Any] = {"token_type": "none"}
+        if response.status_code != 200:
+            reason = str(doc.get("reason") or "bad_response")
+            return Answer(response.status_code, reason, doc, facts=facts)
+        receipt, bad_receipt = _receipt_of(response)
+        entry = await self.clients.last_entry(ISSUER_LOG, f"{path}/decision")
+        polled = _json(await self.clients.http(decide.agent, "issuer").get(path))
+        if isinstance(polled, dict) and isinstance(polled.get("token"), str):
+            kept["token"] = polled["token"]
+            facts["token_type"] = str(polled.get("token_type"))
+        return Answer(200, "ok", doc, entry, receipt, bad_receipt, facts=facts)
 
     async def _revoke(self, revoke: Revoke) -> Answer:
         """Sent as the admin's plain mTLS request (what ``AsyncIssuerClient.revoke``

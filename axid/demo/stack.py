@@ -45,6 +45,7 @@ from axid.demo.provisioning import (
     Provisioned,
 )
 from axid.issuer.app import create_app
+from axid.issuer.approval_settings import ApprovalSettings
 from axid.issuer.config import IssuerConfig
 from axid.issuer.server import issuer_uvicorn_config
 from axid.witness import (
@@ -201,11 +202,21 @@ def _issuer_config(p: Provisioned, port: int, witnesses: tuple[LogWitness, ...])
         keys_dir=layout.keys / "issuer-tokens",
         database_url=layout.db_url,
         admins=(SpiffeIdPattern.parse(str(p.spiffe_id("admin"))),),
+        approvals=_approval_settings(p),
         log_name=ISSUER_LOG,
         log_key=layout.log_key(ISSUER_LOG),
         log_witnesses=witnesses,
         log_quorum=WITNESS_QUORUM,
         log_witness_mode="async",
+    )
+
+
+def _approval_settings(p: Provisioned) -> ApprovalSettings:
+    """The issuer's ``approvals``: payments may file requests, the admin approves
+    (``approvals.timeout``: the default 15 min)."""
+    return ApprovalSettings(
+        approvers=(SpiffeIdPattern.parse(str(p.spiffe_id("admin"))),),
+        services=(SpiffeIdPattern.parse(str(p.spiffe_id("payments"))),),
     )
 
 

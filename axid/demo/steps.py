@@ -37,6 +37,7 @@ __all__ = [
     "Anonymous",
     "Answer",
     "Call",
+    "Decide",
     "Mint",
     "Revoke",
     "Runs",
@@ -73,6 +74,22 @@ class Call:
     path: str
     token: str
     after_expiry: bool = False
+    # Approvals: the kept approval whose token goes in X-AXID-Approval, or the name
+    # under which to keep the approval an approval_required deny names.
+    approval: str | None = None
+    keep_approval: str | None = None
+
+
+@dataclass(frozen=True)
+class Decide:
+    """``approver`` decides the kept approval ``approval`` (issuer ``POST
+    /v1/approvals/{id}/decision``, as ``axid approvals approve`` does); then
+    ``agent`` polls ``GET /v1/approvals/{id}`` for the approval token (kept)."""
+
+    approver: str
+    approval: str
+    agent: str
+    decision: str = "approve"
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,7 @@ class Anonymous:
     token: str
 
 
-Request = Mint | Call | Revoke | Anonymous
+Request = Mint | Call | Decide | Revoke | Anonymous
 
 
 # --------------------------------------------------------------------------- answers
@@ -227,6 +244,18 @@ def cascades_to(run: str) -> Check:
     return check
 
 
+def approved_by(name: str) -> Check:
+    """An allowed request whose log entry names its approval and ``name``, the approver."""
+
+    def check(answer: Answer, runs: Runs) -> str | None:
+        note = str((answer.entry or {}).get("note") or "")
+        if "approval " not in note or f"/{name}" not in note.split(" by ")[-1]:
+            return f"the log entry does not name the approval and its approver {name}"
+        return handler_saw_its_entry(answer, runs)
+
+    return check
+
+
 def nothing_recorded(answer: Answer, _runs: Runs) -> str | None:
     return "the payments log grew: something was recorded" if answer.facts["log_grew"] else None
 
@@ -328,6 +357,34 @@ STEPS: Final[tuple[Step, ...]] = (
         "GET /payments/p-1002 with the worker's token",
         Call("planner", "GET", "/payments/p-1002", "child"),
         (401, "subject_mismatch"),
+    ),
+    Step(
+        "planner",
+        "DELETE /payments/p-1003 (the rule says approval: required)",
+        Call("planner", "DELETE", "/payments/p-1003", "root", keep_approval="delete"),
+        (403, "approval_required"),
+        "filed approval {approval} at the issuer; the admin must decide",
+    ),
+    Step(
+        "admin",
+        "approve it (axid approvals approve ID)",
+        Decide("admin", "delete", "planner"),
+        ALLOWED,
+        "approved; the planner polled GET /v1/approvals/ID: approval token {token_type}",
+    ),
+    Step(
+        "planner",
+        "DELETE /payments/p-1003 again, with the approval token (X-AXID-Approval)",
+        Call("planner", "DELETE", "/payments/p-1003", "root", approval="delete"),
+        ALLOWED,
+        "{note}",
+        approved_by("admin"),
+    ),
+    Step(
+        "planner",
+        "DELETE /payments/p-1003 once more, same approval token",
+        Call("planner", "DELETE", "/payments/p-1003", "root", approval="delete"),
+        (403, "approval_invalid"),
     ),
     Step(
         "planner",
