@@ -69,13 +69,13 @@ the auditor's accelerator to vouch for whole ranges of entries at once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_str  # C version when available
 
 import rfc8785
 
+from axid._json import strict_loads
 from axid.audit._entry_clean import entries_clean
 from axid.audit._entry_format import (
     _DECISION_FIELDS,
@@ -486,24 +486,6 @@ if not _encoder_matches_rfc8785():  # pragma: no cover - CPython's escaper is EC
 # --------------------------------------------------------------------------- parsing
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise EntryError(f"duplicate key {k!r}")
-            seen.add(k)
-    return obj
-
-
-def _no_constants(name: str) -> object:
-    raise EntryError(f"non-JSON number {name}")
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-
-
 def parse_entry(data: bytes) -> dict[str, object]:
     """Parse entry bytes; they must be exactly the canonical form of a valid entry.
 
@@ -525,11 +507,14 @@ def _decode_entry(data: bytes) -> object:
     if len(data) > MAX_ENTRY_SIZE:
         raise EntryError(f"entry larger than {MAX_ENTRY_SIZE} bytes")
     try:
-        return _DECODER.decode(data.decode("utf-8"))
-    except EntryError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise EntryError("entry is not valid UTF-8 JSON") from e
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EntryError("entry is not valid UTF-8") from e
+    try:
+        return strict_loads(text)
+    except (ValueError, RecursionError) as e:
+        # strict_loads' messages name no member (they may be attacker-chosen).
+        raise EntryError(f"entry is not strict JSON: {e}") from e
 
 
 def _check_entry(obj: object, data: bytes) -> None:
