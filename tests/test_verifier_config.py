@@ -351,6 +351,7 @@ def test_package_exports_what_a_service_calls() -> None:
     import verifier
 
     assert set(verifier.__all__) == {
+        "ApprovalsConfig",
         "AxidVerifier",
         "BudgetLedger",
         "CheckResult",

@@ -35,6 +35,7 @@ This package never imports the issuer service (``axid.issuer``).
 from verifier.budget import BudgetLedger
 from verifier.checks import CheckResult, CustomCheck, RequestInfo
 from verifier.config import (
+    ApprovalsConfig,
     IdentityConfig,
     JwksConfig,
     LogConfig,
@@ -50,6 +51,7 @@ from verifier.observability import VerifierMetrics
 from verifier.rules import RouteRule
 
 __all__ = [
+    "ApprovalsConfig",
     "AxidVerifier",
     "BudgetLedger",
     "CheckResult",

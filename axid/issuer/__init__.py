@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from axid.issuer.app import create_app
+    from axid.issuer.approval_settings import ApprovalSettings
     from axid.issuer.client import (
         AsyncIssuerClient,
         IssuerClient,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 _EXPORTS: dict[str, str] = {
     "create_app": "axid.issuer.app",
+    "ApprovalSettings": "axid.issuer.approval_settings",
     "AsyncIssuerClient": "axid.issuer.client",
     "IssuerClient": "axid.issuer.client",
     "IssuerError": "axid.issuer.client",
@@ -65,6 +67,7 @@ __all__ = [
     "DATABASE_URL_ENV",
     "ISSUER_REASONS",
     "PROBLEM_MEDIA_TYPE",
+    "ApprovalSettings",
     "AsyncIssuerClient",
     "ConfigError",
     "IssuerBaseError",
