@@ -179,6 +179,30 @@ def _text_answer() -> dict[str, Any]:
     return {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}}
 
 
+_APPROVAL: Final = {
+    "type": "object",
+    "required": ["id", "status", "req", "expires_at"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{22}$"},
+        "status": {"enum": ["pending", "approved", "denied", "expired"]},
+    },
+}
+_APPROVAL_FILED: Final = {
+    "type": "object",
+    "required": ["id", "status", "expires_at"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{22}$"},
+        "status": {"const": "pending"},
+        "expires_at": {"type": "integer"},
+    },
+}
+_APPROVAL_LIST: Final = {
+    "type": "object",
+    "required": ["approvals"],
+    "additionalProperties": False,
+    "properties": {"approvals": {"type": "array", "items": _APPROVAL}},
+}
 _REVOCATION: Final = {
     "type": "object",
     "required": ["seq", "kind", "value", "reason", "created_at"],
@@ -252,6 +276,12 @@ _SUCCESS: Final[dict[tuple[str, str], tuple[str, dict[str, Any]]]] = {
     ("/v1/audit/consistency", "get"): ("200", _text_answer()),
     ("/healthz", "get"): ("200", _json_answer({"const": {"status": "ok"}})),
     ("/metrics", "get"): ("200", _text_answer()),
+    # Approvals (axid.issuer.approvals): this world configures no approvals section, so
+    # nobody may file and nobody approves; every peer here is refused (403/404).
+    ("/v1/approvals", "post"): ("201", _json_answer(_APPROVAL_FILED)),
+    ("/v1/approvals", "get"): ("200", _json_answer(_APPROVAL_LIST)),
+    ("/v1/approvals/{approval_id}", "get"): ("200", _json_answer(_APPROVAL)),
+    ("/v1/approvals/{approval_id}/decision", "post"): ("200", _json_answer(_APPROVAL)),
 }
 
 # Scope tokens of the planner's registration (tests/_issuer_helpers.py).
@@ -387,6 +417,10 @@ def api(world: World) -> schemathesis.BaseSchema:
 _BODY_OPS: Final = [("POST", "/v1/tokens"), ("POST", "/v1/revocations"), ("GET", "/v1/revocations")]
 _PLAIN_OPS: Final = [
     ("GET", "/.well-known/jwks.json"),
+    ("GET", "/v1/approvals"),
+    ("POST", "/v1/approvals"),
+    ("GET", "/v1/approvals/{approval_id}"),
+    ("POST", "/v1/approvals/{approval_id}/decision"),
     ("GET", "/v1/audit/checkpoint"),
     ("GET", "/v1/audit/proof"),
     ("GET", "/v1/audit/consistency"),
