@@ -11,10 +11,13 @@ allowed. Every decision is in the logs, which verify.
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from _tls_helpers import WAIT, ServerThread
+from _tls_helpers import WAIT, ServerThread, wait_for
 from _verifier_helpers import PG_URL, Pki, log_entries, make_pki, require_pg
 from fastapi import FastAPI, Request
 from typer.testing import CliRunner
@@ -75,6 +78,7 @@ class Env:
     log_url: str
     log_name: str
     deleted: list[tuple[str, bytes]]
+    notices: list[dict[str, Any]]
     _clients: dict[str, httpx.Client] = field(default_factory=dict)
     _issuers: dict[str, IssuerClient] = field(default_factory=dict)
 
@@ -219,6 +223,30 @@ def _payments(deleted: list[tuple[str, bytes]]) -> FastAPI:
     return app
 
 
+@contextmanager
+def _webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A plain HTTP receiver for approvals.notify_url (what a chat hook would be)."""
+    notices: list[dict[str, Any]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            notices.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", notices
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     kind = request.param
@@ -231,6 +259,21 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     (tmp / "registrations.yaml").write_text(_registrations(td))
     issuer_db = f"sqlite:///{tmp}/issuer.db" if kind == "sqlite" else str(PG_URL)
     issuer_log = f"issuer-{uid()}"
+    with _webhook() as (hook_url, notices):
+        yield from _env(kind, tmp, pki, clock, (issuer_db, issuer_log), hook_url, notices)
+
+
+def _env(
+    kind: str,
+    tmp: Path,
+    pki: Pki,
+    clock: OffsetClock,
+    issuer_db_log: tuple[str, str],
+    hook_url: str,
+    notices: list[dict[str, Any]],
+) -> Iterator[Env]:
+    td = pki.dev.trust_domain.name
+    issuer_db, issuer_log = issuer_db_log
     issuer_app = create_app(
         IssuerConfig(
             registrations=tmp / "registrations.yaml",
@@ -252,6 +295,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 ),
                 services=(SpiffeIdPattern.parse(f"spiffe://{td}/svc/*"),),
                 timeout=TIMEOUT,
+                notify_url=hook_url,
             ),
         ),
         clock=clock,
@@ -287,6 +331,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             log_url,
             log_name,
             deleted,
+            notices,
         )
         try:
             yield e
@@ -333,6 +378,10 @@ def test_approved_once_with_the_approver_recorded(env: Env) -> None:
     ]
     filed = [e for e in issuer if e["path"] == "/v1/approvals" and approval_id in e["note"]]
     assert len(filed) == 2 and filed[0]["peer"] == env.pki.spiffe_id("payments")
+    # approvals.notify_url got the new request (the reuse is no new request).
+    wait_for(lambda: any(n["id"] == approval_id for n in env.notices), what="the notice")
+    notice = next(n for n in env.notices if n["id"] == approval_id)
+    assert notice["req"]["path"] == "/payments/p1" and "token" not in notice
 
 
 @pytest.mark.parametrize("case", ["path", "body", "agent", "run", "certificate", "query"])
