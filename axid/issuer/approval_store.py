@@ -2,9 +2,10 @@
 PostgreSQL, on the issuer store's engine).
 
 A row is one approval request for one exact request (DESIGN.md "Approvals"):
-``id`` (PK, 16 random bytes base64url), ``status`` (``pending`` -> ``approved`` |
-``denied`` | ``expired``, each change made once, by a conditional UPDATE whose
-``WHERE status = 'pending'`` is the arbiter between replicas), who filed it
+``id`` (PK, 16 random bytes base64url, first character a letter or digit),
+``status`` (``pending`` -> ``approved`` | ``denied`` | ``expired``, each change
+made once, by a conditional UPDATE whose ``WHERE status = 'pending'`` is the
+arbiter between replicas), who filed it
 (``filed_by``, a service SVID), the service (``aud``), tenant, agent, run, the
 agent's ``sub`` and ``cnf``, the request (``method``, ``path``, ``body_sha256``),
 scope, the action token's ``jti``, the approvers (JSON list of SPIFFE ID patterns),
@@ -144,6 +145,16 @@ def _record(row: Any) -> ApprovalRecord:
     )
 
 
+def _new_id() -> str:
+    """16 random bytes, base64url, never starting with '-' or '_': an id is typed as a
+    command-line argument (``axid approvals approve ID``), where a leading '-' would
+    read as an option."""
+    while True:
+        approval_id = b64url_encode(os.urandom(16))
+        if approval_id[0].isalnum():
+            return approval_id
+
+
 class ApprovalStore:
     """The approvals table on an engine. Synchronous: call it from a worker thread."""
 
@@ -195,7 +206,7 @@ class ApprovalStore:
             approvers = fields.get("approvers")
             row = {
                 **fields,
-                "id": b64url_encode(os.urandom(16)),
+                "id": _new_id(),
                 "status": "pending",
                 "approvers": json.dumps(list(approvers)) if approvers is not None else None,
                 "created_at": now,

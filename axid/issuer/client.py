@@ -232,6 +232,28 @@ def _segment(value: str) -> str:
     return value
 
 
+def _approval_list(response: httpx.Response) -> list[dict[str, Any]]:
+    doc = _json(_check(response, 200))
+    items = doc.get("approvals") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise IssuerError(200, "bad_response", "approvals answer is not a list")
+    return items
+
+
+def _approval_doc(response: httpx.Response) -> dict[str, Any]:
+    doc = _json(_check(response, 200))
+    if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
+        raise IssuerError(200, "bad_response", "approval answer has no status")
+    return doc
+
+
+def _decision_body(decision: str, note: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"decision": decision}
+    if note is not None:
+        body["note"] = note
+    return body
+
+
 def _unreachable(exc: httpx.HTTPError) -> IssuerError:
     return IssuerError(None, "issuer_unreachable", f"{type(exc).__name__}: {exc}"[:_MAX_DETAIL])
 
@@ -312,29 +334,16 @@ class IssuerClient:
     def approvals(self, status: str | None = None) -> list[dict[str, Any]]:
         """``GET /v1/approvals[?status=...]``: the requests this approver may decide."""
         params = {"status": status} if status is not None else None
-        doc = _json(_check(self._send("GET", "/v1/approvals", params=params), 200))
-        items = doc.get("approvals") if isinstance(doc, dict) else None
-        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise IssuerError(200, "bad_response", "approvals answer is not a list")
-        return items
+        return _approval_list(self._send("GET", "/v1/approvals", params=params))
 
     def approval(self, approval_id: str) -> dict[str, Any]:
         """``GET /v1/approvals/{id}``: its status and, once approved, ``token``."""
-        doc = _json(_check(self._send("GET", f"/v1/approvals/{_segment(approval_id)}"), 200))
-        if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
-            raise IssuerError(200, "bad_response", "approval answer has no status")
-        return doc
+        return _approval_doc(self._send("GET", f"/v1/approvals/{_segment(approval_id)}"))
 
     def decide(self, approval_id: str, decision: str, note: str | None = None) -> dict[str, Any]:
         """``POST /v1/approvals/{id}/decision`` with ``approve`` or ``deny``."""
-        body: dict[str, Any] = {"decision": decision}
-        if note is not None:
-            body["note"] = note
         path = f"/v1/approvals/{_segment(approval_id)}/decision"
-        doc = _json(_check(self._send("POST", path, json=body), 200))
-        if not isinstance(doc, dict):
-            raise IssuerError(200, "bad_response", "decision answer is not an object")
-        return doc
+        return _approval_doc(self._send("POST", path, json=_decision_body(decision, note)))
 
     def close(self) -> None:
         self._http.close()
@@ -385,6 +394,19 @@ class AsyncIssuerClient:
     ) -> MintResult:
         body = _mint_body(agent, run, audience, scope, parent_token, ttl_seconds, tenant)
         return _minted(await self._send("POST", "/v1/tokens", json=body))
+
+    async def approvals(self, status: str | None = None) -> list[dict[str, Any]]:
+        params = {"status": status} if status is not None else None
+        return _approval_list(await self._send("GET", "/v1/approvals", params=params))
+
+    async def approval(self, approval_id: str) -> dict[str, Any]:
+        return _approval_doc(await self._send("GET", f"/v1/approvals/{_segment(approval_id)}"))
+
+    async def decide(
+        self, approval_id: str, decision: str, note: str | None = None
+    ) -> dict[str, Any]:
+        path = f"/v1/approvals/{_segment(approval_id)}/decision"
+        return _approval_doc(await self._send("POST", path, json=_decision_body(decision, note)))
 
     async def jwks(self) -> dict[str, Any]:
         doc = _json(_check(await self._send("GET", "/.well-known/jwks.json"), 200))
