@@ -39,6 +39,7 @@ from _verifier_helpers import (
 from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import FastAPI, Request
 
+from axid.audit.draft import DecisionDraft
 from axid.audit.verify import DatabaseSource, verify_log
 from axid.keys import KeySet, SigningKey
 from verifier import observability
@@ -653,8 +654,10 @@ class _FakeSpan:
 
 
 def test_annotate_span_with_a_fake_span() -> None:
-    action = None
-    deny = Decision(False, "revoked", tenant="acme", agent="planner", run="r1", action=action)
+    draft = DecisionDraft("GET", "/payments/1", "payments")
+    draft.tenant, draft.agent, draft.run = "acme", "planner", "r1"
+    deny = Decision.of(draft, "revoked", "the action is revoked")
+    assert deny.record is not None and deny.record.decision == "deny"
     span = _FakeSpan()
     assert annotate_span(deny, span)
     assert span.attributes == {

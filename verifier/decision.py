@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Final
 
-from axid.audit.entry import DecisionFields
+from axid.audit.draft import DecisionDraft
+from axid.audit.entry import DecisionFields, EntryError
 from axid.reasons import IDENTITY_REASONS, VERIFIER_REASONS
 from axid.reasons import VERIFIER_STATUS as STATUS
 from axid.tokens import ActionClaims
@@ -26,12 +27,15 @@ __all__ = [
     "IDENTITY_REASONS",
     "REASONS",
     "STATUS",
+    "UNRECORDABLE",
     "Decision",
     "VerifiedAction",
     "status_of",
 ]
 
 REASONS: Final = VERIFIER_REASONS
+# The detail of a decision that could not be committed (or cannot be recorded at all).
+UNRECORDABLE: Final = "the decision could not be recorded; nothing is allowed unrecorded"
 
 
 def status_of(reason: str) -> int:
@@ -83,29 +87,29 @@ class VerifiedAction:
         )
 
 
+def _recorded(name: str) -> property:
+    def get(self: Decision) -> Any:
+        return None if self.record is None else getattr(self.record, name)
+
+    return property(get, doc=f"The record's ``{name}`` (None without a record).")
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """One decision of the pipeline, with every decision-log field it knows.
+    """One decision of the pipeline and the one record the log takes of it.
 
-    ``detail`` is for the problem+json answer; it never holds a token.
+    ``record`` is the decision-log entry's fields (:class:`DecisionFields`, built
+    from the pipeline's :class:`~axid.audit.DecisionDraft`); ``None`` when the
+    decision cannot be recorded (then it is an unrecorded 503). An unrecorded
+    deny made from a decision whose commit failed keeps that decision's record,
+    for the service's own log line. ``detail`` is for the problem+json answer;
+    it never holds a token.
     """
 
     allow: bool
     reason: str
     detail: str = ""
-    peer: str | None = None
-    peer_cert: str | None = None
-    kid: str | None = None
-    jti: str | None = None
-    iss: str | None = None
-    tenant: str | None = None
-    agent: str | None = None
-    run: str | None = None
-    spawn_parent: str | None = None
-    chain: tuple[str, ...] = ()
-    scope_required: str | None = None
-    rule: str | None = None
-    note: str | None = None
+    record: DecisionFields | None = field(default=None, repr=False)
     action: VerifiedAction | None = field(default=None, compare=False)
     # An approval_required deny: the filed approval {id, url, expires_at} (problem+json).
     approval: Mapping[str, Any] | None = field(default=None, compare=False)
@@ -115,8 +119,27 @@ class Decision:
             raise ValueError(f"unknown reason code {self.reason!r}")
         if self.allow != (self.reason == "ok"):
             raise ValueError("a decision allows exactly when its reason is 'ok'")
-        if self.allow and self.action is None:
-            raise ValueError("an allow decision carries its verified action")
+        if self.allow and (self.action is None or self.record is None):
+            raise ValueError("an allow decision carries its verified action and its record")
+
+    @classmethod
+    def of(
+        cls,
+        draft: DecisionDraft,
+        reason: str,
+        detail: str = "",
+        *,
+        action: VerifiedAction | None = None,
+        approval: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """The decision ``reason`` with ``draft`` finished as its record; a draft the
+        log format refuses (EntryError) makes it an unrecorded 503 deny."""
+        allow = reason == "ok"
+        try:
+            record = draft.finish("allow" if allow else "deny", reason)
+        except EntryError:
+            return cls(False, "audit_unavailable", UNRECORDABLE)
+        return cls(allow, reason, detail, record, action, approval)
 
     @property
     def decision(self) -> str:
@@ -130,25 +153,10 @@ class Decision:
     def title(self) -> str:
         return HTTPStatus(self.status).phrase
 
-    def fields(self, *, method: str, path: str, service: str) -> DecisionFields:
-        """The decision as the log records it (raises EntryError if a field is malformed)."""
-        return DecisionFields(
-            self.decision,
-            self.reason,
-            method,
-            path,
-            service,
-            self.peer,
-            self.peer_cert,
-            self.kid,
-            self.jti,
-            self.iss,
-            self.tenant,
-            self.agent,
-            self.run,
-            self.spawn_parent,
-            self.chain,
-            self.scope_required,
-            self.rule,
-            DecisionFields.cut_note(self.note),
-        )
+    peer = _recorded("peer")
+    tenant = _recorded("tenant")
+    agent = _recorded("agent")
+    run = _recorded("run")
+    jti = _recorded("jti")
+    rule = _recorded("rule")
+    note = _recorded("note")

@@ -16,7 +16,7 @@ One request, from the socket to the log entry::
            presented = chain, socket peer, token header, XFCC      (_presented)
            decision = await runtime.pipeline.decide(presented, rule)   steps 1-7
              ...raised?  -> 503 audit_unavailable (recorded), see below
-           await runtime.log.append(decision fields)               step 8: committed
+           await runtime.log.append(decision.record)               step 8: committed
              ...failed?  -> 503 audit_unavailable, the app never runs
            metrics, span attributes, one log line
            deny  -> 401/403/503 application/problem+json + WWW-Authenticate
@@ -75,12 +75,13 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
+from axid.audit.draft import DecisionDraft
 from axid.audit.log import DecisionLog
 from axid.audit.metrics import LogCollector
 from axid.audit.receipt import Receipt
 from verifier.checks import RequestInfo, Undo
 from verifier.config import VerifierConfig
-from verifier.decision import Decision, VerifiedAction
+from verifier.decision import UNRECORDABLE, Decision, VerifiedAction
 from verifier.jwks import JwksSource
 from verifier.logroutes import LOG_ROUTES, LogRoute, serve_log_route
 from verifier.observability import VerifierMetrics, annotate_span, log_decision
@@ -283,12 +284,13 @@ class AxidVerifier:
             reason = "the verifier could not open its decision log"
             return Decision(False, "audit_unavailable", reason), None
         decision, undo = await self._decide(
-            runtime.pipeline, scope, method, path, rule, unroutable, body_sha256
+            runtime.pipeline, scope, method, path, rule, unroutable, logged, body_sha256
         )
+        if decision.record is None:  # a deny the log format cannot take: unrecorded 503
+            return decision, None
         try:
-            fields = decision.fields(method=logged[0], path=logged[1], service=self.config.service)
-            return decision, await runtime.log.append(fields)  # committed when this returns
-        except Exception as exc:  # AuditUnavailable, or a field the log format refuses
+            return decision, await runtime.log.append(decision.record)  # committed on return
+        except Exception as exc:  # AuditUnavailable, or the log is closed
             _log.warning("decision log append failed (%s): denying", type(exc).__name__)
             if undo is not None:  # not allowed in the end: release what checks reserved
                 await undo()
@@ -311,14 +313,17 @@ class AxidVerifier:
         path: str,
         rule: RouteRule | None,
         unroutable: str | None,
+        logged: tuple[str, str],
         body_sha256: str | None = None,
     ) -> tuple[Decision, Undo | None]:
         """Steps 1-7, and the undo of an allow's reservations (Pipeline.decide_with_undo);
         any failure of them is a deny (recorded by the caller)."""
         if scope["type"] == "websocket":  # governed routes are HTTP only (DESIGN.md)
-            return _unsupported_protocol(rule), None
+            draft = self._draft(rule, logged, "websocket upgrade")
+            detail = "governed routes are HTTP only: WebSocket upgrades are refused"
+            return Decision.of(draft, "unsupported_protocol", detail), None
         try:
-            presented = self._presented(scope, method, path, unroutable)
+            presented = self._presented(scope, method, path, unroutable, logged)
             if rule is not None and rule.approval_required:
                 presented = _with_approval(presented, scope, body_sha256)
             return await pipeline.decide_with_undo(presented, rule)
@@ -326,19 +331,30 @@ class AxidVerifier:
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                 raise  # the request is cancelled: nothing to decide, record or allow
             _log.error("deciding a request failed; denying it", exc_info=True)
-            return Decision(
-                False,
-                "audit_unavailable",
-                "the verifier failed while deciding; nothing is allowed unverified",
-                rule=rule.label if rule is not None else None,
-                scope_required=rule.scope_required if rule is not None else None,
-                note=f"internal error: {type(exc).__name__}",
-            ), None
+            draft = self._draft(rule, logged, f"internal error: {type(exc).__name__}")
+            detail = "the verifier failed while deciding; nothing is allowed unverified"
+            return Decision.of(draft, "audit_unavailable", detail), None
+
+    def _draft(self, rule: RouteRule | None, logged: tuple[str, str], note: str) -> DecisionDraft:
+        """The record of a request the middleware denies itself (no pipeline steps)."""
+        draft = DecisionDraft(
+            *logged,
+            self.config.service,
+            rule=rule.label if rule is not None else None,
+            scope_required=rule.scope_required if rule is not None else None,
+        )
+        draft.add_note(note)
+        return draft
 
     # ------------------------------------------------------------------ reading the scope
 
     def _presented(
-        self, scope: _Scope, method: str, path: str, unroutable: str | None
+        self,
+        scope: _Scope,
+        method: str,
+        path: str,
+        unroutable: str | None,
+        logged: tuple[str, str],
     ) -> Presented:
         token: str | None = None
         count = 0
@@ -371,6 +387,8 @@ class AxidVerifier:
             info=info,
             xfcc_headers=len(xfcc),
             unroutable=unroutable,
+            logged_method=logged[0],
+            logged_path=logged[1],
         )
 
     def _connection(
@@ -454,18 +472,6 @@ def _transport(value: object) -> tuple[tuple[str, int] | None, bool] | None:
     return (peer[0], peer[1]) if peer is not None else None, value["tls"]
 
 
-def _unsupported_protocol(rule: RouteRule | None) -> Decision:
-    """The deny of a WebSocket on a governed path (or one no rule matches): 403."""
-    return Decision(
-        False,
-        "unsupported_protocol",
-        "governed routes are HTTP only: WebSocket upgrades are refused",
-        rule=rule.label if rule is not None else None,
-        scope_required=rule.scope_required if rule is not None else None,
-        note="websocket upgrade",
-    )
-
-
 async def _refuse(
     scope: _Scope, send: _Send, decision: Decision, receipt: tuple[bytes, bytes] | None
 ) -> None:
@@ -509,7 +515,7 @@ def _unrecorded(decision: Decision) -> Decision:
         decision,
         allow=False,
         reason="audit_unavailable",
-        detail="the decision could not be recorded; nothing is allowed unrecorded",
+        detail=UNRECORDABLE,
         action=None,
     )
 

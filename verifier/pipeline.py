@@ -56,6 +56,7 @@ from typing import Any, Final
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from axid.audit.draft import DecisionDraft
 from axid.keys import KeySet, b64url_decode
 from axid.tokens import ActionClaims, ApprovalClaims, ApprovedRequest, TokenError, verify
 from axid.tokens import verify_approval as _verify_approval
@@ -110,6 +111,10 @@ class Presented:
     approval_headers: int = 0
     target: str | None = None
     body_sha256: str | None = None
+    # The method and path as the log records them (the middleware clips long ones);
+    # None: ``method`` and ``path``.
+    logged_method: str | None = None
+    logged_path: str | None = None
 
 
 class TokenCache:
@@ -180,47 +185,27 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_NOTE_PART else text[: _MAX_NOTE_PART - 3] + "..."
 
 
-class _Facts:
+class _Facts(DecisionDraft):
     """The decision-log fields of one request, filled in as the steps learn them."""
 
-    __slots__ = (
-        "agent",
-        "chain",
-        "iss",
-        "jti",
-        "kid",
-        "notes",
-        "peer",
-        "peer_cert",
-        "rule",
-        "run",
-        "scope_required",
-        "spawn_parent",
-        "tenant",
-    )
+    __slots__ = ()
 
-    def __init__(self, rule: RouteRule | None) -> None:
-        self.rule = rule.label if rule is not None else None
-        self.scope_required = rule.scope_required if rule is not None else None
-        self.peer: str | None = None
-        self.peer_cert: str | None = None
-        self.kid: str | None = None
-        self.jti: str | None = None
-        self.iss: str | None = None
-        self.tenant: str | None = None
-        self.agent: str | None = None
-        self.run: str | None = None
-        self.spawn_parent: str | None = None
-        self.chain: tuple[str, ...] = ()
-        self.notes: list[str] = []
+    def __init__(self, rule: RouteRule | None, method: str, path: str, service: str) -> None:
+        super().__init__(
+            method,
+            path,
+            service,
+            rule=rule.label if rule is not None else None,
+            scope_required=rule.scope_required if rule is not None else None,
+        )
 
-    def note(self, text: str | None) -> None:
+    def add_note(self, text: str | None) -> None:
         if text:
             self.notes.append(_short(text))
 
     def set_peer(self, peer: PeerIdentity) -> None:
         self.peer, self.peer_cert = peer.spiffe_id, peer.x5t_s256
-        self.note(peer.note)
+        self.add_note(peer.note)
 
     def set_claims(self, claims: ActionClaims) -> None:
         self.kid, self.jti, self.iss = claims.kid, claims.jti, claims.iss
@@ -253,34 +238,6 @@ class _Facts:
         chain = doc.get("chain")
         if isinstance(chain, list) and len(chain) <= 8 and all(isinstance(c, str) for c in chain):
             self.chain = tuple(_short(c) for c in chain)
-
-    def decision(
-        self,
-        reason: str,
-        detail: str = "",
-        action: VerifiedAction | None = None,
-        approval: dict[str, Any] | None = None,
-    ) -> Decision:
-        return Decision(
-            allow=reason == "ok",
-            reason=reason,
-            detail=detail,
-            peer=self.peer,
-            peer_cert=self.peer_cert,
-            kid=self.kid,
-            jti=self.jti,
-            iss=self.iss,
-            tenant=self.tenant,
-            agent=self.agent,
-            run=self.run,
-            spawn_parent=self.spawn_parent,
-            chain=self.chain,
-            scope_required=self.scope_required,
-            rule=self.rule,
-            note="; ".join(self.notes) or None,
-            action=action,
-            approval=approval,
-        )
 
 
 def _bound(claims: ActionClaims, peer: PeerIdentity) -> None:
@@ -349,7 +306,7 @@ class _ApprovalStep:
                 "this approval was already used",
                 note=f"approval {approval.approval} used before",
             )
-        facts.note(f"approval {approval.approval} by {_short(approval.approver)}")
+        facts.add_note(f"approval {approval.approval} by {_short(approval.approver)}")
         return approval
 
     async def _filed(
@@ -438,6 +395,7 @@ class Pipeline(_ApprovalStep):
         approvals: ApprovalFiler | None = None,
     ) -> None:
         self._issuer = config.issuer
+        self._service = config.service
         self._audience = config.audience
         self._leeway = config.leeway
         self._tenants = None if config.any_tenant else frozenset(config.tenants)
@@ -461,14 +419,23 @@ class Pipeline(_ApprovalStep):
     ) -> tuple[Decision, Undo | None]:
         """:meth:`decide`, and for an allow whose checks reserved something, what
         releases it (never raises) if the allow cannot be recorded; else None."""
-        facts = _Facts(rule)
-        facts.note(request.unroutable)  # recorded whichever step denies
+        facts = _Facts(
+            rule,
+            request.method if request.logged_method is None else request.logged_method,
+            request.path if request.logged_path is None else request.logged_path,
+            self._service,
+        )
+        facts.add_note(request.unroutable)  # recorded whichever step denies
         try:
             action, undo = await self._steps(request, rule, facts)
         except _Deny as deny:
-            facts.note(deny.note)
-            return facts.decision(deny.reason, deny.detail, approval=deny.approval), None
-        return facts.decision("ok", "", action), undo
+            facts.add_note(deny.note)
+            return Decision.of(facts, deny.reason, deny.detail, approval=deny.approval), None
+        decision = Decision.of(facts, "ok", action=action)
+        if not decision.allow and undo is not None:  # unrecordable: give back what it reserved
+            await self._undo([undo])
+            undo = None
+        return decision, undo
 
     async def _steps(
         self, req: Presented, rule: RouteRule | None, facts: _Facts
@@ -513,7 +480,7 @@ class Pipeline(_ApprovalStep):
             )
         except PeerError as exc:
             facts.peer_cert = exc.peer_cert
-            facts.note(exc.note)
+            facts.add_note(exc.note)
             raise _Deny(exc.reason, exc.detail, note=exc.detail) from None
         facts.set_peer(peer)
         return peer
@@ -566,7 +533,7 @@ class Pipeline(_ApprovalStep):
                 note = f"{name}: {result.note}" if result.note else None
                 if not result.allow:
                     raise _Deny(result.deny_reason, "denied by a custom check", note=note or name)
-                facts.note(note)
+                facts.add_note(note)
                 if result.undo is not None:
                     undos.append(result.undo)
         except BaseException:

@@ -8,6 +8,8 @@ The math is pure and kept apart from storage, as in transparency-dev/merkle:
   the one typed value a decision is inside AXID (what :meth:`DecisionLog.append` takes);
   ``_entry_format`` holds its field names, limits and timestamps, ``_entry_clean`` the
   one-regex "clean" check (:func:`~axid.audit.entry.entries_clean`)
+- :mod:`axid.audit.draft`   :class:`DecisionDraft`: a request's fields as the verifier's pipeline
+  and the issuer learn them, finished into one :class:`DecisionFields`
 - :mod:`axid.audit.store`   SQLModel storage: :class:`LogStore` (entries, Merkle nodes, signed
   checkpoints), one concept a module: ``_store_tables`` (schema), ``_store_engine``
   (engines, SQLite settings, write locks), ``_store_append`` (sequencing, node rows,
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from axid.audit.cosignature import CosignatureError, WitnessKey, WitnessSigner
+    from axid.audit.draft import DecisionDraft
     from axid.audit.entry import (
         ENTRY_FIELDS,
         DecisionFields,
@@ -95,6 +98,7 @@ _EXPORTS: dict[str, str] = {
     "CompactRange": "axid.audit.merkle",
     "CosignatureError": "axid.audit.cosignature",
     "DatabaseSource": "axid.audit.verify",
+    "DecisionDraft": "axid.audit.draft",
     "DecisionFields": "axid.audit.entry",
     "DecisionLog": "axid.audit.log",
     "ENTRY_FIELDS": "axid.audit._entry_format",
@@ -147,6 +151,7 @@ __all__ = [
     "CompactRange",
     "CosignatureError",
     "DatabaseSource",
+    "DecisionDraft",
     "DecisionFields",
     "DecisionLog",
     "EntryError",

@@ -58,6 +58,7 @@ from typing import Any, Final
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 
+from axid.audit.draft import DecisionDraft as AuditDecisionDraft
 from axid.audit.entry import DecisionFields
 from axid.audit.log import AuditUnavailable, DecisionLog
 from axid.audit.receipt import Receipt
@@ -96,59 +97,18 @@ class Peer:
     x5t_s256: str
 
 
-@dataclass(slots=True)
-class DecisionDraft:
-    """What the issuer has learned of one request's decision so far.
+class DecisionDraft(AuditDecisionDraft):
+    """What the issuer has learned of one request's decision so far: the log's
+    :class:`~axid.audit.DecisionDraft`, with the issuer as its service."""
 
-    Filled in as the request is handled (a refusal can come at any step, and
-    records what was known by then); :meth:`finish` makes it the one immutable
-    record the log takes, a :class:`~axid.audit.entry.DecisionFields`.
-    """
+    __slots__ = ()
 
-    method: str
-    path: str
-    peer: str | None = None
-    peer_cert: str | None = None
-    kid: str | None = None
-    jti: str | None = None
-    tenant: str | None = None
-    agent: str | None = None
-    run: str | None = None
-    spawn_parent: str | None = None
-    chain: tuple[str, ...] = ()
-    scope_required: str | None = None
-    rule: str | None = None
-    note: str | None = None
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(method, path, SERVICE_NAME)
 
     def set_peer(self, peer: Peer) -> None:
         self.peer = str(peer.spiffe_id)
         self.peer_cert = peer.x5t_s256
-
-    def add_note(self, text: str) -> None:
-        self.note = text if not self.note else f"{self.note}; {text}"
-
-    def finish(self, decision: str, reason: str, *, iss: str) -> DecisionFields:
-        """The decision as the log records it (EntryError if a field is malformed)."""
-        return DecisionFields(
-            decision,
-            reason,
-            self.method,
-            self.path,
-            SERVICE_NAME,
-            self.peer,
-            self.peer_cert,
-            self.kid,
-            self.jti,
-            iss,
-            self.tenant,
-            self.agent,
-            self.run,
-            self.spawn_parent,
-            self.chain,
-            self.scope_required,
-            self.rule,
-            DecisionFields.cut_note(self.note),
-        )
 
 
 @dataclass(frozen=True)
@@ -172,6 +132,11 @@ class Minted:
             "kid": self.kid,
             "expires_at": self.expires_at,
         }
+
+
+def _finished(rec: DecisionDraft, decision: str, reason: str, iss: str) -> DecisionFields:
+    rec.iss = iss  # every issuer decision is its own
+    return rec.finish(decision, reason)
 
 
 def _store_down() -> Refusal:
@@ -299,7 +264,7 @@ class IssuerService:
         AuditUnavailable if it did not commit."""
         if self.log is None:
             raise AuditUnavailable("the issuer's decision log is not open")
-        return await self.log.append(rec.finish(decision, reason, iss=self.iss))
+        return await self.log.append(_finished(rec, decision, reason, self.iss))
 
     # ------------------------------------------------------------------ admin
 
