@@ -256,7 +256,7 @@ def token_verify_cached(ctx: Context) -> Result:
     ip, m = _in_process(ctx)
     token = _token(m, "bench-cached-token")
     _allowed(ip.decide(ip.presented(m, token)), "token.verify_cached")  # now cached
-    facts = _Facts(ip.rule)
+    facts = _Facts(ip.rule, "GET", "/payments/p-1001", "payments")
     pipeline = ip.pipeline
     hits = pipeline.token_cache.hits
     claims = _drive(pipeline._verify_token(token, facts))
