@@ -18,7 +18,7 @@ from http import HTTPStatus
 from typing import Any, Final
 
 from axid.audit.draft import DecisionDraft
-from axid.audit.entry import DecisionFields, EntryError
+from axid.audit.entry import DecisionFields
 from axid.reasons import IDENTITY_REASONS, VERIFIER_REASONS
 from axid.reasons import VERIFIER_STATUS as STATUS
 from axid.tokens import ActionClaims
@@ -87,40 +87,40 @@ class VerifiedAction:
         )
 
 
-def _recorded(name: str) -> property:
+def _drafted(name: str) -> property:
     def get(self: Decision) -> Any:
-        return None if self.record is None else getattr(self.record, name)
+        return None if self.draft is None else getattr(self.draft, name)
 
-    return property(get, doc=f"The record's ``{name}`` (None without a record).")
+    return property(get, doc=f"The draft's ``{name}`` (None without one).")
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """One decision of the pipeline and the one record the log takes of it.
+    """One decision of the pipeline, with the draft of the one record the log takes.
 
-    ``record`` is the decision-log entry's fields (:class:`DecisionFields`, built
-    from the pipeline's :class:`~axid.audit.DecisionDraft`); ``None`` when the
-    decision cannot be recorded (then it is an unrecorded 503). An unrecorded
-    deny made from a decision whose commit failed keeps that decision's record,
-    for the service's own log line. ``detail`` is for the problem+json answer;
-    it never holds a token.
+    ``draft`` holds the decision-log fields the steps learned (an
+    :class:`~axid.audit.DecisionDraft`, not changed after the decision);
+    :attr:`record` finishes it into the log's :class:`DecisionFields` when the
+    decision is recorded (step 8), not before: deciding costs no encoding.
+    ``detail`` is for the problem+json answer; it never holds a token.
     """
 
     allow: bool
     reason: str
     detail: str = ""
-    record: DecisionFields | None = field(default=None, repr=False)
+    draft: DecisionDraft | None = field(default=None, repr=False, compare=False)
     action: VerifiedAction | None = field(default=None, compare=False)
     # An approval_required deny: the filed approval {id, url, expires_at} (problem+json).
     approval: Mapping[str, Any] | None = field(default=None, compare=False)
+    _record: DecisionFields | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.reason not in STATUS:
             raise ValueError(f"unknown reason code {self.reason!r}")
         if self.allow != (self.reason == "ok"):
             raise ValueError("a decision allows exactly when its reason is 'ok'")
-        if self.allow and (self.action is None or self.record is None):
-            raise ValueError("an allow decision carries its verified action and its record")
+        if self.allow and (self.action is None or self.draft is None):
+            raise ValueError("an allow decision carries its verified action and its draft")
 
     @classmethod
     def of(
@@ -132,14 +132,18 @@ class Decision:
         action: VerifiedAction | None = None,
         approval: Mapping[str, Any] | None = None,
     ) -> Decision:
-        """The decision ``reason`` with ``draft`` finished as its record; a draft the
-        log format refuses (EntryError) makes it an unrecorded 503 deny."""
-        allow = reason == "ok"
-        try:
-            record = draft.finish("allow" if allow else "deny", reason)
-        except EntryError:
-            return cls(False, "audit_unavailable", UNRECORDABLE)
-        return cls(allow, reason, detail, record, action, approval)
+        """The decision ``reason``, recorded (when it is) from ``draft``."""
+        return cls(reason == "ok", reason, detail, draft, action, approval)
+
+    @property
+    def record(self) -> DecisionFields | None:
+        """The log's record of this decision (None without a draft); raises
+        :class:`~axid.audit.EntryError` if the draft holds what the log format
+        refuses, and then the decision cannot be recorded (an unrecorded 503)."""
+        if self._record is None and self.draft is not None:
+            record = self.draft.finish(self.decision, self.reason)
+            object.__setattr__(self, "_record", record)  # frozen: set once, here
+        return self._record
 
     @property
     def decision(self) -> str:
@@ -153,10 +157,10 @@ class Decision:
     def title(self) -> str:
         return HTTPStatus(self.status).phrase
 
-    peer = _recorded("peer")
-    tenant = _recorded("tenant")
-    agent = _recorded("agent")
-    run = _recorded("run")
-    jti = _recorded("jti")
-    rule = _recorded("rule")
-    note = _recorded("note")
+    peer = _drafted("peer")
+    tenant = _drafted("tenant")
+    agent = _drafted("agent")
+    run = _drafted("run")
+    jti = _drafted("jti")
+    rule = _drafted("rule")
+    note = _drafted("note")

@@ -286,11 +286,12 @@ class AxidVerifier:
         decision, undo = await self._decide(
             runtime.pipeline, scope, method, path, rule, unroutable, logged, body_sha256
         )
-        if decision.record is None:  # a deny the log format cannot take: unrecorded 503
-            return decision, None
         try:
-            return decision, await runtime.log.append(decision.record)  # committed on return
-        except Exception as exc:  # AuditUnavailable, or the log is closed
+            record = decision.record  # finished now: EntryError if the log format refuses it
+            if record is None:
+                raise RuntimeError("a decision without its record")
+            return decision, await runtime.log.append(record)  # committed when this returns
+        except Exception as exc:  # AuditUnavailable, or a field the log format refuses
             _log.warning("decision log append failed (%s): denying", type(exc).__name__)
             if undo is not None:  # not allowed in the end: release what checks reserved
                 await undo()
