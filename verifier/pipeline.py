@@ -1,7 +1,5 @@
 """The decision pipeline, steps 1-7 of DESIGN.md, free of ASGI.
 
-(Longer than 600 lines: the steps share one private deny type and fact record.)
-
 :meth:`Pipeline.decide` takes what a request presented and its route rule and
 returns a :class:`~verifier.decision.Decision`, stopping at the first failure:
 
@@ -19,7 +17,8 @@ returns a :class:`~verifier.decision.Decision`, stopping at the first failure:
    then the approval id and, for a ``single_use`` rule, the jti are claimed (replay.py)
 
 Step 8, committing the decision to the log before the app runs, is the
-middleware's (middleware.py).
+middleware's (middleware.py). What the steps share (:class:`Presented`, the private
+deny, the log fields they fill in, the single-use store call) is in _steps.py.
 
 Verified tokens are cached by their exact text (bounded LRU) so a repeated token
 costs no signature check; each hit is re-checked for time (nbf/exp/iat with
@@ -47,20 +46,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from axid.audit.draft import DecisionDraft
-from axid.keys import KeySet, b64url_decode
-from axid.tokens import ActionClaims, ApprovalClaims, ApprovedRequest, TokenError, verify
-from axid.tokens import verify_approval as _verify_approval
-from verifier.approval import ApprovalFiler, ApprovalUnavailable, binding_problem, replay_key
+from axid.keys import KeySet
+from axid.tokens import ActionClaims, TokenError, verify
+from verifier._steps import Deny, Facts, Presented, replay_call, short
+from verifier.approval import ApprovalFiler, ApprovalStep
 from verifier.checks import CheckResult, RequestInfo, Undo, check_name
 from verifier.config import VerifierConfig
 from verifier.decision import Decision, VerifiedAction
@@ -72,49 +66,15 @@ from verifier.rules import RouteRule
 
 __all__ = ["Pipeline", "Presented", "TokenCache"]
 
+_Facts = Facts  # the name bench/verifier.py imports
+
 # Failures axid.tokens.verify reports only after the signature verified: the
 # claims of such a token are the issuer's, and worth recording.
 _SIGNED_FAILURES: Final = frozenset(
     {"token_expired", "token_not_yet_valid", "token_wrong_issuer", "token_wrong_audience"}
 )
-_MAX_NOTE_PART: Final = 500
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Presented:
-    """What one request presents, as the middleware read it from the ASGI scope.
-
-    ``tls_chain`` is ``None`` for a plain-TCP connection; ``client_ip`` is the
-    socket peer's address (never a forwarded one; ``None`` when unknown);
-    ``token_headers`` counts the token header lines (more than one is refused as
-    ambiguous), ``xfcc_headers`` the ``X-Forwarded-Client-Cert`` lines (more than
-    one from a trusted proxy is refused as malformed). ``unroutable`` says why the
-    request could not be matched to a route rule (a method or path not in normal
-    form), else ``None``.
-    """
-
-    method: str
-    path: str
-    tls_chain: Sequence[str | bytes] | None
-    client_ip: str | None
-    token: str | None
-    token_headers: int
-    xfcc: str | None
-    info: RequestInfo
-    xfcc_headers: int = 1
-    unroutable: str | None = None
-    # Approval routes only: the X-AXID-Approval header (and how many lines), the raw
-    # request target with its query, and the body's SHA-256 (None: over the cap).
-    approval: str | None = None
-    approval_headers: int = 0
-    target: str | None = None
-    body_sha256: str | None = None
-    # The method and path as the log records them (the middleware clips long ones);
-    # None: ``method`` and ``path``.
-    logged_method: str | None = None
-    logged_path: str | None = None
 
 
 class TokenCache:
@@ -155,21 +115,6 @@ class TokenCache:
         return len(self._entries)
 
 
-class _Deny(Exception):
-    def __init__(
-        self,
-        reason: str,
-        detail: str,
-        note: str | None = None,
-        approval: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-        self.note = note
-        self.approval = approval
-
-
 def _time_problem(claims: ActionClaims, now: float, leeway: int) -> str | None:
     """The time checks of axid.tokens.verify (steps 15-17), for a cached token."""
     if now < claims.nbf - leeway:
@@ -181,206 +126,18 @@ def _time_problem(claims: ActionClaims, now: float, leeway: int) -> str | None:
     return None
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= _MAX_NOTE_PART else text[: _MAX_NOTE_PART - 3] + "..."
-
-
-class _Facts(DecisionDraft):
-    """The decision-log fields of one request, filled in as the steps learn them."""
-
-    __slots__ = ()
-
-    def __init__(self, rule: RouteRule | None, method: str, path: str, service: str) -> None:
-        super().__init__(
-            method,
-            path,
-            service,
-            rule=rule.label if rule is not None else None,
-            scope_required=rule.scope_required if rule is not None else None,
-        )
-
-    def add_note(self, text: str | None) -> None:
-        if text:
-            self.notes.append(_short(text))
-
-    def set_peer(self, peer: PeerIdentity) -> None:
-        self.peer, self.peer_cert = peer.spiffe_id, peer.x5t_s256
-        self.add_note(peer.note)
-
-    def set_claims(self, claims: ActionClaims) -> None:
-        self.kid, self.jti, self.iss = claims.kid, claims.jti, claims.iss
-        self.tenant, self.agent, self.run = claims.tenant, claims.agent, claims.run
-        self.spawn_parent, self.chain = claims.spawn_parent, claims.chain
-
-    def set_signed_payload(self, token: str) -> None:
-        """Fields of a token whose signature verified but which failed a later check."""
-        try:
-            header, payload, _ = token.split(".")
-            head: Any = json.loads(b64url_decode(header))
-            doc: Any = json.loads(b64url_decode(payload))
-        except ValueError:
-            return
-        if not isinstance(head, dict) or not isinstance(doc, dict):
-            return
-
-        def text(obj: dict[str, Any], name: str) -> str | None:
-            value = obj.get(name)
-            return _short(value) if isinstance(value, str) else None
-
-        self.kid = text(head, "kid")
-        self.jti, self.iss = text(doc, "jti"), text(doc, "iss")
-        self.tenant, self.agent, self.run = (
-            text(doc, "tenant"),
-            text(doc, "agent"),
-            text(doc, "run"),
-        )
-        self.spawn_parent = text(doc, "spawn_parent")
-        chain = doc.get("chain")
-        if isinstance(chain, list) and len(chain) <= 8 and all(isinstance(c, str) for c in chain):
-            self.chain = tuple(_short(c) for c in chain)
-
-
 def _bound(claims: ActionClaims, peer: PeerIdentity) -> None:
     """Step 3: minted for this peer's SPIFFE ID and its very certificate (constant-time)."""
     if not hmac.compare_digest(claims.sub.encode(), peer.spiffe_id.encode()):
-        raise _Deny("subject_mismatch", "the token was minted for another workload")
+        raise Deny("subject_mismatch", "the token was minted for another workload")
     if not hmac.compare_digest(claims.cnf_x5t_s256.encode(), peer.x5t_s256.encode()):
-        raise _Deny(
+        raise Deny(
             "cert_binding_mismatch",
             "the token is bound to another certificate of this workload",
         )
 
 
-class _ApprovalStep:
-    """The approval step's methods (approval.py), mixed into :class:`Pipeline`."""
-
-    _approvals: ApprovalFiler | None
-    _audience: str
-    _clock: Callable[[], float]
-    _issuer: str
-    _jwks: JwksSource
-    _leeway: int
-    _service: str
-
-    def _replay_store(self) -> ReplayGuard:  # pragma: no cover - Pipeline's
-        raise NotImplementedError
-
-    async def _approved(
-        self,
-        req: Presented,
-        rule: RouteRule,
-        claims: ActionClaims,
-        peer: PeerIdentity,
-        facts: _Facts,
-    ) -> ApprovalClaims:
-        """The approval step: file the request (``approval_required``), or verify and
-        bind the approval token and check its id is unused (claimed later)."""
-        if req.approval_headers > 1:
-            raise _Deny("approval_invalid", "more than one approval header")
-        if req.body_sha256 is None or req.target is None:
-            raise _Deny(
-                "approval_invalid",
-                "the request body is larger than this service approves",
-                note="body over approvals.max_body",
-            )
-        request = ApprovedRequest(req.method, req.target, req.body_sha256)
-        if req.approval is None:
-            raise await self._filed(request, rule, claims)
-        approval = self._verified_approval(req.approval)
-        problem = binding_problem(approval, peer=peer, action=claims, request=request)
-        if problem is not None:
-            raise _Deny("approval_invalid", "the approval is for another request", note=problem)
-        try:
-            used_by = await asyncio.to_thread(
-                self._replay_store().used_by, replay_key(approval.approval)
-            )
-        except (SQLAlchemyError, OSError) as exc:
-            raise _Deny(
-                "audit_unavailable",
-                "the single-use store is unavailable",
-                note=f"replay store: {type(exc).__name__}",
-            ) from None
-        if used_by is not None:
-            raise _Deny(
-                "approval_invalid",
-                "this approval was already used",
-                note=f"approval {approval.approval} used before",
-            )
-        facts.add_note(f"approval {approval.approval} by {_short(approval.approver)}")
-        return approval
-
-    async def _filed(
-        self, request: ApprovedRequest, rule: RouteRule, claims: ActionClaims
-    ) -> _Deny:
-        """File the approval request at the issuer: the ``approval_required`` deny."""
-        if self._approvals is None:
-            raise _Deny("approval_unavailable", "no approvals issuer is configured")
-        body = {
-            "service": self._audience,  # the approval token's aud
-            "tenant": claims.tenant,
-            "agent": claims.agent,
-            "run": claims.run,
-            "sub": claims.sub,
-            "cnf": {"x5t#S256": claims.cnf_x5t_s256},
-            "req": request.to_json(),
-            "scope": rule.scope_required,
-            "jti": claims.jti,
-            "approvers": list(rule.approvers) if rule.approvers is not None else None,
-        }
-        try:
-            ticket = await self._approvals.file(body)
-        except ApprovalUnavailable as exc:
-            raise _Deny(
-                "approval_unavailable", "the approval could not be requested", note=str(exc)
-            ) from None
-        return _Deny(
-            "approval_required",
-            "this request needs an approval: poll the approval, then repeat the request "
-            "with the approval token in X-AXID-Approval",
-            note=f"approval {ticket.id} requested",
-            approval=ticket.to_json(),
-        )
-
-    def _verified_approval(self, token: str) -> ApprovalClaims:
-        keys = self._jwks.key_set()
-        if keys is None:
-            raise _Deny("jwks_unavailable", "the issuer's keys are not available")
-        try:
-            return _verify_approval(
-                token,
-                keys,
-                issuer=self._issuer,
-                audience=self._audience,
-                now=self._clock(),
-                leeway=self._leeway,
-            )
-        except TokenError as exc:
-            if exc.reason == "token_expired":
-                raise _Deny("approval_expired", "the approval has expired") from None
-            raise _Deny(
-                "approval_invalid", "the approval token is not valid", note=exc.reason
-            ) from None
-
-    async def _claim_approval(self, approval: ApprovalClaims) -> None:
-        """Claim the approval id (atomic across replicas): one request per approval."""
-        try:
-            first = await asyncio.to_thread(
-                self._replay_store().claim,
-                replay_key(approval.approval),
-                approval.exp,
-                int(self._clock()),
-            )
-        except (SQLAlchemyError, OSError) as exc:
-            raise _Deny(
-                "audit_unavailable",
-                "the single-use store is unavailable",
-                note=f"replay store: {type(exc).__name__}",
-            ) from None
-        if not first:
-            raise _Deny("approval_invalid", "this approval was already used")
-
-
-class Pipeline(_ApprovalStep):
+class Pipeline(ApprovalStep):
     """Steps 1-7 for one verifier; built by the middleware from its config."""
 
     def __init__(
@@ -419,7 +176,7 @@ class Pipeline(_ApprovalStep):
     ) -> tuple[Decision, Undo | None]:
         """:meth:`decide`, and for an allow whose checks reserved something, what
         releases it (never raises) if the allow cannot be recorded; else None."""
-        facts = _Facts(
+        facts = Facts(
             rule,
             request.method if request.logged_method is None else request.logged_method,
             request.path if request.logged_path is None else request.logged_path,
@@ -428,23 +185,19 @@ class Pipeline(_ApprovalStep):
         facts.add_note(request.unroutable)  # recorded whichever step denies
         try:
             action, undo = await self._steps(request, rule, facts)
-        except _Deny as deny:
+        except Deny as deny:
             facts.add_note(deny.note)
             return Decision.of(facts, deny.reason, deny.detail, approval=deny.approval), None
-        decision = Decision.of(facts, "ok", action=action)
-        if not decision.allow and undo is not None:  # unrecordable: give back what it reserved
-            await self._undo([undo])
-            undo = None
-        return decision, undo
+        return Decision.of(facts, "ok", action=action), undo
 
     async def _steps(
-        self, req: Presented, rule: RouteRule | None, facts: _Facts
+        self, req: Presented, rule: RouteRule | None, facts: Facts
     ) -> tuple[VerifiedAction, Undo | None]:
         peer = self._peer(req, facts)  # 1
         if req.token_headers > 1:  # 2
-            raise _Deny("token_malformed", "more than one token header")
+            raise Deny("token_malformed", "more than one token header")
         if req.token is None:
-            raise _Deny("token_missing", "no action token was presented")
+            raise Deny("token_missing", "no action token was presented")
         claims = await self._verify_token(req.token, facts)
         facts.set_claims(claims)
         _bound(claims, peer)  # 3
@@ -472,7 +225,7 @@ class Pipeline(_ApprovalStep):
                 raise
         return action, undo
 
-    def _peer(self, req: Presented, facts: _Facts) -> PeerIdentity:
+    def _peer(self, req: Presented, facts: Facts) -> PeerIdentity:
         """Step 1: the peer's identity."""
         try:
             peer = self._peers.resolve(
@@ -481,7 +234,7 @@ class Pipeline(_ApprovalStep):
         except PeerError as exc:
             facts.peer_cert = exc.peer_cert
             facts.add_note(exc.note)
-            raise _Deny(exc.reason, exc.detail, note=exc.detail) from None
+            raise Deny(exc.reason, exc.detail, note=exc.detail) from None
         facts.set_peer(peer)
         return peer
 
@@ -491,20 +244,20 @@ class Pipeline(_ApprovalStep):
         """Steps 4 (audience, checked by verify, and tenant) and 5 (the route rule, but
         for the single-use look)."""
         if self._tenants is not None and claims.tenant not in self._tenants:
-            raise _Deny("tenant_not_allowed", "this service does not serve the token's tenant")
+            raise Deny("tenant_not_allowed", "this service does not serve the token's tenant")
         if rule is None:
             if req.unroutable is not None:  # already in the note (decide)
-                raise _Deny(
+                raise Deny(
                     "scope_insufficient", "the request's method or path is not in normal form"
                 )
-            raise _Deny("scope_insufficient", "no route rule covers this request")
+            raise Deny("scope_insufficient", "no route rule covers this request")
         if rule.agents is not None and claims.agent not in rule.agents:
-            raise _Deny("agent_not_allowed", "this route does not allow the token's agent")
+            raise Deny("agent_not_allowed", "this route does not allow the token's agent")
         if rule.tenants is not None and claims.tenant not in rule.tenants:
-            raise _Deny("tenant_not_allowed", "this route does not allow the token's tenant")
+            raise Deny("tenant_not_allowed", "this route does not allow the token's tenant")
         if not rule.scope <= claims.scope:
             missing = " ".join(sorted(rule.scope - claims.scope))
-            raise _Deny(
+            raise Deny(
                 "scope_insufficient",
                 "the token's scope lacks what this route requires",
                 note=f"missing {missing}",
@@ -515,13 +268,13 @@ class Pipeline(_ApprovalStep):
         """Step 6."""
         revocations = self._revocations.current()
         if revocations is None:
-            raise _Deny("revocation_unavailable", "the revocation list is not fresh")
+            raise Deny("revocation_unavailable", "the revocation list is not fresh")
         hit = revocations.match(claims)
         if hit is not None:
-            raise _Deny("revoked", "the action is revoked", note=hit.describe())
+            raise Deny("revoked", "the action is revoked", note=hit.describe())
 
     async def _checked(
-        self, action: VerifiedAction, info: RequestInfo, facts: _Facts
+        self, action: VerifiedAction, info: RequestInfo, facts: Facts
     ) -> Undo | None:
         """Step 7: the custom checks, in order; the first deny (or failure) denies, with
         the check's reason (403), and releases what the checks before it reserved.
@@ -532,7 +285,7 @@ class Pipeline(_ApprovalStep):
                 result = await self._run_check(name, check, action, info)
                 note = f"{name}: {result.note}" if result.note else None
                 if not result.allow:
-                    raise _Deny(result.deny_reason, "denied by a custom check", note=note or name)
+                    raise Deny(result.deny_reason, "denied by a custom check", note=note or name)
                 facts.add_note(note)
                 if result.undo is not None:
                     undos.append(result.undo)
@@ -552,13 +305,13 @@ class Pipeline(_ApprovalStep):
         except (Exception, asyncio.CancelledError) as exc:  # a failing check denies
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                 raise  # the request itself is cancelled (client gone, shutdown)
-            raise _Deny(
+            raise Deny(
                 "custom_check_denied",
                 "a custom check failed",
                 note=f"{name}: failed ({type(exc).__name__})",
             ) from None
         if not isinstance(result, CheckResult):
-            raise _Deny(
+            raise Deny(
                 "custom_check_denied",
                 "a custom check failed",
                 note=f"{name}: returned no CheckResult",
@@ -575,10 +328,10 @@ class Pipeline(_ApprovalStep):
             except Exception:
                 _log.warning("a custom check's undo failed; its reservation stays", exc_info=True)
 
-    async def _verify_token(self, token: str, facts: _Facts) -> ActionClaims:
+    async def _verify_token(self, token: str, facts: Facts) -> ActionClaims:
         keys = self._jwks.key_set()
         if keys is None:
-            raise _Deny("jwks_unavailable", "the issuer's keys are not available")
+            raise Deny("jwks_unavailable", "the issuer's keys are not available")
         now = self._clock()
         claims = self.token_cache.get(token, keys)
         if claims is not None:
@@ -587,7 +340,7 @@ class Pipeline(_ApprovalStep):
                 facts.set_claims(claims)
                 if problem == "token_expired":
                     self.token_cache.discard(token)
-                raise _Deny(problem, "the token is outside its validity window")
+                raise Deny(problem, "the token is outside its validity window")
             return claims
         try:
             claims = self._verify(token, keys, now)
@@ -612,49 +365,31 @@ class Pipeline(_ApprovalStep):
         )
 
     @staticmethod
-    def _token_denial(exc: TokenError, token: str, facts: _Facts) -> _Deny:
+    def _token_denial(exc: TokenError, token: str, facts: Facts) -> Deny:
         if exc.reason in _SIGNED_FAILURES:
             facts.set_signed_payload(token)
-        return _Deny(exc.reason, exc.message)
+        return Deny(exc.reason, exc.message)
 
     def _replay_store(self) -> ReplayGuard:
         if self._replay is None:  # a single_use rule without a store: refuse, never allow twice
-            raise _Deny("audit_unavailable", "no single-use store is configured")
+            raise Deny("audit_unavailable", "no single-use store is configured")
         return self._replay
 
     async def _unused(self, claims: ActionClaims) -> None:
         """Step 5: deny ``replayed`` if the jti was claimed already (consumes nothing)."""
-        replay = self._replay_store()
-        try:
-            used_by = await asyncio.to_thread(replay.used_by, claims.jti)
-        except (SQLAlchemyError, OSError) as exc:
-            raise _Deny(
-                "audit_unavailable",
-                "the single-use store is unavailable",
-                note=f"replay store: {type(exc).__name__}",
-            ) from None
+        used_by = await replay_call(self._replay_store().used_by, claims.jti)
         if used_by is not None:
-            raise _Deny(
+            raise Deny(
                 "replayed",
                 "this single-use token was already used",
-                note=f"first used by service {_short(used_by)}",
+                note=f"first used by service {short(used_by)}",
             )
 
     async def _claim_once(self, claims: ActionClaims) -> None:
         """Claim the jti (atomic across replicas); ``replayed`` if another request did."""
         replay = self._replay_store()
-        try:
-            first = await asyncio.to_thread(
-                replay.claim, claims.jti, claims.exp, int(self._clock())
-            )
-        except (SQLAlchemyError, OSError) as exc:
-            raise _Deny(
-                "audit_unavailable",
-                "the single-use store is unavailable",
-                note=f"replay store: {type(exc).__name__}",
-            ) from None
-        if not first:
-            raise _Deny("replayed", "this single-use token was already used")
+        if not await replay_call(replay.claim, claims.jti, claims.exp, int(self._clock())):
+            raise Deny("replayed", "this single-use token was already used")
 
 
 def _being_cancelled() -> bool:
