@@ -153,30 +153,22 @@ class DecisionLog:
     ) -> DecisionLog:
         """Open (creating tables and the log row if needed) a decision log.
 
-        ``key`` is the log's Ed25519 signing key or the path of its PEM file;
-        with ``create_key`` a missing key file is generated (0600). Opening a
-        log that exists under another key fails
-        (:class:`~axid.audit.store.LogKeyMismatch`). ``lock_timeout`` bounds
-        the wait for the database lock per batch before it fails.
-
-        ``head`` is the head file (default ``<key's directory>/<log>.head``; with
-        a key object and no ``head``, the authenticated head is kept in memory
-        only). Opening proves the database extends it (see
-        :mod:`axid.audit.head`); if it does not, the log opens but every append
-        raises :class:`AuditUnavailable`. ``head_required``: a missing head file
-        is such a failure, not a first use.
-
-        ``witnesses`` (``{"url", "vkey"}`` mappings or
-        :class:`~axid.audit.witnessing.WitnessConfig`), ``quorum``,
-        ``witness_mode`` (``"async"`` or ``"sync"``) and ``witness_timeout``
-        (seconds) configure witnessing; they are checked by
-        :func:`~axid.audit.witnessing.witness_settings` (a
-        :class:`~axid.audit.witnessing.WitnessConfigError`, a ``ValueError``,
-        names the bad setting). See the module docstring for sync mode.
+        ``key`` is the log's Ed25519 signing key or its PEM file's path (with
+        ``create_key``, generated 0600 if missing); a log that exists under another
+        key raises :class:`~axid.audit.store.LogKeyMismatch`. ``lock_timeout`` bounds
+        each batch's wait for the database lock. ``head`` is the head file (default
+        ``<key's directory>/<log>.head``; memory only for a key object and no
+        ``head``): if the database does not extend it (:mod:`axid.audit.head`), or
+        it is missing and ``head_required``, the log opens but every append raises
+        :class:`AuditUnavailable`. ``witnesses`` (``{"url", "vkey"}`` mappings or
+        :class:`~axid.audit.witnessing.WitnessConfig`), ``quorum``, ``witness_mode``
+        (``"async"``, or ``"sync"``: see the module docstring) and ``witness_timeout``
+        (seconds) configure witnessing; a bad setting raises
+        :class:`~axid.audit.witnessing.WitnessConfigError` (a ``ValueError``).
         """
-        validate_log_name(log)
-        _check_batching(max_batch, max_delay)
-        settings = witness_settings(witnesses, quorum, witness_mode, witness_timeout)
+        settings = _checked_arguments(
+            log, max_batch, max_delay, witnesses, quorum, witness_mode, witness_timeout
+        )
         # One thread: batches are serial anyway, and SQLite connections stay put.
         res = _Opening(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"axid-audit-{log}"))
         try:
@@ -481,7 +473,18 @@ def _fail(fut: asyncio.Future[Any], err: BaseException) -> None:
         fut.set_exception(err)
 
 
-def _check_batching(max_batch: object, max_delay: object) -> None:
+def _checked_arguments(
+    log: str,
+    max_batch: object,
+    max_delay: object,
+    witnesses: Sequence[WitnessConfig | Mapping[str, object]] | None,
+    quorum: int | None,
+    witness_mode: str,
+    witness_timeout: float,
+) -> WitnessSettings:
+    """:meth:`DecisionLog.open`'s arguments checked (``ValueError``), before it
+    acquires anything; the witnessing settings."""
+    validate_log_name(log)
     if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
         raise ValueError("max_batch must be an int >= 1")
     if (
@@ -490,6 +493,7 @@ def _check_batching(max_batch: object, max_delay: object) -> None:
         or not 0 <= max_delay <= 60
     ):
         raise ValueError("max_delay must be between 0 and 60 seconds")
+    return witness_settings(witnesses, quorum, witness_mode, witness_timeout)
 
 
 def _load_key(path: str | os.PathLike[str], create: bool) -> Ed25519PrivateKey:
