@@ -130,48 +130,31 @@ def show(
     typer.echo(json.dumps(doc, indent=2, sort_keys=True))
 
 
-def _decide(
-    decision: str,
-    approval_id: str,
-    issuer: str,
-    cert: Path,
-    key: Path,
-    bundle: Path,
-    note: str | None,
-    issuer_id: str | None,
-) -> None:
-    doc = _call(
-        issuer, cert, key, bundle, issuer_id, lambda c: c.decide(approval_id, decision, note)
-    )
-    typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+def _decision_command(decision: str, summary: str) -> Callable[..., None]:
+    """The ``approve`` or ``deny`` command: the same options, one decision."""
+
+    def command(
+        approval_id: Annotated[str, typer.Argument(metavar="ID")],
+        issuer: Issuer,
+        cert: Cert,
+        key: Key,
+        bundle: Bundle,
+        note: Note = None,
+        issuer_id: IssuerId = None,
+    ) -> None:
+        doc = _call(
+            issuer, cert, key, bundle, issuer_id, lambda c: c.decide(approval_id, decision, note)
+        )
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+    command.__doc__ = summary
+    return command
 
 
-@app.command("approve")
-def approve(
-    approval_id: Annotated[str, typer.Argument(metavar="ID")],
-    issuer: Issuer,
-    cert: Cert,
-    key: Key,
-    bundle: Bundle,
-    note: Note = None,
-    issuer_id: IssuerId = None,
-) -> None:
-    """Approve one request (exactly the request it describes, once)."""
-    _decide("approve", approval_id, issuer, cert, key, bundle, note, issuer_id)
-
-
-@app.command("deny")
-def deny(
-    approval_id: Annotated[str, typer.Argument(metavar="ID")],
-    issuer: Issuer,
-    cert: Cert,
-    key: Key,
-    bundle: Bundle,
-    note: Note = None,
-    issuer_id: IssuerId = None,
-) -> None:
-    """Deny one request."""
-    _decide("deny", approval_id, issuer, cert, key, bundle, note, issuer_id)
+approve = app.command("approve")(
+    _decision_command("approve", "Approve one request (exactly the request it describes, once).")
+)
+deny = app.command("deny")(_decision_command("deny", "Deny one request."))
 
 
 @app.command("wait")
