@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
@@ -232,6 +233,14 @@ def _segment(value: str) -> str:
     return value
 
 
+def _object(response: httpx.Response, status: int, problem: str) -> dict[str, Any]:
+    """A ``status`` answer's JSON object; ``bad_response`` with ``problem`` if it is not one."""
+    doc = _json(_check(response, status))
+    if not isinstance(doc, dict):
+        raise IssuerError(status, "bad_response", problem)
+    return doc
+
+
 def _approval_list(response: httpx.Response) -> list[dict[str, Any]]:
     doc = _json(_check(response, 200))
     items = doc.get("approvals") if isinstance(doc, dict) else None
@@ -258,6 +267,15 @@ def _unreachable(exc: httpx.HTTPError) -> IssuerError:
     return IssuerError(None, "issuer_unreachable", f"{type(exc).__name__}: {exc}"[:_MAX_DETAIL])
 
 
+def _tls_context(
+    url: str, source: X509Source, issuer_id: SpiffeId | SpiffeIdPattern | str | None
+) -> ssl.SSLContext:
+    """The client's mTLS context for ``url``, checked first: no TLS context is built
+    for a URL we refuse."""
+    check_issuer_url(url)
+    return client_context(source, server_id=issuer_id_matcher(issuer_id, source))
+
+
 def _revocations_params(since: int, limit: int | None) -> dict[str, int]:
     params = {"since": since}
     if limit is not None:
@@ -276,9 +294,7 @@ class IssuerClient:
         issuer_id: SpiffeId | SpiffeIdPattern | str | None = None,
         timeout: float = 10.0,
     ) -> None:
-        # Checked before anything else: no TLS context is built for a URL we refuse.
-        check_issuer_url(url)
-        ctx = client_context(source, server_id=issuer_id_matcher(issuer_id, source))
+        ctx = _tls_context(url, source, issuer_id)
         # trust_env off: no proxy or netrc from the environment on an mTLS channel.
         self._http = httpx.Client(base_url=url, verify=ctx, timeout=timeout, trust_env=False)
 
@@ -303,10 +319,8 @@ class IssuerClient:
         return _minted(self._send("POST", "/v1/tokens", json=body))
 
     def jwks(self) -> dict[str, Any]:
-        doc = _json(_check(self._send("GET", "/.well-known/jwks.json"), 200))
-        if not isinstance(doc, dict):
-            raise IssuerError(200, "bad_response", "JWKS is not a JSON object")
-        return doc
+        response = self._send("GET", "/.well-known/jwks.json")
+        return _object(response, 200, "JWKS is not a JSON object")
 
     def key_set(self) -> KeySet:
         """The issuer's JWKS as a KeySet (strictly parsed)."""
@@ -314,17 +328,13 @@ class IssuerClient:
 
     def revocations(self, since: int = 0, limit: int | None = None) -> dict[str, Any]:
         params = _revocations_params(since, limit)
-        doc = _json(_check(self._send("GET", "/v1/revocations", params=params), 200))
-        if not isinstance(doc, dict):
-            raise IssuerError(200, "bad_response", "revocations answer is not an object")
-        return doc
+        response = self._send("GET", "/v1/revocations", params=params)
+        return _object(response, 200, "revocations answer is not an object")
 
     def revoke(self, kind: str, value: str, reason: str) -> dict[str, Any]:
         body = {"kind": kind, "value": value, "reason": reason}
-        doc = _json(_check(self._send("POST", "/v1/revocations", json=body), 201))
-        if not isinstance(doc, dict):
-            raise IssuerError(201, "bad_response", "revocation answer is not an object")
-        return doc
+        response = self._send("POST", "/v1/revocations", json=body)
+        return _object(response, 201, "revocation answer is not an object")
 
     def checkpoint(self) -> str:
         return _check(self._send("GET", "/v1/audit/checkpoint"), 200).text
@@ -371,8 +381,7 @@ class AsyncIssuerClient:
         issuer_id: SpiffeId | SpiffeIdPattern | str | None = None,
         timeout: float = 10.0,
     ) -> None:
-        check_issuer_url(url)
-        ctx = client_context(source, server_id=issuer_id_matcher(issuer_id, source))
+        ctx = _tls_context(url, source, issuer_id)
         self._http = httpx.AsyncClient(base_url=url, verify=ctx, timeout=timeout, trust_env=False)
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -409,27 +418,21 @@ class AsyncIssuerClient:
         return _approval_doc(await self._send("POST", path, json=_decision_body(decision, note)))
 
     async def jwks(self) -> dict[str, Any]:
-        doc = _json(_check(await self._send("GET", "/.well-known/jwks.json"), 200))
-        if not isinstance(doc, dict):
-            raise IssuerError(200, "bad_response", "JWKS is not a JSON object")
-        return doc
+        response = await self._send("GET", "/.well-known/jwks.json")
+        return _object(response, 200, "JWKS is not a JSON object")
 
     async def key_set(self) -> KeySet:
         return KeySet.from_jwks(await self.jwks())
 
     async def revocations(self, since: int = 0, limit: int | None = None) -> dict[str, Any]:
         params = _revocations_params(since, limit)
-        doc = _json(_check(await self._send("GET", "/v1/revocations", params=params), 200))
-        if not isinstance(doc, dict):
-            raise IssuerError(200, "bad_response", "revocations answer is not an object")
-        return doc
+        response = await self._send("GET", "/v1/revocations", params=params)
+        return _object(response, 200, "revocations answer is not an object")
 
     async def revoke(self, kind: str, value: str, reason: str) -> dict[str, Any]:
         body = {"kind": kind, "value": value, "reason": reason}
-        doc = _json(_check(await self._send("POST", "/v1/revocations", json=body), 201))
-        if not isinstance(doc, dict):
-            raise IssuerError(201, "bad_response", "revocation answer is not an object")
-        return doc
+        response = await self._send("POST", "/v1/revocations", json=body)
+        return _object(response, 201, "revocation answer is not an object")
 
     async def checkpoint(self) -> str:
         return _check(await self._send("GET", "/v1/audit/checkpoint"), 200).text
