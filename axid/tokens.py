@@ -232,6 +232,14 @@ def _check_now_leeway(now: float | None, leeway: int) -> float:
     return now
 
 
+def _check_expected(issuer: object, audience: object) -> None:
+    """The caller's expected ``iss`` and ``aud``: a wrong type is the caller's bug."""
+    if type(issuer) is not str or not issuer:
+        raise TypeError("issuer must be a non-empty str")
+    if type(audience) is not str or not audience:
+        raise TypeError("audience must be a non-empty str")
+
+
 def _verify(
     token: object,
     keys: KeySet,
@@ -293,10 +301,7 @@ def verify(
     ``now`` defaults to the wall clock; ``leeway`` (seconds, at most 30) widens the
     nbf/exp/iat windows. See the module docstring for the exact order of checks.
     """
-    if type(issuer) is not str or not issuer:
-        raise TypeError("issuer must be a non-empty str")
-    if type(audience) is not str or not audience:
-        raise TypeError("audience must be a non-empty str")
+    _check_expected(issuer, audience)
     return _verify(token, keys, issuer, audience, _check_now_leeway(now, leeway), leeway)
 
 
@@ -316,10 +321,7 @@ def verify_approval(
     approval token fails :func:`verify`. Binding the claims to a request (peer, run,
     method, target, body) is the caller's (the verifier's approval step).
     """
-    if type(issuer) is not str or not issuer:
-        raise TypeError("issuer must be a non-empty str")
-    if type(audience) is not str or not audience:
-        raise TypeError("audience must be a non-empty str")
+    _check_expected(issuer, audience)
     now_ = _check_now_leeway(now, leeway)
     claims: ApprovalClaims = _verify(token, keys, issuer, audience, now_, leeway, approval=True)
     return claims
