@@ -13,16 +13,17 @@ module (``verifier.pipeline.Pipeline``, ``verifier.identity.PeerResolver``, ...)
 One module per concept:
 
 - :mod:`verifier.config`        ``VerifierConfig`` (YAML or code), strict
-- :mod:`verifier.sections`      its sections: identity, jwks, revocations, log, replay
+- :mod:`verifier.sections`      its sections: identity, jwks, revocations, log, replay, approvals
 - :mod:`verifier.proxies`       ``TrustedProxies``: whose XFCC header is believed
-- :mod:`verifier.rules`         route rules: method + path glob, scope, agents, tenants
+- :mod:`verifier.rules`         route rules: method + path glob, scope, who, cost, approval
 - :mod:`verifier.identity`      step 1: the peer's SVID (TLS extension or trusted XFCC)
 - :mod:`verifier.jwks`          the issuer's keys (file, or over mTLS with a cache)
 - :mod:`verifier.revocation`    step 6: revocations (polled from the issuer or its table)
 - :mod:`verifier.replay`        single-use jtis across replicas (a shared table)
+- :mod:`verifier.approval`      the approval step (after 6): filing, binding, single use
 - :mod:`verifier.checks`        step 7: custom checks
 - :mod:`verifier.budget`        ``BudgetLedger``: budgets shared by every replica (a table)
-- :mod:`verifier.pipeline`      steps 1-7, free of ASGI
+- :mod:`verifier.pipeline`      steps 1-7, free of ASGI (``_steps``: what the steps share)
 - :mod:`verifier.runtime`       the resources of one config, opened and closed together
 - :mod:`verifier.middleware`    ``AxidVerifier``: the ASGI layer, step 8
 - :mod:`verifier.responses`     the deny answer (problem+json) and the AXID-Receipt header
