@@ -86,7 +86,6 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, ClassVar, Final, Literal
 
 import h11
@@ -95,6 +94,7 @@ from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mtls._problem import problem_document
 from mtls.sources import X509Source
 from mtls.tlsconfig import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -262,18 +262,9 @@ _H11_CAP_SLACK: Final = 256 * 1024
 
 def _problem(status: int, detail: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     """A complete ``application/problem+json`` response (RFC 9457) that closes."""
-    title = HTTPStatus(status).phrase
-    body = json.dumps(
-        {
-            "type": "about:blank",
-            "title": title,
-            "status": status,
-            "detail": detail,
-            "reason": _REASON,
-        },
-        separators=(",", ":"),
-    ).encode()
-    lines = [b"HTTP/1.1 %d %s" % (status, title.encode())]
+    doc = problem_document(status, _REASON, detail)
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    lines = [b"HTTP/1.1 %d %s" % (status, doc["title"].encode())]
     lines += [name + b": " + value for name, value in default_headers]
     lines += [
         b"content-type: application/problem+json",

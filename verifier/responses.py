@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from http import HTTPStatus
 from typing import Any, Final
 
 from axid.audit.receipt import RECEIPT_HEADER, Receipt
+from mtls._problem import problem_document
 from verifier.decision import Decision
 
 __all__ = ["problem_body", "problem_json", "receipt_header", "refuse", "with_header"]
@@ -31,19 +31,8 @@ def problem_json(
 ) -> bytes:
     """An RFC 9457 problem+json body, the shape of the verifier's denies (with the
     filed ``approval`` of an ``approval_required`` deny)."""
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
-    doc = {
-        "type": "about:blank",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "reason": reason,
-    }
-    if approval is not None:
-        doc["approval"] = dict(approval)
+    extra = {} if approval is None else {"approval": dict(approval)}
+    doc = problem_document(status, reason, detail, **extra)
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 

@@ -36,13 +36,11 @@ These codes and statuses are defined once, in :mod:`axid.reasons`
 
 from __future__ import annotations
 
-from http import HTTPStatus
-from typing import Final
-
 from starlette.responses import JSONResponse
 
 from axid.issuer.errors import IssuerBaseError
 from axid.reasons import ISSUER_REASONS
+from mtls._problem import PROBLEM_MEDIA_TYPE, problem_document
 
 __all__ = [
     "ISSUER_REASONS",
@@ -50,8 +48,6 @@ __all__ = [
     "Refusal",
     "problem_response",
 ]
-
-PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
 
 
 class Refusal(IssuerBaseError):
@@ -72,10 +68,6 @@ def problem_response(
     status: int, reason: str, detail: str, *, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """An ``application/problem+json`` response (RFC 9457) with a ``reason`` member."""
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
     all_headers = {"Cache-Control": "no-store"}
     if status == 401:
         # As the verifier does: the scheme names AXID, the error the reason code.
@@ -83,13 +75,7 @@ def problem_response(
     if headers:
         all_headers.update(headers)
     return JSONResponse(
-        {
-            "type": "about:blank",
-            "title": title,
-            "status": status,
-            "detail": detail,
-            "reason": reason,
-        },
+        problem_document(status, reason, detail),
         status_code=status,
         media_type=PROBLEM_MEDIA_TYPE,
         headers=all_headers,
