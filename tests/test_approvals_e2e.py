@@ -293,7 +293,11 @@ def _env(
                     SpiffeIdPattern.parse(f"spiffe://{td}/admin/*"),
                     SpiffeIdPattern.parse(f"spiffe://{td}/agent/planner"),
                 ),
-                services=(SpiffeIdPattern.parse(f"spiffe://{td}/svc/*"),),
+                # Each service files only for itself (envoy stands in for "ledger").
+                services={
+                    "payments": (SpiffeIdPattern.parse(f"spiffe://{td}/svc/payments"),),
+                    "ledger": (SpiffeIdPattern.parse(f"spiffe://{td}/proxy/envoy"),),
+                },
                 timeout=TIMEOUT,
                 notify_url=hook_url,
             ),
@@ -496,6 +500,53 @@ def test_async_client(env: Env) -> None:
 
     approval = asyncio.run(decide_and_poll())
     assert reason(env.delete("/payments/p7", token, approval=approval)) == "ok"
+
+
+def _filing_doc(env: Env, service: str) -> dict[str, Any]:
+    """A well-formed filing body, as a verifier sends it."""
+    return {
+        "service": service,
+        "tenant": "acme",
+        "agent": "planner",
+        "run": f"run-{uid()}",
+        "sub": env.pki.spiffe_id("planner"),
+        "cnf": {"x5t#S256": "A" * 43},
+        "req": {"method": "DELETE", "path": "/payments/p9", "body_sha256": "0" * 64},
+        "scope": "payments:delete",
+        "jti": None,
+        "approvers": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("who", "service"),
+    [
+        ("payments", "ledger"),  # another configured service
+        ("payments", "billing"),  # a service that is not a key
+        ("envoy", "payments"),  # a filer of another service
+        ("worker", "payments"),  # a workload of the trust domain that files for nothing
+    ],
+)
+def test_a_service_files_only_for_itself(env: Env, who: str, service: str) -> None:
+    """approvals.services binds the filing SVID to the service it names (the approval
+    token's aud): anything else is 403 forbidden, recorded, and nothing is filed."""
+
+    def file(name: str, doc: dict[str, Any]) -> httpx.Response:
+        ctx = client_context(env.source(name), server_id=env.pki.dev.spiffe_id("issuer"))
+        with httpx.Client(verify=ctx, timeout=WAIT, trust_env=False) as c:
+            return c.post(f"{env.issuer_url}/v1/approvals", json=doc)
+
+    doc = _filing_doc(env, service)
+    r = file(who, doc)
+    assert r.status_code == 403 and r.json()["reason"] == "forbidden", r.text
+    last = env.issuer_entries()[-1]
+    assert (last["decision"], last["reason"]) == ("deny", "forbidden")
+    assert (last["peer"], last["path"]) == (env.pki.spiffe_id(who), "/v1/approvals")
+    assert doc["run"] not in [a["run"] for a in env.at_issuer("admin").approvals()]
+    # The payments service still files for payments.
+    ok = file("payments", _filing_doc(env, "payments"))
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["id"] in [a["id"] for a in env.at_issuer("admin").approvals("pending")]
 
 
 def test_approval_ids_read_as_command_line_arguments() -> None:

@@ -473,3 +473,50 @@ def test_json_body_parsing_is_total(raw: bytes) -> None:
         assert exc.reason == "bad_request" and exc.status in (400, 413)
     else:
         assert isinstance(obj, dict)
+
+
+_BASE = "registrations: r\nsvid: {workload_api: x}\n"
+
+
+def test_approvals_services_bind_filers_to_services(tmp_path: Path) -> None:
+    text = _BASE + (
+        "approvals:\n  services:\n    payments: ['spiffe://example.org/svc/payments']\n"
+        "    ledger: ['spiffe://example.org/svc/ledger', 'spiffe://example.org/svc/l2']\n"
+    )
+    settings = IssuerConfig.from_file(_config_file(tmp_path, text), environ={}).approvals
+    assert settings.may_file("spiffe://example.org/svc/payments", "payments")
+    assert not settings.may_file("spiffe://example.org/svc/payments", "ledger")
+    assert not settings.may_file("spiffe://example.org/svc/payments", "billing")
+    assert not settings.may_file("spiffe://example.org/agent/worker")
+    assert settings.may_file("spiffe://example.org/svc/l2", "ledger")
+    assert settings.sweep_interval == 5.0
+    default = IssuerConfig.from_file(_config_file(tmp_path, _BASE), environ={}).approvals
+    assert default.services == {} and not default.may_file("spiffe://example.org/svc/payments")
+
+
+@pytest.mark.parametrize(
+    ("services", "match"),
+    [
+        ("['spiffe://example.org/svc/*']", "is a mapping .* list form is no longer accepted"),
+        ("{payments: []}", r"approvals\.services\.payments must list at least one"),
+        ("{payments: 'spiffe://example.org/svc/payments'}", r"approvals\.services\.payments"),
+        ("{payments: [x]}", r"approvals\.services\.payments must be a list of SPIFFE"),
+        ("{'-p': ['spiffe://example.org/svc/p']}", "is not a service name"),
+        ("{1: ['spiffe://example.org/svc/p']}", "is not a service name"),
+        ("7", "approvals.services must be a mapping"),
+    ],
+)
+def test_approvals_services_strict(tmp_path: Path, services: str, match: str) -> None:
+    text = _BASE + f"approvals: {{services: {services}}}\n"
+    with pytest.raises(ConfigError, match=match) as info:
+        IssuerConfig.from_file(_config_file(tmp_path, text), environ={})
+    assert info.value.key == "approvals"
+
+
+def test_approval_settings_refuse_the_old_shape_in_code() -> None:
+    from axid.issuer.approval_settings import ApprovalSettings
+    from mtls.spiffeid import SpiffeIdPattern
+
+    with pytest.raises(TypeError):
+        old = (SpiffeIdPattern.parse("spiffe://example.org/svc/*"),)
+        ApprovalSettings(services=old)  # type: ignore[arg-type]

@@ -212,11 +212,11 @@ def _issuer_config(p: Provisioned, port: int, witnesses: tuple[LogWitness, ...])
 
 
 def _approval_settings(p: Provisioned) -> ApprovalSettings:
-    """The issuer's ``approvals``: payments may file requests, the admin approves
-    (``approvals.timeout``: the default 15 min)."""
+    """The issuer's ``approvals``: payments may file requests for itself (service
+    ``payments``), the admin approves (``approvals.timeout``: the default 15 min)."""
     return ApprovalSettings(
         approvers=(SpiffeIdPattern.parse(str(p.spiffe_id("admin"))),),
-        services=(SpiffeIdPattern.parse(str(p.spiffe_id("payments"))),),
+        services={PAYMENTS_SERVICE: (SpiffeIdPattern.parse(str(p.spiffe_id("payments"))),)},
     )
 
 

@@ -3,10 +3,13 @@ deciding approval requests, minting the approval token, recording every step.
 
 Who may do what (issuer config ``approvals``):
 
-* file (``POST /v1/approvals``): a peer matching ``approvals.services`` (SPIFFE ID
-  patterns of the services running the verifier; none configured: nobody may file,
-  fail closed). A pending, unexpired request of the same (``sub``, ``run``, ``req``)
-  is returned instead of a new one (200, same id); a new one is 201.
+* file (``POST /v1/approvals``): for the ``service`` it names (the approval token's
+  ``aud``), a peer matching that service's patterns in ``approvals.services``
+  (``{service name: [SPIFFE ID patterns]}``, the SVIDs running its verifier); any
+  other service name or peer is refused 403 ``forbidden`` and recorded (fail closed:
+  none configured, nobody may file). A pending, unexpired request of the same
+  (``sub``, ``run``, ``req``) is returned instead of a new one (200, same id); a new
+  one is 201.
 * list (``GET /v1/approvals[?status=...]``): approvers; each sees the requests whose
   approvers (the rule's ``approvers``, else ``approvals.approvers``) match them.
 * show (``GET /v1/approvals/{id}``): the requesting agent (its ``sub``) or one of the
@@ -16,8 +19,10 @@ Who may do what (issuer config ``approvals``):
   request is pending and unexpired.
 
 Undecided requests expire after ``approvals.timeout`` seconds (default 900) and
-count as denied: no token is ever minted for them. Expiry is swept at the start of
-every approvals request (:meth:`ApprovalDesk.sweep`); each expiry is recorded once.
+count as denied: no token is ever minted for them. Expiry is swept in the issuer's
+background every ``min(5 s, timeout/2)`` (see :mod:`axid.issuer._routes.approvals`)
+and at the start of every approvals request (:meth:`ApprovalDesk.sweep`); each
+expiry is recorded once, by the replica whose conditional UPDATE expired it.
 Every filing, decision, refusal and expiry is an entry in the issuer's decision log
 (``peer`` the filing service, the approver, or the caller). ``approvals.notify_url``
 (optional) gets a JSON POST (best effort, in the background) per new request.
@@ -33,7 +38,7 @@ from typing import Any, Final
 
 import httpx
 
-from axid.issuer.approval_settings import ApprovalSettings, _patterns
+from axid.issuer.approval_settings import _SERVICE_RE, ApprovalSettings, _patterns
 from axid.issuer.approval_store import STATUSES, ApprovalRecord, ApprovalStore
 from axid.issuer.problems import Refusal
 from axid.issuer.service import DecisionDraft, IssuerService, Peer
@@ -47,7 +52,6 @@ _log = logging.getLogger(__name__)
 _FILE_KEYS: Final = frozenset(
     {"service", "tenant", "agent", "run", "sub", "cnf", "req", "scope", "jti", "approvers"}
 )
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}")
 _SLUG_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _RUN_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
 _CNF_RE: Final = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
@@ -98,7 +102,7 @@ def _filing(doc: Mapping[str, Any]) -> dict[str, Any]:
         except ValueError as exc:
             raise _bad(str(exc)) from None
     return {
-        "aud": _text(doc, "service", _NAME_RE),
+        "aud": _text(doc, "service", _SERVICE_RE),
         "tenant": _text(doc, "tenant", _SLUG_RE),
         "agent": _text(doc, "agent", _SLUG_RE),
         "run": _text(doc, "run", _RUN_RE),
@@ -164,11 +168,17 @@ class ApprovalDesk:
     ) -> tuple[ApprovalRecord, bool]:
         """File (or reuse) a request; refusals raise :class:`Refusal`. The caller
         records ``rec`` (filled in here) as the allow."""
-        if not any(p.matches(peer.spiffe_id) for p in self.settings.services):
+        # Before the body is read: a peer that may file for no service learns nothing
+        # from its validation.
+        if not self.settings.may_file(peer.spiffe_id):
             raise Refusal(403, "forbidden", "only approvals.services may file approval requests")
         fields = _filing(doc)
         rec.tenant, rec.agent, rec.run = fields["tenant"], fields["agent"], fields["run"]
         rec.jti, rec.scope_required = fields["jti"], fields["scope"]
+        if not self.settings.may_file(peer.spiffe_id, fields["aud"]):
+            refused = f"approvals.services does not let this peer file for {fields['aud']!r}"
+            rec.add_note(refused)
+            raise Refusal(403, "forbidden", refused)
         fields["filed_by"] = str(peer.spiffe_id)
         record, new = await asyncio.to_thread(
             self.store.file, fields, now=self._now(), timeout=self.settings.timeout

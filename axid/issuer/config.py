@@ -21,7 +21,8 @@ the file's directory (so a config works from any working directory)::
       - "spiffe://example.org/admin/*"
     approvals:                           # approval requests (axid.issuer.approval_settings)
       approvers: ["spiffe://example.org/admin/*"]  # default approvers of a request
-      services: ["spiffe://example.org/svc/*"]     # who may file (default: nobody)
+      services:                          # who may file, for which service (default: nobody)
+        payments: ["spiffe://example.org/svc/payments"]
       timeout: 900                       # seconds; undecided = expired = denied
       # notify_url: https://hooks.example.org/axid   # a JSON POST per new request
     audit:
