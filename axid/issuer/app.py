@@ -50,6 +50,7 @@ once here and held in one :class:`~axid.issuer._state.IssuerState`
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -61,6 +62,7 @@ from axid.audit.log import DecisionLog
 from axid.audit.metrics import LogCollector
 from axid.issuer._http import install_error_handlers
 from axid.issuer._routes import install_routes
+from axid.issuer._routes.approvals import sweep_forever
 from axid.issuer._state import IssuerState, Metrics, PeerVerifier
 from axid.issuer.anonymous import AnonymousGate
 from axid.issuer.components import IssuerComponents, load_or_init_keyring
@@ -134,7 +136,8 @@ def _open_logs(service: IssuerService) -> list[DecisionLog]:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the decision log on the server's loop; close it (and owned parts) after."""
+    """Open the decision log on the server's loop and start the approvals expiry
+    sweep; stop the sweep, then close the log (and owned parts) after."""
     state: IssuerState = app.state.issuer_state
     service, components = state.service, state.components
     try:
@@ -150,9 +153,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             witness_mode=components.log_witness_mode,
             witness_timeout=components.log_witness_timeout,
         )
+        stop = asyncio.Event()
+        sweeper = asyncio.get_running_loop().create_task(sweep_forever(app, stop))
         try:
             yield
         finally:
+            stop.set()
+            await sweeper
             log, service.log = service.log, None
             await log.close()
     finally:

@@ -11,10 +11,13 @@
 Reads are not recorded (like the revocation feed); filings, decisions, their
 refusals and expiries are. The desk is built once per app, on first use, from the
 app's state and ``components.approvals`` (issuer config ``approvals``).
+:func:`sweep_forever` (run by the app's lifespan) expires due requests and records
+each expiry without waiting for a request, every ``approvals`` ``sweep_interval``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Final
 
@@ -32,7 +35,7 @@ from axid.issuer.problems import Refusal
 from axid.issuer.service import DecisionDraft
 from axid.tokens import APPROVAL_TOKEN_TYPE
 
-__all__ = ["install", "router"]
+__all__ = ["install", "router", "sweep_forever"]
 
 _log = logging.getLogger("axid.issuer.app")
 _ROUTE: Final = "approvals"
@@ -46,16 +49,44 @@ def install(app: FastAPI) -> None:
     app.include_router(router)
 
 
+def _new_desk(state: IssuerState) -> ApprovalDesk:
+    settings: ApprovalSettings = state.components.approvals
+    store = ApprovalStore(state.components.store.engine)
+    store.create_schema()
+    return ApprovalDesk(state.service, store, settings)
+
+
 def desk_of(request: Request) -> ApprovalDesk:
     """The app's approvals desk (built, and its table created, on first use)."""
     desk: ApprovalDesk | None = getattr(request.app.state, "approval_desk", None)
     if desk is None:
-        state = state_of(request)
-        settings: ApprovalSettings = state.components.approvals
-        store = ApprovalStore(state.components.store.engine)
-        store.create_schema()
-        desk = request.app.state.approval_desk = ApprovalDesk(state.service, store, settings)
+        desk = request.app.state.approval_desk = _new_desk(state_of(request))
     return desk
+
+
+async def sweep_forever(app: FastAPI, stop: asyncio.Event) -> None:
+    """Expire due requests and record each expiry, every ``sweep_interval`` seconds,
+    until ``stop`` is set (a sweep under way finishes first: an expiry it marked is
+    also recorded). A failure (the database, the log) is logged and retried at the
+    next tick: the sweep never ends the app. An expiry marked but not recorded (the
+    log failed after the store) stays unrecorded."""
+    state: IssuerState = app.state.issuer_state
+    interval = state.components.approvals.sweep_interval
+    while True:
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+            return
+        except TimeoutError:
+            pass
+        try:
+            desk: ApprovalDesk | None = getattr(app.state, "approval_desk", None)
+            if desk is None:  # built off the loop: the database may be slow or down
+                built = await asyncio.to_thread(_new_desk, state)
+                desk = getattr(app.state, "approval_desk", None) or built
+                app.state.approval_desk = desk
+            await desk.sweep()
+        except Exception as exc:
+            _log.warning("approvals expiry sweep failed (retrying): %s", type(exc).__name__)
 
 
 def _id(approval_id: str) -> str:
