@@ -35,6 +35,7 @@ named; relative paths in a file are resolved against the file's directory::
     log:
       url: sqlite:///.axid/axid.db     # or postgresql://..., or a SQLite file path
       name: payments                   # default: service
+      origin: example.org/axid/payments  # checkpoints' origin (default axid/<name>)
       key: .axid/keys/payments-log.pem # the log's Ed25519 key (created 0600 if missing)
       create_key: true
       max_batch: 512

@@ -120,6 +120,7 @@ class Runtime:
         self.log = await DecisionLog.open(
             config.log.url,
             log=config.log_name,
+            origin=config.log.origin,
             key=config.log.key,
             create_key=config.log.create_key,
             max_batch=config.log.max_batch,

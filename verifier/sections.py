@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from axid.audit.store import StoreError, validate_log_name
+from axid.audit.store import StoreError, validate_log_name, validate_origin
 from axid.audit.witnessing import (
     DEFAULT_WITNESS_TIMEOUT,
     WitnessConfig,
@@ -61,6 +61,7 @@ _REVOCATION_KEYS: Final = ("url", "database_url", "interval", "max_stale", "time
 _LOG_KEYS: Final = (
     "url",
     "name",
+    "origin",
     "key",
     "create_key",
     "max_batch",
@@ -223,12 +224,14 @@ class LogConfig:
 
     ``witnesses`` are :class:`~axid.audit.witnessing.WitnessConfig` (or ``{url,
     vkey}`` mappings, parsed into them); ``quorum`` None is 1 with witnesses, else 0.
-    ``head`` None is ``<key's directory>/<log>.head``.
+    ``head`` None is ``<key's directory>/<log>.head``; ``origin`` None is
+    ``axid/<log>`` (the checkpoints' origin and the log key's name).
     """
 
     url: str
     key: Path
     name: str | None
+    origin: str | None
     create_key: bool
     max_batch: int
     max_delay: float
@@ -255,6 +258,7 @@ class LogConfig:
         quorum: int | None = None,
         witness_mode: str = "async",
         witness_timeout: float = DEFAULT_WITNESS_TIMEOUT,
+        origin: str | None = None,
     ) -> None:
         url = db_url(url, "log.url")
         try:
@@ -272,6 +276,7 @@ class LogConfig:
             head_required=boolean(head_required, "log.head_required"),
             key=_file(key, "log.key", "the log's key file"),
             name=None if name is None else _log_name(name),
+            origin=None if origin is None else _origin(origin),
             create_key=boolean(create_key, "log.create_key"),
             max_batch=integer(max_batch, "log.max_batch", lo=1, hi=100_000),
             max_delay=number(max_delay, "log.max_delay", lo=0, hi=60),
@@ -285,6 +290,13 @@ def _log_name(value: str) -> str:
     except StoreError as exc:
         raise ConfigError(str(exc), key="log.name") from None
     return value
+
+
+def _origin(value: object) -> str:
+    try:
+        return validate_origin(value)
+    except StoreError as exc:
+        raise ConfigError(str(exc), key="log.origin") from None
 
 
 def _file(value: object, key: str, what: str) -> Path:

@@ -24,6 +24,7 @@ from sqlalchemy import (
 from sqlmodel import Field, SQLModel
 
 from axid.audit._store_errors import LogNameError
+from axid.audit.note import is_valid_key_name
 
 __all__ = [
     "LOG_NAME_RE",
@@ -34,10 +35,12 @@ __all__ = [
     "AuditNode",
     "origin_for",
     "validate_log_name",
+    "validate_origin",
 ]
 
 LOG_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _ORIGIN_PREFIX = "axid/"
+_MAX_ORIGIN_BYTES = 255  # subtree/v1 cosignatures carry it with a one-byte length
 
 
 # --------------------------------------------------------------------------- names
@@ -50,9 +53,27 @@ def validate_log_name(log: object) -> str:
     return log
 
 
-def origin_for(log: str) -> str:
-    """The checkpoint origin (and note key name) of log ``log``: ``axid/<log>``."""
-    return _ORIGIN_PREFIX + validate_log_name(log)
+def validate_origin(origin: object) -> str:
+    """Return ``origin`` if it can be a log's checkpoint origin.
+
+    It is the log key's note name (C2SP signed-note: non-empty, no whitespace,
+    no ``+``, no control characters), at most 255 bytes, and schema-less (no
+    ``://``: ``example.org/axid/payments``, not a URL with a scheme).
+    """
+    if not isinstance(origin, str) or not is_valid_key_name(origin):
+        raise LogNameError(f"invalid origin {origin!r}: want a note key name (no space, no '+')")
+    if len(origin.encode("utf-8")) > _MAX_ORIGIN_BYTES:
+        raise LogNameError(f"invalid origin {origin!r}: more than {_MAX_ORIGIN_BYTES} bytes")
+    if "://" in origin:
+        raise LogNameError(f"invalid origin {origin!r}: schema-less, e.g. example.org/axid/log")
+    return origin
+
+
+def origin_for(log: str, origin: str | None = None) -> str:
+    """The checkpoint origin (and note key name) of log ``log``: ``origin``
+    (validated) when one is configured, else ``axid/<log>``."""
+    validate_log_name(log)
+    return _ORIGIN_PREFIX + log if origin is None else validate_origin(origin)
 
 
 def _now_ms() -> int:

@@ -150,6 +150,7 @@ class DecisionLog:
         quorum: int | None = None,
         witness_mode: str = "async",
         witness_timeout: float = DEFAULT_WITNESS_TIMEOUT,
+        origin: str | None = None,
     ) -> DecisionLog:
         """Open (creating tables and the log row if needed) a decision log.
 
@@ -165,15 +166,19 @@ class DecisionLog:
         (``"async"``, or ``"sync"``: see the module docstring) and ``witness_timeout``
         (seconds) configure witnessing; a bad setting raises
         :class:`~axid.audit.witnessing.WitnessConfigError` (a ``ValueError``).
+        ``origin`` is the checkpoint origin and key name (default ``axid/<log>``;
+        invalid: :class:`~axid.audit.store.LogNameError`); a log stored under
+        another origin raises :class:`~axid.audit.store.LogKeyMismatch`.
         """
         settings = _checked_arguments(
             log, max_batch, max_delay, witnesses, quorum, witness_mode, witness_timeout
         )
+        origin = origin_for(log, origin)
         # One thread: batches are serial anyway, and SQLite connections stay put.
         res = _Opening(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"axid-audit-{log}"))
         try:
             engine, store, vkey, head_file = await res.open(
-                url, log, key, create_key, lock_timeout, head, head_required, settings
+                url, (log, origin), key, create_key, lock_timeout, head, head_required, settings
             )
             return cls(
                 store=store,
@@ -424,7 +429,7 @@ class _Opening:
     async def open(
         self,
         url: str,
-        log: str,
+        names: tuple[str, str],
         key: str | os.PathLike[str] | Ed25519PrivateKey,
         create_key: bool,
         lock_timeout: float,
@@ -433,21 +438,22 @@ class _Opening:
         settings: WitnessSettings,
     ) -> tuple[Engine, LogStore, str, _HeadFile | None]:
         """The key, the database (schema, log row, authenticated head) and the
-        witnesses: the engine, the store, the log's vkey and its head file."""
+        witnesses: the engine, the store, the log's vkey and its head file.
+        ``names``: the log's name and its (checked) origin."""
+        log, origin = names
         loop = asyncio.get_running_loop()
         executor = self.executor
         if isinstance(key, Ed25519PrivateKey):
             private_key = key
         else:
             private_key = await loop.run_in_executor(executor, _load_key, key, create_key)
-        origin = origin_for(log)
         signer = NoteSigner(origin, private_key)
         vkey = signer.vkey()
         try:
             self.engine = engine = await loop.run_in_executor(
                 executor, lambda: make_engine(url, lock_timeout=lock_timeout)
             )
-            store = LogStore(engine, log, signer=signer)
+            store = LogStore(engine, log, signer=signer, origin=origin)
             await loop.run_in_executor(executor, _setup, engine, store, origin, vkey)
             head_file = _HeadFile.for_log(head, key, log)
             await loop.run_in_executor(executor, _authenticate, store, head_file, head_required)

@@ -41,8 +41,9 @@ _BUNDLE_BLOCK = 4 * MAX_ENTRY_SIZE  # bytes of entries.jsonl per read: whole lin
 
 
 class LogSource(Protocol):
-    """What the verifier reads. Sources may also offer ``log_name`` (str | None)
-    and ``size_hint() -> int | None`` (for a progress bar); both are optional."""
+    """What the verifier reads. Sources may also offer ``log_name`` and ``origin``
+    (str | None: the origin stored with the log) and ``size_hint() -> int | None``
+    (for a progress bar); all are optional."""
 
     def entries(self) -> Iterator[tuple[Any, ...]]:
         """``(stored seq, exact entry bytes, stored leaf hash or None)`` in log order,
@@ -124,6 +125,7 @@ class ExportDirSource:
     """
 
     log_name: str | None = None
+    origin: str | None = None  # a bundle's origin is its vkey's name: checked against --vkey
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -340,6 +342,8 @@ class DatabaseSource:
         try:
             with store.engine.connect() as conn:
                 max_seq, max_cp, min_seq = conn.execute(q).one()
+            # The origin stored with the log: its checkpoints' and its key's name.
+            self.origin: str | None = store.origin
         except SQLAlchemyError as e:
             raise VerifyUsageError(f"cannot read the database: {_db_error(e)}") from e
         # Upper bounds of the cut: entries with seq < end_seq, checkpoints <= max_cp.

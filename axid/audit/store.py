@@ -72,6 +72,7 @@ from axid.audit._store_tables import (
     _now_ms,
     origin_for,
     validate_log_name,
+    validate_origin,
 )
 from axid.audit.entry import DecisionFields, EntryError
 from axid.audit.head import IntegrityFailure
@@ -105,6 +106,7 @@ __all__ = [
     "origin_for",
     "proof_text",
     "validate_log_name",
+    "validate_origin",
 ]
 
 _log = logging.getLogger(__name__)
@@ -113,15 +115,26 @@ _log = logging.getLogger(__name__)
 class LogStore:
     """One log in a database: append batches, read entries, checkpoints and proofs."""
 
-    def __init__(self, engine: Engine, log: str, *, signer: NoteSigner | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        log: str,
+        *,
+        signer: NoteSigner | None = None,
+        origin: str | None = None,
+    ) -> None:
         self._engine = engine
         self.log = validate_log_name(log)
-        self.origin = origin_for(log)
+        # A writer's origin is the configured one (else axid/<log>); a reader's
+        # is the one stored in the log's row, read when first asked for.
+        self._origin: str | None = None
+        if signer is not None or origin is not None:
+            self._origin = origin_for(log, origin)
         if signer is not None:
             if not isinstance(signer, NoteSigner):
                 raise TypeError("signer must be a NoteSigner")
-            if signer.name != self.origin:
-                raise StoreError(f"signer key name {signer.name!r} is not {self.origin!r}")
+            if signer.name != self._origin:
+                raise StoreError(f"signer key name {signer.name!r} is not {self._origin!r}")
         self._signer = signer
         self._signer_vkey = signer.vkey() if signer is not None else None
         self._sql = _AppendSQL.for_engine(engine)
@@ -143,10 +156,25 @@ class LogStore:
 
     # ------------------------------------------------------------------ log row
 
+    @property
+    def origin(self) -> str:
+        """The log's checkpoint origin: the one this store was opened with, else
+        (a reader) the one stored in the log's row (:class:`LogNotFound` if none)."""
+        if self._origin is None:
+            with self._engine.connect() as conn:
+                got = conn.execute(
+                    select(_LOG_T.c.origin).where(_LOG_T.c.name == self.log)
+                ).scalar()
+            if got is None:
+                raise LogNotFound(f"no log {self.log!r} in this database")
+            self._origin = str(got)
+        return self._origin
+
     def ensure_log(self, origin: str, vkey: str) -> None:
         """Create this log's row if absent; refuse an existing log with another key."""
-        if origin != self.origin:
-            raise StoreError(f"origin {origin!r} is not {self.origin!r} for log {self.log!r}")
+        mine = self._origin if self._origin is not None else origin_for(self.log)
+        if origin != mine:
+            raise StoreError(f"origin {origin!r} is not {mine!r} for log {self.log!r}")
         if not isinstance(vkey, str) or not vkey:
             raise StoreError("vkey must be a non-empty string")
         row = {"name": self.log, "origin": origin, "vkey": vkey, "created_at": _now_ms()}
@@ -163,7 +191,10 @@ class LogStore:
                 select(_LOG_T.c.origin, _LOG_T.c.vkey).where(_LOG_T.c.name == self.log)
             ).one()
         if got.origin != origin:
-            raise LogKeyMismatch(f"log {self.log!r} exists with origin {got.origin!r}")
+            raise LogKeyMismatch(
+                f"log {self.log!r} exists with origin {got.origin!r}, not {origin!r}; "
+                "one log, one origin"
+            )
         if got.vkey != vkey:
             raise LogKeyMismatch(
                 f"log {self.log!r} exists with another key ({got.vkey}); one log, one key"

@@ -150,7 +150,7 @@ def _verify(
         fields.setdefault("witness", _witness_fields(policy, None, False))
         return _report(findings, warnings, explicit is None, key, **fields)
 
-    verifier, key = _log_key(source, explicit, log_name, findings, warnings)
+    verifier, key = _log_key(source, explicit, findings, warnings)
     if verifier is None:
         return report(findings, key)
     trusted: Checkpoint | None = None
@@ -206,16 +206,18 @@ def _audit(
 def _log_key(
     source: LogSource,
     explicit: NoteVerifier | None,
-    log_name: str | None,
     findings: Findings,
     warnings: list[str],
 ) -> tuple[NoteVerifier | None, str | None]:
     """The key to verify the log with, and its vkey for the report.
 
-    ``explicit`` (the auditor's ``--vkey``) must be the one stored with the
-    log, if one is; without it, the stored key is used, with a warning. No
-    key (a finding made): ``(None, the vkey to report)``.
+    ``explicit`` (the auditor's ``--vkey``) must be named after the origin
+    stored with the log (a database's) and be the key stored with the log, if
+    one is; without it, the stored key is used, with a warning. No key (a
+    finding made): ``(None, the vkey to report)``.
     """
+    origin: str | None = getattr(source, "origin", None)
+    log_name: str | None = getattr(source, "log_name", None)
     stored_text: str | None = None
     stored_bad: str | None = None
     try:
@@ -223,10 +225,10 @@ def _log_key(
     except SourceFormatError as e:
         stored_bad = e.what
     if explicit is not None:
-        if log_name is not None and explicit.name != _ORIGIN_PREFIX + log_name:
+        if origin is not None and explicit.name != origin:
             raise VerifyUsageError(
                 f"--vkey is a key for {explicit.name!r}, not for log {log_name!r} "
-                f"(origin {_ORIGIN_PREFIX + log_name!r})"
+                f"(origin {origin!r})"
             )
         if stored_bad is not None:
             findings.add_global(f"the stored verifier key is malformed: {stored_bad}")
@@ -252,9 +254,10 @@ def _log_key(
         "no --vkey given: checked against the key stored with the log, which is only "
         "as trustworthy as the log itself; pass the log's published vkey"
     )
-    if log_name is not None and verifier.name != _ORIGIN_PREFIX + log_name:
+    if origin is not None and verifier.name != origin:
         findings.add_global(
-            f"the stored verifier key is for {verifier.name!r}, not for log {log_name!r}"
+            f"the stored verifier key is for {verifier.name!r}, not for log {log_name!r} "
+            f"(origin {origin!r})"
         )
         return None, verifier.vkey()
     return verifier, verifier.vkey()
@@ -309,6 +312,7 @@ def _report(
 
 
 def _origin_log_name(origin: str) -> str | None:
+    # Only the default origin names its log; with another, the first entry does.
     return origin[len(_ORIGIN_PREFIX) :] if origin.startswith(_ORIGIN_PREFIX) else None
 
 

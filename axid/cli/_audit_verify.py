@@ -170,33 +170,29 @@ def _key_name(vkey: str) -> str | None:
         return None
 
 
-def _check_bundle_log(source: ExportDirSource, log: str, vkey: str | None) -> None:
-    """``--log`` with a bundle asserts which log it holds: a mismatch is a usage error."""
+def _check_bundle_log(source: ExportDirSource, log: str) -> None:
+    """``--log`` with a bundle asserts which log it holds (its first entry says): a
+    mismatch is a usage error. Verification then holds every entry to it."""
+    try:
+        with (source.path / "entries.jsonl").open("rb") as f:
+            first = json.loads(f.readline(_MAX_TRUSTED_CP))
+    except (OSError, ValueError):
+        return  # verification reports what is wrong with the bundle
+    name = first.get("log") if isinstance(first, dict) else None
+    if isinstance(name, str) and name != log:
+        raise VerifyUsageError(f"the bundle holds log {name!r}, not {log!r}")
+
+
+def _bundle_origin(source: ExportDirSource) -> str | None:
+    """The origin a bundle's own vkey file names (to pick the right ``--vkey`` and
+    ``--trusted-checkpoint``, which verification then holds the bundle to)."""
     from axid.audit.verify import SourceFormatError
 
-    if vkey is None:
-        try:
-            vkey = source.vkey()
-        except SourceFormatError:
-            return  # verification reports the malformed vkey file
-    name = None if vkey is None else _key_name(vkey)
-    if name is not None and name != _ORIGIN_PREFIX + log:
-        raise VerifyUsageError(f"the bundle's key is for {name!r}, not for log {log!r}")
-
-
-def _bundle_log(source: ExportDirSource, log: str | None) -> str | None:
-    """The log a bundle holds: ``--log``, else what its own vkey file names (to pick
-    the right ``--vkey``, which verification then holds the bundle to)."""
-    from axid.audit.verify import SourceFormatError
-
-    if log is not None:
-        return log
     try:
         stored = source.vkey()
     except SourceFormatError:
-        return None
-    name = None if stored is None else _key_name(stored)
-    return name.removeprefix(_ORIGIN_PREFIX) if name and name.startswith(_ORIGIN_PREFIX) else None
+        return None  # verification reports the malformed vkey file
+    return None if stored is None else _key_name(stored.strip())
 
 
 @dataclass
@@ -205,6 +201,7 @@ class _Target:
 
     source: Any  # DatabaseSource | ExportDirSource
     log: str | None  # its name, when known before verifying
+    origin: str | None  # the origin stored with it (a bundle: its vkey's name)
     vkey: str | None = None
     trusted: bytes | None = None
 
@@ -255,10 +252,10 @@ def _read_trusted(paths: list[Path]) -> list[_Trusted]:
 
 
 def _assign_keys(targets: list[_Target], keys: dict[str, str]) -> None:
-    """Each log takes the ``--vkey`` named after its origin; a single log and a
-    single key are paired as given (verification says if they do not match)."""
+    """Each log takes the ``--vkey`` named after its stored origin; a single log and
+    a single key are paired as given (verification says if they do not match)."""
     for t in targets:
-        origin = None if t.log is None else _ORIGIN_PREFIX + t.log
+        origin = t.origin
         if origin is not None and origin in keys:
             t.vkey = keys[origin]
         elif len(keys) == 1 and len(targets) == 1:
@@ -276,7 +273,7 @@ def _assign_trusted(targets: list[_Target], trusted: list[_Trusted]) -> None:
         return
     by_origin = {t.origin: t for t in trusted}
     for t in targets:
-        mine = None if t.log is None else by_origin.pop(_ORIGIN_PREFIX + t.log, None)
+        mine = None if t.origin is None else by_origin.pop(t.origin, None)
         t.trusted = None if mine is None else mine.note
     for left in by_origin.values():
         raise VerifyUsageError(
@@ -321,12 +318,18 @@ def _emit_reports(results: list[tuple[str | None, Any]], *, several: bool, as_js
 
 
 def _verify_bundle(bundle: Path, log: str | None, keys: dict[str, str]) -> _Target:
+    """A bundle, its log named by ``--log`` (its entries must say so), else by its
+    default origin ``axid/<log>``, else by its first entry."""
     source = ExportDirSource(bundle)
-    target = _Target(source, _bundle_log(source, log))
+    origin = _bundle_origin(source)
+    name = log
+    if name is None and origin is not None and origin.startswith(_ORIGIN_PREFIX):
+        name = origin.removeprefix(_ORIGIN_PREFIX)
+    target = _Target(source, name, origin)
     if keys:
         _assign_keys([target], keys)
     if log is not None:
-        _check_bundle_log(source, log, target.vkey)
+        _check_bundle_log(source, log)
         source.log_name = log
     return target
 
@@ -359,7 +362,8 @@ _VkeyOpt = Annotated[
         "--vkey",
         metavar="VKEY_OR_FILE",
         help="A log's published verifier key (or a file holding it), obtained out of band. "
-        "Repeatable: each log takes the key named after its origin (axid/<log>).",
+        "Repeatable: each log takes the key named after its origin (log.origin, "
+        "default axid/<log>).",
         show_default=False,
     ),
 ]
@@ -447,7 +451,7 @@ def verify(
             results = _verify_targets(targets, as_json, policy)
         else:
             with open_logs(db, log, every_log=True, as_json=as_json) as sources:
-                targets = [_Target(s, s.log_name) for s in sources]
+                targets = [_Target(s, s.log_name, s.origin) for s in sources]
                 if keys:
                     _assign_keys(targets, keys)
                 _assign_trusted(targets, trusted)

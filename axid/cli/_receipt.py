@@ -120,17 +120,20 @@ def _policy(witness: list[str], quorum: int | None) -> WitnessPolicy | None:
 # --------------------------------------------------------------------------- from the database
 
 
-def _log_of(vkey_name: str) -> str | None:
-    """The log name in a vkey named ``axid/<log>`` (the default origin), else None."""
-    from axid.audit.store import LogNameError, validate_log_name
+def _log_of(db: str, origin: str) -> str | None:
+    """The database's log whose stored origin is ``origin`` (the vkey's name), else
+    None (then :func:`_database` takes the only log, or says which are there)."""
+    from axid.audit.verify import DatabaseSource, VerifyUsageError
 
-    name = vkey_name.removeprefix("axid/")
-    if name == vkey_name:
-        return None
     try:
-        return validate_log_name(name)
-    except LogNameError:
-        return None
+        sources = DatabaseSource.open_all(db)
+    except VerifyUsageError:
+        return None  # _database reports it
+    try:
+        return next((s.log_name for s in sources if s.origin == origin), None)
+    finally:
+        for s in sources:  # one shared engine: closing any closes it
+            s.close()
 
 
 @contextmanager
@@ -436,8 +439,8 @@ _LogOpt = Annotated[
     str | None,
     typer.Option(
         "--log",
-        help="With --db: the log's name (default: <log> of a vkey named axid/<log>, "
-        "else the database's only log).",
+        help="With --db: the log's name (default: the log whose origin is the vkey's "
+        "name, else the database's only log).",
     ),
 ]
 _UrlOpt = Annotated[
@@ -539,7 +542,8 @@ def _fetch(
     policy: WitnessPolicy | None = None,
 ) -> LogEvidence:
     if url is None:
-        with _database(db or DEFAULT_DB, log or _log_of(verifier.name)) as source:
+        db = db or DEFAULT_DB
+        with _database(db, log or _log_of(db, verifier.name)) as source:
             store = source.store
             if store.origin != verifier.name:
                 _fail(f"log {store.log!r} has origin {store.origin}, the vkey is {verifier.name}")
