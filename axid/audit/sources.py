@@ -326,7 +326,7 @@ class DatabaseSource:
         from sqlalchemy import func, select
         from sqlalchemy.exc import SQLAlchemyError
 
-        from axid.audit.store import AuditCheckpoint, AuditEntry
+        from axid.audit.store import AuditCheckpoint, AuditEntry, LogNotFound
 
         self._sa_error = SQLAlchemyError
         self.store = store
@@ -346,6 +346,8 @@ class DatabaseSource:
             self.origin: str | None = store.origin
         except SQLAlchemyError as e:
             raise VerifyUsageError(f"cannot read the database: {_db_error(e)}") from e
+        except LogNotFound as e:  # its row went away since the log was listed
+            raise VerifyUsageError(str(e)) from e
         # Upper bounds of the cut: entries with seq < end_seq, checkpoints <= max_cp.
         self.end_seq = 0 if max_seq is None else int(max_seq) + 1
         self.max_cp = -1 if max_cp is None else int(max_cp)
