@@ -235,3 +235,39 @@ async def test_verifier_log_origin_reaches_its_checkpoints(tmp_path: Path, pki_d
         assert note is not None and note.decode().startswith(f"{origin}\n1\n")
     finally:
         engine.dispose()
+
+
+# --------------------------------------------------------------------------- the issuer's own log
+
+
+@pytest.mark.parametrize(
+    ("origin", "ok"), [("example.org/axid/issuer", True), ("a b", False), ("https://x/y", False)]
+)
+def test_issuer_config_reads_audit_origin(origin: str, ok: bool, tmp_path: Path) -> None:
+    from axid.issuer.config import ConfigError as IssuerConfigError
+    from axid.issuer.config import IssuerConfig
+
+    path = tmp_path / "issuer.yaml"
+    path.write_text(
+        f"registrations: r\nsvid: {{workload_api: x}}\naudit: {{log: issuer, origin: {origin!r}}}\n"
+    )
+    if ok:
+        assert IssuerConfig.from_file(path, environ={}).log_origin == origin
+    else:
+        with pytest.raises(IssuerConfigError) as info:
+            IssuerConfig.from_file(path, environ={})
+        assert info.value.key == "audit.origin"
+
+
+def test_issuer_audit_origin_signs_its_checkpoints(tmp_path: Path) -> None:
+    """A real issuer over mTLS with ``audit.origin``: its served checkpoint names it."""
+    from _issuer_helpers import make_world, running
+
+    w = make_world(tmp_path, "sqlite")
+    with running(w, log_origin="example.org/axid/issuer") as world:
+        r = world.client("planner").get(f"{world.url}/v1/audit/checkpoint")
+        if r.status_code == 404:  # no checkpoint yet: make one decision first
+            world.client("planner").post(f"{world.url}/v1/tokens", json={})
+            r = world.client("planner").get(f"{world.url}/v1/audit/checkpoint")
+        assert r.status_code == 200, r.text
+        assert r.text.split("\n", 1)[0] == "example.org/axid/issuer"

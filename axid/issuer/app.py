@@ -144,6 +144,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.log = await DecisionLog.open(
             components.audit_url,
             log=components.log_name,
+            origin=components.log_origin,
             key=components.log_key,
             create_key=True,
             head=components.log_head,

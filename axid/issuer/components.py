@@ -52,6 +52,7 @@ class IssuerComponents:
     registry: Registry
     audit_url: str
     log_name: str = DEFAULT_LOG_NAME
+    log_origin: str | None = None  # default: axid/<log_name>
     log_key: Path | Ed25519PrivateKey = DEFAULT_LOG_KEY
     log_head: Path | None = None
     log_head_required: bool = False
@@ -95,6 +96,7 @@ class IssuerComponents:
             registry=registry,
             audit_url=config.audit_url,
             log_name=config.log_name,
+            log_origin=config.log_origin,
             log_key=config.log_key,
             log_head=config.log_head,
             log_head_required=config.log_head_required,

@@ -27,6 +27,7 @@ the file's directory (so a config works from any working directory)::
       # notify_url: https://hooks.example.org/axid   # a JSON POST per new request
     audit:
       log: issuer                        # the issuer's own decision log
+      # origin: example.org/axid/issuer  # checkpoint origin (default axid/<log>)
       key: .axid/keys/log.pem            # its signing key, created 0600 on first start
       database_url: null                 # default: database_url
       head: .axid/keys/issuer.head       # the authenticated head (default: beside the key)
@@ -57,7 +58,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from axid._yaml import YamlError, read_yaml_file
-from axid.audit.store import StoreError, validate_log_name
+from axid.audit.store import LogNameError, StoreError, validate_log_name, validate_origin
 from axid.audit.witnessing import (
     DEFAULT_WITNESS_TIMEOUT,
     WitnessConfig,
@@ -108,6 +109,7 @@ _TOP_KEYS: Final = (
 _SVID_KEYS: Final = ("cert", "key", "bundle", "workload_api")
 _AUDIT_KEYS: Final = (
     "log",
+    "origin",
     "key",
     "database_url",
     "head",
@@ -171,6 +173,7 @@ class IssuerConfig:
     admins: tuple[SpiffeIdPattern, ...] = ()
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
     log_name: str = DEFAULT_LOG_NAME
+    log_origin: str | None = None  # default: axid/<log_name>
     log_key: Path = DEFAULT_LOG_KEY
     audit_database_url: str | None = None
     log_head: Path | None = None  # default: <log key's directory>/<log>.head
@@ -410,6 +413,11 @@ def _audit_kwargs(audit: object, base: Path) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if "log" in audit:
         kwargs["log_name"] = _text(audit["log"], "audit.log")
+    if audit.get("origin") is not None:
+        try:
+            kwargs["log_origin"] = validate_origin(audit["origin"])
+        except LogNameError as exc:
+            raise ConfigError(str(exc), key="audit.origin") from None
     if "key" in audit:
         kwargs["log_key"] = _path(audit["key"], "audit.key", base)
     if audit.get("database_url") is not None:
