@@ -130,6 +130,14 @@ def list_logs(engine: Engine) -> list[str]:
         return [r[0] for r in conn.execute(select(_LOG_T.c.name).order_by(_LOG_T.c.name))]
 
 
+def log_with_origin(engine: Engine, origin: str) -> str | None:
+    """The name of the first log (by name) whose stored origin is ``origin``, else None."""
+    stmt = select(_LOG_T.c.name).where(_LOG_T.c.origin == origin).order_by(_LOG_T.c.name)
+    with engine.connect() as conn:
+        row = conn.execute(stmt.limit(1)).first()
+    return None if row is None else str(row[0])
+
+
 # --------------------------------------------------------------------------- driver statements
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "LogSource",
     "load_vkey_arg",
     "load_witness_arg",
+    "open_database",
 ]
 
 _SIZE_NAME_RE = re.compile(r"0|[1-9][0-9]*")
@@ -414,6 +415,13 @@ class DatabaseSource:
         """Release the database connections (only if this source opened them)."""
         if self._owns_engine:
             self.store.engine.dispose()
+
+
+def open_database(url: str) -> Any:
+    """An engine for an existing decision-log database (VerifyUsageError if there is
+    none at ``url``): the caller disposes of it."""
+    engine, _ = _open_database(url)
+    return engine
 
 
 def _open_database(url: str) -> tuple[Any, list[str]]:

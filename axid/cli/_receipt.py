@@ -123,17 +123,22 @@ def _policy(witness: list[str], quorum: int | None) -> WitnessPolicy | None:
 def _log_of(db: str, origin: str) -> str | None:
     """The database's log whose stored origin is ``origin`` (the vkey's name), else
     None (then :func:`_database` takes the only log, or says which are there)."""
-    from axid.audit.verify import DatabaseSource, VerifyUsageError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from axid.audit._store_engine import log_with_origin
+    from axid.audit.sources import open_database
+    from axid.audit.verify import VerifyUsageError
 
     try:
-        sources = DatabaseSource.open_all(db)
+        engine = open_database(db)
     except VerifyUsageError:
         return None  # _database reports it
     try:
-        return next((s.log_name for s in sources if s.origin == origin), None)
+        return log_with_origin(engine, origin)  # one query, however many logs it holds
+    except SQLAlchemyError:
+        return None  # _database reports it
     finally:
-        for s in sources:  # one shared engine: closing any closes it
-            s.close()
+        engine.dispose()
 
 
 @contextmanager
