@@ -8,13 +8,12 @@ errors (Click's own).
 from __future__ import annotations
 
 import json
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from sqlalchemy.exc import SQLAlchemyError
 
-from axid.audit.store import StoreError
-from verifier.budget import BudgetRow, read_budgets
+if TYPE_CHECKING:  # the verifier and the database layer load when the command runs
+    from verifier.budget import BudgetRow
 
 app = typer.Typer(help="Budgets shared by every verifier replica.", no_args_is_help=True)
 
@@ -48,6 +47,11 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
 ) -> None:
     """Spend against limits, per spawn tree and per tenant and UTC day."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from axid.audit.store import StoreError
+    from verifier.budget import read_budgets
+
     try:
         rows = read_budgets(db, tree=tree, tenant=tenant)
     except ValueError as exc:  # a malformed URL, tree or tenant
